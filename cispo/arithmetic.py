@@ -1,0 +1,23 @@
+"""The embedded task: seeded arithmetic problems with gold answers, split into train and held-out rows.
+
+Rows are plain dicts in the data layer's format: `prompt`, `answer` (gold, as text), `source` ("math"), `id`.
+The held-out split is a fixed, seeded sample of operand pairs that never appears in training.
+"""
+
+from __future__ import annotations
+
+import random
+
+
+def arithmetic_rows(digits: int, eval_size: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """All `digits`-digit additions a + b, shuffled with `seed`; the first `eval_size` are held out."""
+    lo, hi = 10 ** (digits - 1), 10**digits
+    pairs = [(a, b) for a in range(lo, hi) for b in range(lo, hi)]
+    if eval_size >= len(pairs):
+        raise ValueError(f"data.eval_size ({eval_size}) must be smaller than the {len(pairs)} problems of {digits} digits")
+    random.Random(seed).shuffle(pairs)
+    rows = [
+        {"id": f"add-{a}-{b}", "prompt": f"What is {a}+{b}?", "answer": str(a + b), "source": "math"}
+        for a, b in pairs
+    ]
+    return rows[eval_size:], rows[:eval_size]

@@ -1,0 +1,38 @@
+"""Entry-point glue: the composed Hydra config becomes the typed `Config` once, here, and bad input stops the run
+with one message naming what is wrong, before any model is built."""
+
+from __future__ import annotations
+
+import sys
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from cispo.config import Config, ConfigError
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """Resolve interpolations and build the dataclasses (their __post_init__ checks run here)."""
+    try:
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:
+        # omegaconf wraps errors raised by __post_init__; its own message carries the full key
+        cause = err.__cause__ if isinstance(err.__cause__, ValueError) else err
+        raise SystemExit(f"config error: {cause}") from None
+    except ValueError as err:
+        raise SystemExit(f"config error: {err}") from None
+
+
+def run_training(cfg: DictConfig) -> None:
+    from cispo.trainer import train
+
+    config = to_config(cfg)
+    try:
+        result = train(config)
+    except (FileNotFoundError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    before, after = result.eval_before["eval/accuracy"], result.eval_after["eval/accuracy"]
+    print(f"held-out accuracy: {before:.3f} before RL -> {after:.3f} after RL ({after - before:+.3f})")
+    print(f"boxed-answer rate after RL: {result.eval_after['eval/boxed_rate']:.3f}")
+    print(f"run directory: {result.run_dir}  (metrics.jsonl, reward.png, final/)")

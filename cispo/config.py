@@ -1,0 +1,218 @@
+"""The config schema: the one home of every default.
+
+Each group of `configs/` (model, algo, rollout, reward, data, trainer, logger) is typed by one dataclass
+here (the reward group's lives in `rewards/config.py`, next to the graders, which must not import `cispo`).
+Yaml files only pick presets. Hydra composes the yaml onto this schema in struct mode, so an unknown key or
+a wrong type fails at start-up naming the key; `__post_init__` checks the values and cross-field rules before
+any model is built.
+
+This module imports no hydra: `register_configs()` does, when the entry point asks for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rewards.config import RewardConfig
+
+
+class ConfigError(ValueError):
+    """Bad user input (a config value, a dataset row): reported as one message, without a traceback."""
+
+
+def _one_of(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {sorted(allowed)}, got {value!r}")
+
+
+def _positive(name: str, value) -> None:
+    if value <= 0:
+        raise ConfigError(f"{name} must be > 0, got {value!r}")
+
+
+@dataclass
+class TinyModelConfig:
+    """A small causal LM built locally (no download), used by `model.path=tiny`."""
+
+    arch: str = "qwen2"  # qwen2 | llama | minimax
+    hidden_size: int = 128
+    num_layers: int = 3
+    num_heads: int = 2  # head_dim = hidden_size / num_heads must be a size vLLM's CPU attention supports (64)
+    num_kv_heads: int = 1
+    intermediate_size: int = 512
+    vocab_size: int = 512
+    seed: int = 0
+
+    def __post_init__(self):
+        _one_of("model.tiny.arch", self.arch, {"qwen2", "llama", "minimax"})
+        if self.hidden_size % self.num_heads:
+            raise ConfigError("model.tiny.hidden_size must be divisible by model.tiny.num_heads")
+
+
+@dataclass
+class WarmStartConfig:
+    """Supervised warm start of the tiny model on the embedded task, so RL starts from a non-zero success rate.
+
+    Training stops at the first evaluation whose greedy accuracy reaches `target_accuracy` (or at `max_steps`).
+    The result is cached next to the tiny model, keyed by everything that determines it."""
+
+    enabled: bool = True
+    target_accuracy: float = 0.25
+    max_steps: int = 3000
+    batch_size: int = 64
+    lr: float = 3e-3
+    eval_every: int = 20
+    eval_problems: int = 200
+
+    def __post_init__(self):
+        if not 0.0 < self.target_accuracy <= 1.0:
+            raise ConfigError("model.warm_start.target_accuracy must be in (0, 1]")
+
+
+@dataclass
+class ModelConfig:
+    path: str = "tiny"  # "tiny": build (once, cached) a local model; else a local HF directory or hub name
+    cache_dir: str = "~/.cache/cispo-rl"  # where tiny models and warm starts are cached
+    dtype: str = "float32"  # parameters of the trained policy: float32 | bfloat16
+    fp32_lm_head: bool = False  # M1 §3.2: LM head in fp32, in the trainer and in the rollout engine
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+
+    def __post_init__(self):
+        _one_of("model.dtype", self.dtype, {"float32", "bfloat16"})
+
+
+@dataclass
+class AlgoConfig:
+    """The objective and the shape of one RL step (DESIGN.md §3)."""
+
+    loss: str = "cispo"  # cispo | dapo | grpo | reinforce
+    # CISPO: absolute bounds on the stop-gradient importance-sampling weight pi/pi_old (M1 Eq. 5 with
+    # is_weight_max = 1 + eps_high). None = no bound; M1 set no lower bound.
+    is_weight_max: float | None = 5.0
+    is_weight_min: float | None = None
+    unified_mask: bool = False  # M1 Eq. 6-7: drop tokens outside the trust region [1 - clip_low, 1 + clip_high]
+    # PPO-style trust region, relative to 1 as in those papers: grpo/dapo's ratio clip, and cispo's Eq. 7 mask
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    loss_agg: str = "token_group"  # token_group | token_batch | sequence | prompt (see cispo/loss.py)
+    tis_cap: float | None = None  # truncated IS correction min(pi_old / pi_rollout, tis_cap); None = off
+    group_size: int = 8  # completions per prompt
+    prompts_per_step: int = 32
+    updates_per_step: int = 4  # optimizer steps (mini-batches) per rollout batch; M1 used 16
+    adv_std_norm: bool = True  # divide by the reward std (GRPO); False = mean-centring only (Dr. GRPO)
+    adv_norm: str = "group"  # group: std of the prompt's group | batch: std of the whole batch (ScaleRL)
+    drop_zero_variance: bool = True  # drop groups whose rewards are all equal from the loss
+
+    def __post_init__(self):
+        _one_of("algo.loss", self.loss, {"cispo", "dapo", "grpo", "reinforce"})
+        _one_of("algo.loss_agg", self.loss_agg, {"token_group", "token_batch", "sequence", "prompt"})
+        _one_of("algo.adv_norm", self.adv_norm, {"group", "batch"})
+        for name in ("group_size", "prompts_per_step", "updates_per_step"):
+            _positive(f"algo.{name}", getattr(self, name))
+        if self.prompts_per_step % self.updates_per_step:
+            raise ConfigError(
+                f"algo.prompts_per_step ({self.prompts_per_step}) must be divisible by algo.updates_per_step "
+                f"({self.updates_per_step}): each update takes whole prompt groups"
+            )
+        if self.is_weight_max is not None and self.is_weight_min is not None and self.is_weight_min > self.is_weight_max:
+            raise ConfigError("algo.is_weight_min must be <= algo.is_weight_max")
+        if self.tis_cap is not None:
+            _positive("algo.tis_cap", self.tis_cap)
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "auto"  # auto (vllm when importable, else hf) | vllm | hf
+    max_tokens: int = 1024  # response budget (the "thinking budget"); the prompt counts against max_model_len
+    max_model_len: int = 2048
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0  # per-step sampling seed = seed + step
+    # M1 §3.2 repetition early stop: halt once early_stop_k consecutive sampled tokens each had p > early_stop_p
+    early_stop_k: int = 0  # 0 = off (M1: 3000)
+    early_stop_p: float = 0.99
+    gpu_memory_utilization: float = 0.5
+    tensor_parallel_size: int = 1
+    kv_cache_gb: float = 1.0  # CPU engines only: KV-cache size
+    enforce_eager: bool = False  # always on for CPU engines (compilation costs more than it saves there)
+
+    def __post_init__(self):
+        _one_of("rollout.engine", self.engine, {"auto", "vllm", "hf"})
+        _positive("rollout.max_tokens", self.max_tokens)
+        if self.max_tokens >= self.max_model_len:
+            raise ConfigError(
+                f"rollout.max_tokens ({self.max_tokens}) must be < rollout.max_model_len ({self.max_model_len}): "
+                "the prompt counts against max_model_len"
+            )
+        if self.temperature < 0:
+            raise ConfigError("rollout.temperature must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    source: str = "arithmetic"  # "arithmetic" (embedded generator) | a local jsonl/parquet/csv file | hub name
+    digits: int = 2  # arithmetic: operand size
+    eval_size: int = 500  # held-out problems
+    seed: int = 0  # split and shuffling seed
+    instruction: str = ""  # appended to every prompt, e.g. " Put the final answer in \\boxed{}."
+    system_prompt: str | None = None
+
+    def __post_init__(self):
+        _positive("data.digits", self.digits)
+        _positive("data.eval_size", self.eval_size)
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 100
+    lr: float = 1e-6
+    adam_betas: tuple[float, float] = (0.9, 0.999)  # M1: (0.9, 0.95)
+    adam_eps: float = 1e-8  # M1: 1e-15
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0  # max gradient norm; 0 = off
+    max_tokens_per_micro: int = 8192  # token budget of one packed micro-batch
+    eval_every: int = 10  # held-out greedy accuracy every N steps (and before/after RL); 0 = only before/after
+    output_dir: str = "runs/${now:%Y%m%d-%H%M%S}"
+    seed: int = 0
+    threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+
+    def __post_init__(self):
+        _positive("trainer.steps", self.steps)
+        _positive("trainer.lr", self.lr)
+        _positive("trainer.max_tokens_per_micro", self.max_tokens_per_micro)
+        if self.grad_clip < 0:
+            raise ConfigError("trainer.grad_clip must be >= 0 (0 turns clipping off)")
+
+
+@dataclass
+class LoggerConfig:
+    project: str = "cispo-rl"
+    run_name: str | None = None
+    wandb_mode: str = "offline"  # offline | online | disabled; JSONL metrics are always written
+    progress: bool = True
+    plot: bool = True  # PNG of reward and held-out accuracy vs step at the end
+
+    def __post_init__(self):
+        _one_of("logger.wandb_mode", self.wandb_mode, {"offline", "online", "disabled"})
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+def register_configs() -> None:
+    """Register the schema with Hydra's ConfigStore as `schema`, the first entry of configs/train.yaml."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="schema", node=Config)

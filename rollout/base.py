@@ -1,0 +1,57 @@
+"""The rollout engine protocol: what the trainer needs from a generator, and nothing more.
+
+Prompts go in as token ids (the trainer applies the chat template once, so every engine sees the same tokens).
+Completions come back grouped: the `n` samples of prompt i are `completions[i * n : (i + 1) * n]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Protocol
+
+import torch
+
+FINISH_REASONS = ("stop", "length", "early_stop")
+
+
+@dataclass
+class SamplingParams:
+    n: int  # samples per prompt (the group size)
+    max_tokens: int
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None  # same seed, same prompts, same weights -> same samples
+
+
+@dataclass
+class Completion:
+    prompt_index: int  # index into the prompts passed to generate()
+    token_ids: list[int]  # the response, including the EOS token when one was produced
+    logprobs: list[float]  # log-probability of each token under the sampling distribution (after temperature)
+    finish_reason: str  # stop | length | early_stop
+    text: str  # decoded response, special tokens skipped
+
+    @property
+    def loss_tokens(self) -> int:
+        """Tokens that enter the loss: an early stop's forced EOS was not sampled from the policy (M1 §3.2)."""
+        return len(self.token_ids) - (self.finish_reason == "early_stop")
+
+
+@dataclass
+class Rollout:
+    completions: list[Completion]
+    seconds: float  # wall-clock time of the generate call
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.completions)
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> Rollout: ...
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Replace the engine's weights (HF parameter names) without restarting it."""
+        ...
+
+    def close(self) -> None: ...
