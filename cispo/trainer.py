@@ -106,7 +106,7 @@ def rl_step(cfg: Config, step, stream, tokenizer, engine, scorer, policy, update
     ]
     stats = update_policy(cfg, policy, updater, samples)
     engine.load_weights(policy.named_parameters())
-    return rollout_metrics(rollout, cfg.rollout.max_tokens) | graded.metrics | stats | {
+    return rollout_metrics(rollout) | graded.metrics | stats | {
         "adv/zero_variance_frac": adv.zero_variance.float().mean().item(),
         "train/samples": len(samples),
     }

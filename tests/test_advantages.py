@@ -16,6 +16,8 @@ def test_equal_rewards_and_group_of_one_give_zero_not_nan():
     assert torch.isfinite(out.adv).all()
     assert out.adv[:2].abs().sum() == 0
     assert out.zero_variance.tolist() == [True, True, False]
+    no_eps = group_advantages(torch.tensor([[2.0, 2.0]]), eps=0.0)  # 0 / 0 must not leak out as NaN
+    assert no_eps.adv.tolist() == [[0.0, 0.0]]
     single = group_advantages(torch.tensor([[3.0], [5.0]]))
     assert single.adv.abs().sum() == 0 and single.zero_variance.all()
 

@@ -1,0 +1,122 @@
+"""Every default of the reward system, in one place.
+
+Plain dataclasses, no Hydra import: the top-level config composes `RewardConfig` as the `reward` group, and
+tests build it directly. `__post_init__` rejects bad values with a message that names the field and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MATH_MODES = ("strict", "lenient")
+TRUNCATED_MODES = ("score", "mask")
+CODE_MODES = ("all", "fraction")
+
+
+@dataclass
+class RewardConfig:
+    # --- routing -------------------------------------------------------------------------------------------
+    # A user reward for rows whose `source` is neither "math" nor "code": a registered name (see
+    # rewards.base.register_reward_fn) or an import path "pkg.module:fn" to a RewardFn. Math and code rows
+    # always use the built-in graders; a row with another source and no custom fn is an error.
+    custom: str | None = None
+    # Grader worker processes per pool (one pool for math, one for code; each starts on first use).
+    num_workers: int = 2
+
+    # --- math ----------------------------------------------------------------------------------------------
+    # Hard wall-clock deadline per math sample; on overrun the worker is killed and replaced, and the sample
+    # gets status "timeout" and wrong_score. math-verify's own alarms fire earlier (half of this, >= 1 s).
+    timeout_s: float = 10.0
+    # "strict": only the last \boxed{} after the end of thinking counts (training).
+    # "lenient": math-verify's own extraction over the text after the end of thinking (evaluation).
+    math_mode: str = "strict"
+    # Marks the end of thinking. A response that opens a think block (think_start) and never closes it has
+    # no answer; a response with no marker at all is searched whole (templates that put think_start in the
+    # prompt leave only think_end in the response).
+    think_end: str = "</think>"
+    think_start: str = "<think>"
+    # Address-space limit of each math worker process (sympy on adversarial input can allocate without bound).
+    math_memory_mb: int = 4096
+    # Cheap pre-checks on the boxed content (strict mode); input past these is status "rejected".
+    max_answer_chars: int = 1000
+    max_brace_depth: int = 20
+
+    # --- scores --------------------------------------------------------------------------------------------
+    correct_score: float = 1.0
+    # Score of a wrong, rejected, timed-out or ungradable answer: 0, or -1 for DAPO-style +-1 rewards.
+    wrong_score: float = 0.0
+    # Score when no answer could be extracted (no box, unclosed think block, no code block).
+    no_answer_score: float = 0.0
+    # Added to the score of every response whose answer was extracted and graded (status "correct" or
+    # "wrong"), whether or not it is right: a bonus for the format alone. 0 = off.
+    format_score: float = 0.0
+
+    # --- length shaping ------------------------------------------------------------------------------------
+    # DAPO soft overlong penalty: 0 = off. Otherwise a response of L tokens gets, added to its score,
+    # 0 if L <= max_tokens - overlong_buffer; -overlong_penalty * (L - (max_tokens - overlong_buffer)) /
+    # overlong_buffer inside the buffer; -overlong_penalty past max_tokens.
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
+    # "score": truncated responses are graded as they are; "mask": still graded (for the metrics), but
+    # BatchRewards.loss_mask is False for them so the trainer leaves them out of the loss.
+    truncated: str = "score"
+
+    # --- code ----------------------------------------------------------------------------------------------
+    # Wall-clock limit of one test run (interpreter start-up included); the CPU limit is this + 1 s.
+    code_test_timeout_s: float = 5.0
+    # "all": correct_score only if every test passes (the pass fraction is still reported in info);
+    # "fraction": wrong_score + fraction * (correct_score - wrong_score).
+    code_mode: str = "all"
+    # Run candidate code WITHOUT bubblewrap (no namespaces; rlimits and the uid drop only). Off by default:
+    # without bwrap the grader refuses to run code. Turning it on logs a loud warning.
+    unsafe_local_code: bool = False
+    # At most this many tests per sample (the first ones); each test is one sandboxed process.
+    code_max_tests: int = 16
+    # Interpreter that runs candidate code inside the sandbox. Must be readable by the spare uid; if it is
+    # outside /usr its prefix (the directory above its bin/) is bind-mounted read-only.
+    code_python: str = "/usr/bin/python3"
+    # RLIMIT_AS of each sandboxed process. The total is bounded by code_memory_mb * code_max_procs.
+    code_memory_mb: int = 1024
+    # RLIMIT_NPROC of the spare uid: processes + threads, the 2 bubblewrap processes included.
+    code_max_procs: int = 8
+    # Bytes kept of stdout (a run that prints more fails with "output_limit") and of stderr (truncated).
+    code_max_output_bytes: int = 1 << 20
+    # Size of each private tmpfs (/tmp, the work dir /work, /dev/shm) and the RLIMIT_FSIZE of one file.
+    code_tmpfs_mb: int = 64
+    # First spare uid (and gid); worker slot i runs code as code_uid_base + i. The uids must be unused on
+    # the host: RLIMIT_NPROC counts every process of a uid, and it does not bind root at all.
+    code_uid_base: int = 61000
+
+    def __post_init__(self) -> None:
+        _choice("math_mode", self.math_mode, MATH_MODES)
+        _choice("truncated", self.truncated, TRUNCATED_MODES)
+        _choice("code_mode", self.code_mode, CODE_MODES)
+        for name in ("num_workers", "math_memory_mb", "max_answer_chars", "max_brace_depth", "code_max_tests",
+                     "code_memory_mb", "code_max_procs", "code_max_output_bytes", "code_tmpfs_mb"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"reward.{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("timeout_s", "code_test_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"reward.{name} must be > 0 seconds, got {getattr(self, name)!r}")
+        if self.overlong_buffer < 0:
+            raise ValueError(f"reward.overlong_buffer must be >= 0 (0 turns the penalty off), "
+                             f"got {self.overlong_buffer}")
+        if self.overlong_penalty < 0:
+            raise ValueError(f"reward.overlong_penalty is a magnitude and must be >= 0, got {self.overlong_penalty}")
+        if not self.think_end:
+            raise ValueError("reward.think_end must be a non-empty marker such as '</think>'")
+        if self.code_max_procs < 4:
+            # bwrap itself holds 2 processes of the uid and the interpreter a third.
+            raise ValueError(f"reward.code_max_procs must be >= 4 (bubblewrap uses 2 and python 1), "
+                             f"got {self.code_max_procs}")
+        if self.code_uid_base < 1000:
+            raise ValueError(f"reward.code_uid_base must be an unused uid >= 1000 (not root or a system uid), "
+                             f"got {self.code_uid_base}")
+        if self.custom is not None and not self.custom.strip():
+            raise ValueError("reward.custom must be null or a name / 'pkg.module:fn', got an empty string")
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        options = " or ".join(repr(a) for a in allowed)
+        raise ValueError(f"reward.{name} must be {options}, got {value!r}")

