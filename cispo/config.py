@@ -39,14 +39,28 @@ class TinyModelConfig:
     num_layers: int = 3
     num_heads: int = 2  # head_dim = hidden_size / num_heads must be a size vLLM's CPU attention supports (64)
     num_kv_heads: int = 1
-    intermediate_size: int = 512
+    intermediate_size: int = 512  # minimax: the size of each expert
     vocab_size: int = 512
     seed: int = 0
+    # minimax only (cispo/minimax.py): hybrid attention and MoE
+    layer_types: list[str] | None = None  # per layer linear_attention | full_attention; None = lightning, last softmax
+    num_experts: int = 4
+    experts_per_token: int = 2  # top-k
+    block_size: int = 16  # lightning attention block length
 
     def __post_init__(self):
         _one_of("model.tiny.arch", self.arch, {"qwen2", "llama", "minimax"})
         if self.hidden_size % self.num_heads:
             raise ConfigError("model.tiny.hidden_size must be divisible by model.tiny.num_heads")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_layers:
+                raise ConfigError(f"model.tiny.layer_types has {len(self.layer_types)} entries for "
+                                  f"model.tiny.num_layers={self.num_layers}")
+            for kind in self.layer_types:
+                _one_of("model.tiny.layer_types[*]", kind, {"linear_attention", "full_attention"})
+        _positive("model.tiny.block_size", self.block_size)
+        if not 0 < self.experts_per_token <= self.num_experts:
+            raise ConfigError("model.tiny.experts_per_token must be in [1, model.tiny.num_experts]")
 
 
 @dataclass
@@ -62,7 +76,7 @@ class WarmStartConfig:
     batch_size: int = 64
     lr: float = 3e-3
     warmup_steps: int = 100
-    eval_every: int = 50
+    eval_every: int = 10
     eval_problems: int = 200
 
     def __post_init__(self):
@@ -78,11 +92,16 @@ class ModelConfig:
     fp32_lm_head: bool = False  # M1 §3.2: LM head in fp32, in the trainer and in the rollout engine
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
+    # MoE models (cispo/moe.py); no effect on dense ones
+    routing_replay: bool = False  # train under the experts the pi_old pass chose (the router still gets gradient)
+    moe_aux_loss_coef: float = 0.0  # load-balancing loss weight; 0 = off (transformers' MiniMax default: 0.001)
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
 
     def __post_init__(self):
         _one_of("model.dtype", self.dtype, {"float32", "bfloat16"})
+        if self.moe_aux_loss_coef < 0:
+            raise ConfigError("model.moe_aux_loss_coef must be >= 0")
 
 
 @dataclass
@@ -154,16 +173,66 @@ class RolloutConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "arithmetic"  # "arithmetic" (embedded generator) | a local jsonl/parquet/csv file | hub name
+    """Where the prompts come from and how a dataset row becomes one (formats and presets: cispo/data.py)."""
+
+    # "arithmetic" (embedded generator) | a local .jsonl/.json/.parquet/.csv file | a local dataset directory |
+    # a hub dataset name (datasets.load_dataset). Paths starting with / ./ ../ ~ must exist locally.
+    source: str = "arithmetic"
+    subset: str | None = None  # hub config name, e.g. "main" for openai/gsm8k
+    split: str = "train"  # hub / directory split to train on (a single file is its own "train" split)
+    # The held-out rows: eval_source (a dataset of the same kinds as source; null = the train source) read at
+    # eval_split (null = "train" for an eval_source, else no split: hold out rows of the train source).
+    eval_source: str | None = None
+    eval_split: str | None = None
+    eval_size: int = 500  # held-out rows: at most this many (a seeded sample of a larger eval set)
+    eval_fraction: float | None = None  # held out of the train source: this fraction (capped at eval_size)
+    seed: int = 0  # split, eval-sample and shuffling seed
     digits: int = 2  # arithmetic: operand size
-    eval_size: int = 500  # held-out problems
-    seed: int = 0  # split and shuffling seed
+    # Field mapping: candidate columns in order, the first the dataset has is used for every row.
+    # "a.b" reads a nested field, "a.0.b" an item of a list.
+    prompt_field: list[str] = field(default_factory=lambda: ["prompt", "problem", "question"])
+    answer_field: list[str] = field(
+        default_factory=lambda: ["answer", "ground_truth", "reward_model.ground_truth", "final_answer", "solution"])
+    tests_field: list[str] = field(default_factory=lambda: ["tests", "input_output", "test_cases"])
+    id_field: list[str] = field(
+        default_factory=lambda: ["id", "idx", "unique_id", "problem_id", "task_id", "extra_info.index"])
+    # Which grader a row gets (its `source`: math | code | a reward.custom name): the column source_field, its
+    # values renamed by source_map; with no source_field, default_source for every row.
+    source_field: str | None = None
+    source_map: dict[str, str] = field(default_factory=dict)
+    default_source: str = "math"
+    keep_fields: list[str] = field(default_factory=list)  # more columns carried on each row (for reward.custom)
+    prompt_pattern: str | None = None  # regex: group 1 of its match in a text prompt is the prompt
+    answer_pattern: str | None = None  # regex: group 1 of its match in the answer is the gold, e.g. '####\s*(.+)'
     instruction: str = ""  # appended to every prompt, e.g. " Put the final answer in \\boxed{}."
-    system_prompt: str | None = None
+    system_prompt: str | None = None  # a system message before every prompt (replaces a row's own)
+    # A malformed row (missing field, empty prompt, answer the grader cannot parse, unusable tests, duplicate id):
+    # error = stop before training, naming file, row and field; skip = leave it out, counted and reported.
+    on_bad_row: str = "error"
 
     def __post_init__(self):
         _positive("data.digits", self.digits)
         _positive("data.eval_size", self.eval_size)
+        _one_of("data.on_bad_row", self.on_bad_row, {"error", "skip"})
+        if self.eval_fraction is not None and not 0.0 < self.eval_fraction < 1.0:
+            raise ConfigError(f"data.eval_fraction must be in (0, 1) or null, got {self.eval_fraction}")
+        if self.eval_fraction is not None and (self.eval_source is not None or self.eval_split is not None):
+            raise ConfigError("data.eval_fraction holds rows out of the train source; it cannot be combined with "
+                              "data.eval_source / data.eval_split")
+        for name in ("prompt_field", "answer_field", "tests_field", "id_field"):
+            if not getattr(self, name) or not all(getattr(self, name)):
+                raise ConfigError(f"data.{name} must list at least one column name")
+        if not self.default_source:
+            raise ConfigError("data.default_source must name a grader: math | code | a reward.custom name")
+        import re
+
+        for name in ("prompt_pattern", "answer_pattern"):
+            pattern = getattr(self, name)
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    raise ConfigError(f"data.{name} is not a valid regular expression: {err}") from None
 
 
 @dataclass
@@ -210,6 +279,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    curriculum: CurriculumConfig = field(default_factory=lambda: CurriculumConfig())  # defined at the end
 
 
 def register_configs() -> None:
@@ -294,3 +364,33 @@ class EvalRunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     endpoint: EndpointConfig = field(default_factory=EndpointConfig)
+
+
+@dataclass
+class CurriculumConfig:
+    """What the trainer samples as training goes on (cispo/curriculum.py): the output window, dynamic sampling,
+    and retiring solved prompts. The defaults change nothing: one window (rollout.max_tokens), one generation
+    round per step, no retirement."""
+
+    # M1 §5 staged output window: the response budget of each stage, increasing (M1: 40000 ... 80000, the last at
+    # most rollout.max_tokens). The next stage starts once rollout/len_p99 >= window_threshold * the window for
+    # window_patience consecutive steps. Empty = one stage of rollout.max_tokens.
+    windows: list[int] = field(default_factory=list)
+    window_threshold: float = 0.95  # M1: "approaches the current window", unpublished; ours
+    window_patience: int = 1
+    # DAPO dynamic sampling: generate up to sample_rounds batches per step until prompts_per_step groups with
+    # unequal rewards are in hand (zero-variance groups are left out). 1 = one batch, every group kept.
+    sample_rounds: int = 1
+    # ScaleRL no-positive-resampling: retire a training prompt for good once its pass rate over all its samples
+    # so far (share graded "correct") reaches this. null = off; ScaleRL: 0.9.
+    retire_pass_rate: float | None = None
+
+    def __post_init__(self):
+        if any(w <= 0 for w in self.windows) or any(b <= a for a, b in zip(self.windows, self.windows[1:])):
+            raise ConfigError(f"curriculum.windows must be positive and increasing, got {list(self.windows)}")
+        if not 0.0 < self.window_threshold <= 1.0:
+            raise ConfigError(f"curriculum.window_threshold must be in (0, 1], got {self.window_threshold}")
+        _positive("curriculum.window_patience", self.window_patience)
+        _positive("curriculum.sample_rounds", self.sample_rounds)
+        if self.retire_pass_rate is not None and not 0.0 < self.retire_pass_rate <= 1.0:
+            raise ConfigError(f"curriculum.retire_pass_rate must be in (0, 1] or null, got {self.retire_pass_rate}")

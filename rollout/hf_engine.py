@@ -65,7 +65,7 @@ class HFEngine:
             do_sample=not greedy,
             temperature=None if greedy else sampling.temperature,
             top_p=None if greedy else sampling.top_p,
-            top_k=0,  # transformers would otherwise apply its default top-k=50: not the distribution we train on
+            top_k=None if greedy else 0,  # else transformers applies its default top-k=50: not the distribution we train on
             pad_token_id=pad,
             eos_token_id=eos,
             return_dict_in_generate=True,

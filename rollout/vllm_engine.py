@@ -393,7 +393,14 @@ class VLLMEngine:
         if cfg.early_stop_k:
             kwargs["logits_processors"] = [RepetitionEarlyStop]
         if self.on_cpu:
-            kwargs.update(enforce_eager=True, kv_cache_memory_bytes=int(cfg.kv_cache_gb * (1 << 30)))
+            # No chunked prefill on CPU: when a seeded request's prefill is split, vLLM 0.32 rewinds its sampling
+            # generator with `set_offset`, which CPU generators do not support ("CPU Generator does not use
+            # offset"); whole-prompt prefills never rewind. Seen with 256 seeded samples per step.
+            kwargs.update(
+                enforce_eager=True,
+                kv_cache_memory_bytes=int(cfg.kv_cache_gb * (1 << 30)),
+                enable_chunked_prefill=False,
+            )
             if cfg.tensor_parallel_size != 1:
                 logger.warning("rollout.tensor_parallel_size=%d ignored on CPU", cfg.tensor_parallel_size)
         else:
