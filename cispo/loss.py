@@ -105,27 +105,28 @@ def policy_loss(
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     old_logp = old_logp.detach()  # pi_old is data: no gradient reaches it, whatever the caller passes
     ratio = torch.exp(logp.detach() - old_logp)
-    no = torch.zeros_like(ratio, dtype=torch.bool)
-    if loss == "cispo":
-        bounded = is_weight_min is not None or is_weight_max is not None
-        weight = ratio.clamp(min=is_weight_min, max=is_weight_max) if bounded else ratio
-        high = ratio > is_weight_max if is_weight_max is not None else no
-        low = ratio < is_weight_min if is_weight_min is not None else no
-        # Eq. 7: the token mask has its own trust region, PPO's [1 - clip_low, 1 + clip_high]
-        outside = ((ratio > 1.0 + clip_high) & (adv > 0)) | ((ratio < 1.0 - clip_low) & (adv < 0))
-        kept = ~outside if unified_mask else ~no
-        per_token = -weight * adv * logp * kept
-    elif loss in ("grpo", "dapo"):
+    scale = coef if tis_weight is None else coef * tis_weight
+    if loss in ("grpo", "dapo"):
         ratio_g = torch.exp(logp - old_logp)  # the PPO surrogate differentiates through the ratio
         lo, hi = 1.0 - clip_low, 1.0 + clip_high
         per_token = -torch.minimum(ratio_g * adv, ratio_g.clamp(lo, hi) * adv)
         high, low = (ratio > hi) & (adv > 0), (ratio < lo) & (adv < 0)
-        kept = ~(high | low)
-    else:
-        per_token, high, low, kept = -adv * logp, no, no, ~no
-    if tis_weight is not None:
-        per_token = per_token * tis_weight
-    return LossOut((coef * per_token).sum(), ratio, high, low, kept)
+        return LossOut((scale * per_token).sum(), ratio, high, low, ~(high | low))
+    none = torch.zeros_like(ratio, dtype=torch.bool)
+    high = ratio > is_weight_max if loss == "cispo" and is_weight_max is not None else none
+    low = ratio < is_weight_min if loss == "cispo" and is_weight_min is not None else none
+    # CISPO's weight is a constant (stop-gradient), so the loss is linear in log pi: every constant folds into
+    # one factor and log pi is multiplied once, which keeps the autograd graph to a single product
+    factor = -adv * scale
+    if loss == "cispo":
+        bounded = is_weight_min is not None or is_weight_max is not None
+        factor = factor * (ratio.clamp(min=is_weight_min, max=is_weight_max) if bounded else ratio)
+    kept = ~none
+    if loss == "cispo" and unified_mask:
+        # Eq. 7: the token mask has its own trust region, PPO's [1 - clip_low, 1 + clip_high]
+        kept = ~(((ratio > 1.0 + clip_high) & (adv > 0)) | ((ratio < 1.0 - clip_low) & (adv < 0)))
+        factor = factor * kept
+    return LossOut((factor * logp).sum(), ratio, high, low, kept)
 
 
 def tis_weights(old_logp: Tensor, rollout_logp: Tensor, cap: float) -> Tensor:

@@ -90,10 +90,21 @@ def make_tiny_model(cfg: TinyModelConfig, cache_dir: str | os.PathLike) -> Path:
     out = Path(cache_dir).expanduser() / f"tiny-{cfg.arch}-{config_key(cfg)}"
     if (out / "config.json").exists():
         return out
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = build_tokenizer(cfg.vocab_size)
-    build_model(cfg, tokenizer).save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(out)  # atomic: a crash mid-build never leaves a half-written cache entry
+    save_atomically(build_model(cfg, tokenizer), tokenizer, out)
     return out
+
+
+def save_atomically(model, tokenizer, out: Path) -> None:
+    """Save into a private temporary directory, then rename: a crash mid-write never leaves a half-written
+    cache entry, and two runs building the same entry at once both end with a complete one."""
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(out)
+    except OSError:  # another run finished the same entry first
+        if not (out / "config.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)

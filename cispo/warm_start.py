@@ -12,7 +12,6 @@ determines it, and written atomically.
 from __future__ import annotations
 
 import random
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from cispo.data import encode_prompts
 from cispo.loss import policy_loss
 from cispo.optim import warmup_lambda
 from cispo.policy import check_model_path, micro_batch_logprobs
-from cispo.tiny_model import config_key, make_tiny_model
+from cispo.tiny_model import config_key, make_tiny_model, save_atomically
 
 
 def prepare_model(cfg: Config, train_rows: list[dict]) -> str:
@@ -90,8 +89,4 @@ def warm_start(base: Path, out: Path, cfg: Config, train_rows: list[dict]) -> No
             if acc >= ws.target_accuracy:
                 print(f"warm start: greedy accuracy {acc:.3f} on {len(check_rows)} training problems after {step} steps")
                 break
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(out)
+    save_atomically(model, tokenizer, out)
