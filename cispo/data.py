@@ -1,42 +1,471 @@
-"""Prompts: loading the train / held-out rows, turning them into token ids, and a resumable prompt stream."""
+r"""Prompts: loading the train / held-out rows, checking them, turning them into chat messages and token ids, and
+a resumable prompt stream.
+
+A row, as the rest of the project sees it, is a dict:
+    prompt   str, or a list of chat messages {"role", "content"} (a system / user / assistant conversation)
+    answer   the gold answer as text (math rows); None where there is none
+    tests    the code tests as a dict (code rows, format in rewards/code.py); None where there are none
+    source   which grader scores it: "math" | "code" | a reward.custom name
+    id       unique within its split (the answer cache of scripts/evaluate.py and prompt retirement key on it)
+plus the columns named in data.keep_fields.
+
+Where rows come from (`data.source`, `data.eval_source`):
+    arithmetic                  the embedded generated task (cispo/arithmetic.py)
+    a .jsonl / .json / .parquet / .csv file, local, read with `datasets` (one split, "train")
+    a local directory           datasets.load_dataset(dir, subset, split=...): data files named train.* / test.*
+                                (the layout `datasets` infers splits from), or a saved hub snapshot
+    a hub name                  datasets.load_dataset(name, subset, split=...)
+A path that starts with / ./ ../ or ~ is never sent to the hub: it must exist.
+
+The field mapping (`data.prompt_field`, `answer_field`, `tests_field`, `id_field`) lists candidate columns; the
+first one the dataset has is used for all its rows (so a row missing it is reported, not quietly read from
+another column). "a.b" reads a nested field, "a.0.b" an item of a list. Without an id column a row's id is
+"row-<index>". `data.prompt_pattern` / `answer_pattern` cut the prompt / gold out of a longer text (group 1 of
+the first match). Code tests may be the dict of rewards/code.py, its JSON string, a list of {"input", "output"}
+pairs, or {"input": [...], "output": [...]}; all become the dict.
+
+Common datasets (presets in configs/data/; the hub sets' columns as published):
+    dataset                                 prompt        gold / tests                     preset
+    BytedTsinghua-SIA/DAPO-Math-17k         prompt.0.content (DAPO's "Answer:" wrapper)
+                                                          reward_model.ground_truth        (use the processed copy)
+    open-r1/DAPO-Math-17k-Processed         prompt (same wrapper, deduplicated)
+                                                          solution = ground truth          dapo_math_17k.yaml
+    agentica-org/DeepScaleR-Preview-Dataset problem       answer                           deepscaler.yaml
+    openai/gsm8k (subset main)              question      answer, after "####"             gsm8k.yaml
+    HuggingFaceH4/aime_2024, MATH-500       problem       answer                           (eval sets)
+    deepmind/code_contests                  description   private_tests {input, output}    code_contests.yaml
+    APPS / TACO style                       question      input_output (JSON string)       tests_field: [input_output]
+
+Malformed rows (a missing field, an empty prompt, a gold the grader cannot parse, tests the code grader cannot
+use, a duplicate id) are found before training starts. `data.on_bad_row=error` stops with the file, the row
+number (counting records from 1; for a jsonl without blank lines, the line number) and the field;
+`skip` leaves them out and reports how many (`Splits.report`), never silently. The gold check grades the gold
+itself, boxed, with the run's own reward config: a gold that does not grade correct against itself can never
+reward anything.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import math
 import random
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from cispo.arithmetic import arithmetic_rows
 from cispo.config import ConfigError, DataConfig
+from rewards.code import parse_tests
+
+log = logging.getLogger(__name__)
+
+_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+_LOCAL_PREFIXES = ("/", "./", "../", "~")
+_ROLES = ("system", "user", "assistant")
+_SHOWN_BAD_ROWS = 5  # bad rows quoted in an error / a skip warning
 
 
-def load_splits(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
-    """(train rows, held-out rows). Each row has at least `prompt`, `answer`, `source`, `id`."""
+# ---- results ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BadRow:
+    where: str  # the dataset: file path or "name[subset]:split"
+    row: int  # counting records from 1
+    field: str  # prompt | answer | tests | source | id
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.where} row {self.row}, field {self.field!r}: {self.reason}"
+
+
+@dataclass
+class DataReport:
+    """What loading found: rows kept per split and the rows left out (on_bad_row=skip)."""
+
+    train_rows: int = 0
+    eval_rows: int = 0
+    skipped: list[BadRow] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, float]:
+        """data/train_rows, data/eval_rows, data/skipped_rows and data/skipped/<field> (log them once)."""
+        m = {"data/train_rows": float(self.train_rows), "data/eval_rows": float(self.eval_rows),
+             "data/skipped_rows": float(len(self.skipped))}
+        for name, count in sorted(Counter(b.field for b in self.skipped).items()):
+            m[f"data/skipped/{name}"] = float(count)
+        return m
+
+
+@dataclass
+class Splits:
+    """load_splits' result. Unpacks as (train, eval), so `train_rows, eval_rows = load_splits(cfg)` works."""
+
+    train: list[dict]
+    eval: list[dict]
+    report: DataReport
+
+    def __iter__(self):
+        return iter((self.train, self.eval))
+
+
+# ---- loading ---------------------------------------------------------------------------------------------------
+
+
+def load_splits(cfg: DataConfig, scorer=None) -> Splits:
+    """The train and held-out rows, every row checked (see the module docstring).
+
+    scorer: the run's rewards.RewardScorer; with it each math gold is graded against itself and each row's
+    grader is checked to exist. Without it only the structure of the rows is checked."""
+    parts = _load_parts(cfg)  # [(where, rows, bad rows)]: the train dataset, then the eval dataset if separate
+    bad = [b for _, _, found in parts for b in found]
+    total = sum(len(rows) for _, rows, _ in parts) + len(bad)
+    kept = []
+    for where, rows, _ in parts:
+        found = check_graders(where, rows, scorer) if scorer is not None else []
+        bad += found
+        drop = {b.row for b in found}
+        kept.append([{k: v for k, v in row.items() if k != "_row"} for row in rows if row["_row"] not in drop])
+    _report_bad_rows(cfg, sorted(bad, key=lambda b: (b.where, b.row)), total)
+    if len(kept) == 2:
+        train, held_out = kept[0], _sample(kept[1], cfg.eval_size, cfg.seed)
+    else:
+        train, held_out = hold_out(kept[0], cfg)
+    for name, rows in (("train", train), ("held-out", held_out)):
+        if not rows:
+            raise ConfigError(f"data: no {name} rows left ({len(bad)} malformed rows skipped)")
+    return Splits(train, held_out, DataReport(len(train), len(held_out), bad))
+
+
+def _load_parts(cfg: DataConfig) -> list[tuple[str, list[dict], list[BadRow]]]:
     if cfg.source == "arithmetic":
-        return arithmetic_rows(cfg.digits, cfg.eval_size, cfg.seed)
-    raise ConfigError(f"data.source: unknown source {cfg.source!r}; the built-in task is 'arithmetic'")
+        train, held_out = arithmetic_rows(cfg.digits, cfg.eval_size, cfg.seed)
+        for rows in (train, held_out):
+            for i, row in enumerate(rows, start=1):
+                row["_row"] = i
+        return [("arithmetic:train", train, []), ("arithmetic:held-out", held_out, [])]
+    parts = [load_rows(cfg, cfg.source, cfg.subset, cfg.split)]
+    if cfg.eval_source is not None or cfg.eval_split is not None:
+        source = cfg.source if cfg.eval_source is None else cfg.eval_source
+        subset = cfg.subset if cfg.eval_source is None else None
+        split = cfg.eval_split or "train"
+        if (source, subset, split) == (cfg.source, cfg.subset, cfg.split):
+            raise ConfigError(f"data: the eval set ({_where(source, subset, split)}) is the training set; set "
+                              "data.eval_split / data.eval_source to another one, or leave both null to hold rows out")
+        parts.append(load_rows(cfg, source, subset, split))
+    return parts
+
+
+def hold_out(rows: list[dict], cfg: DataConfig) -> tuple[list[dict], list[dict]]:
+    """(train, held-out): a seeded sample of eval_size rows (eval_fraction of them, at most eval_size)."""
+    n = cfg.eval_size if cfg.eval_fraction is None else min(cfg.eval_size, round(cfg.eval_fraction * len(rows)))
+    if not 0 < n < len(rows):
+        raise ConfigError(f"data: cannot hold out {n} of {len(rows)} rows for evaluation; set data.eval_size / "
+                          "data.eval_fraction, or give a separate data.eval_source / data.eval_split")
+    order = list(range(len(rows)))
+    random.Random(cfg.seed).shuffle(order)
+    held = set(order[:n])
+    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
+
+
+def _sample(rows: list[dict], n: int, seed: int) -> list[dict]:
+    """At most n rows: a seeded sample, in the original order."""
+    if len(rows) <= n:
+        return rows
+    keep = sorted(random.Random(seed).sample(range(len(rows)), n))
+    return [rows[i] for i in keep]
+
+
+def _report_bad_rows(cfg: DataConfig, bad: list[BadRow], total: int) -> None:
+    """on_bad_row=error: raise, naming the first bad rows; skip: a warning with the count per field."""
+    if not bad:
+        return
+    shown = "\n  ".join(str(b) for b in bad[:_SHOWN_BAD_ROWS])
+    more = f"\n  ... and {len(bad) - _SHOWN_BAD_ROWS} more" if len(bad) > _SHOWN_BAD_ROWS else ""
+    if cfg.on_bad_row == "error":
+        raise ConfigError(f"data: {len(bad)} malformed row(s) of {total}:\n  {shown}{more}\n"
+                          "fix the data or the field mapping (data.*_field), or set data.on_bad_row=skip")
+    counts = ", ".join(f"{k}: {v}" for k, v in sorted(Counter(b.field for b in bad).items()))
+    log.warning("data: skipped %d malformed row(s) of %d (%s):\n  %s%s", len(bad), total, counts, shown, more)
+
+
+def read_dataset(source: str, subset: str | None, split: str):
+    """A `datasets.Dataset` from a local file, a local directory or a hub name; ConfigError naming the source on
+    any failure to read it."""
+    import datasets
+
+    path = Path(source).expanduser()
+    suffix = "".join(path.suffixes[-2:-1]) if path.suffix == ".gz" else path.suffix  # x.jsonl.gz reads as jsonl
+    try:
+        if suffix.lower() in _FILE_BUILDERS or path.is_file():
+            if not path.is_file():
+                raise ConfigError(f"data: no such file: {path}")
+            if suffix.lower() not in _FILE_BUILDERS:
+                raise ConfigError(f"data: {path}: unknown file type; use .jsonl, .json, .parquet or .csv")
+            if split != "train":
+                raise ConfigError(f"data: {path} is a single file (split 'train'), asked for split {split!r}")
+            return datasets.load_dataset(_FILE_BUILDERS[suffix.lower()], data_files=str(path), split="train")
+        if path.is_dir():
+            return datasets.load_dataset(str(path), subset, split=split)
+        if source.startswith(_LOCAL_PREFIXES):
+            raise ConfigError(f"data: no such file or directory: {path}")
+        return datasets.load_dataset(source, subset, split=split)
+    except ConfigError:
+        raise
+    except Exception as err:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ArrowInvalid)
+        cause = f"{type(err).__name__}: {err}"
+        if err.__cause__ is not None:
+            cause += f" ({type(err.__cause__).__name__}: {err.__cause__})"
+        raise ConfigError(f"data: cannot read {_where(source, subset, split)}: {cause}") from None
+
+
+def _where(source: str, subset: str | None, split: str) -> str:
+    if Path(source).expanduser().is_file():
+        return str(Path(source).expanduser())
+    return f"{source}{f'[{subset}]' if subset else ''}:{split}"
+
+
+class _RowError(Exception):
+    def __init__(self, field_name: str, reason: str):
+        super().__init__(reason)
+        self.field, self.reason = field_name, reason
+
+
+def load_rows(cfg: DataConfig, source: str, subset: str | None, split: str) -> tuple[str, list[dict], list[BadRow]]:
+    """(where, rows, bad rows) of one dataset, mapped to the row format; rows carry "_row" (1-based) until
+    load_splits is done with them."""
+    where = _where(source, subset, split)
+    ds = read_dataset(source, subset, split)
+    columns = resolve_fields(cfg, ds.column_names, where)
+    ds = ds.select_columns(sorted({path.split(".")[0] for path in columns.values() if path}))
+    rows, bad, first_seen = [], [], {}
+    for i, raw in enumerate(ds, start=1):
+        try:
+            row = map_row(raw, columns, cfg)
+            if row["id"] in first_seen:
+                raise _RowError("id", f"duplicate id {row['id']!r} (first at row {first_seen[row['id']]})")
+        except _RowError as err:
+            bad.append(BadRow(where, i, err.field, err.reason))
+            continue
+        if row["id"] is None:
+            row["id"] = f"row-{i - 1}"
+        first_seen[row["id"]] = i
+        row["_row"] = i
+        rows.append(row)
+    return where, rows, bad
+
+
+def resolve_fields(cfg: DataConfig, column_names: list[str], where: str) -> dict[str, str | None]:
+    """Each logical field -> the column path used for it (None: the dataset has none of its candidates).
+    ConfigError when a field every row needs has no column at all."""
+    columns = set(column_names)
+
+    def first(candidates: list[str]) -> str | None:
+        return next((c for c in candidates if c.split(".")[0] in columns), None)
+
+    resolved = {"prompt": first(cfg.prompt_field), "answer": first(cfg.answer_field),
+                "tests": first(cfg.tests_field), "id": first(cfg.id_field), "source": cfg.source_field}
+    resolved |= {f"keep:{name}": name for name in cfg.keep_fields}
+    required = [("prompt", cfg.prompt_field, "data.prompt_field")]
+    if cfg.source_field is None and cfg.default_source in ("math", "code"):
+        name = "answer" if cfg.default_source == "math" else "tests"
+        required.append((name, getattr(cfg, f"{name}_field"), f"data.{name}_field"))
+    if cfg.source_field is not None:
+        required.append(("source", [cfg.source_field], "data.source_field"))
+    required += [(f"keep:{name}", [name], "data.keep_fields") for name in cfg.keep_fields]
+    for name, candidates, key in required:
+        if resolved[name] is None or resolved[name].split(".")[0] not in columns:
+            raise ConfigError(f"data: {where} has no column for {name.removeprefix('keep:')} (looked for "
+                              f"{', '.join(candidates)}); its columns are {', '.join(column_names)}. Set {key}")
+    return resolved
+
+
+def get_path(raw, path: str):
+    """raw["a"]["b"] for "a.b"; list items by index ("a.0.b"). Raises KeyError when a step is missing."""
+    value = raw
+    for step in path.split("."):
+        if isinstance(value, list) and step.isdigit() and int(step) < len(value):
+            value = value[int(step)]
+        elif isinstance(value, dict) and step in value:
+            value = value[step]
+        else:
+            raise KeyError(path)
+    return value
+
+
+def map_row(raw: dict, columns: dict[str, str | None], cfg: DataConfig) -> dict:
+    """One dataset record -> a row (id None when the dataset has no id column). Raises _RowError."""
+
+    def value(name: str):
+        if columns[name] is None:
+            return None
+        try:
+            v = get_path(raw, columns[name])
+        except KeyError:
+            return None
+        return None if isinstance(v, float) and math.isnan(v) else v  # csv / pandas write NaN for a blank cell
+
+    def missing(name: str, candidates: list[str]) -> _RowError:
+        where = f"column {columns[name]!r}" if columns[name] else f"no column of {', '.join(candidates)}"
+        return _RowError(name, f"missing ({where})")
+
+    prompt = value("prompt")
+    if prompt is None:
+        raise missing("prompt", cfg.prompt_field)
+    source = cfg.default_source
+    if cfg.source_field is not None:
+        raw_source = value("source")
+        if raw_source is None or not str(raw_source).strip():
+            raise missing("source", [cfg.source_field])
+        source = cfg.source_map.get(str(raw_source), str(raw_source))
+    answer, tests = value("answer"), value("tests")
+    if source == "math":
+        if answer is None:
+            raise missing("answer", cfg.answer_field)
+        answer = gold_answer(answer, cfg.answer_pattern)
+    elif source == "code":
+        if tests is None:
+            raise missing("tests", cfg.tests_field)
+        try:
+            tests = normalize_tests(tests)
+        except ValueError as err:
+            raise _RowError("tests", f"the code grader cannot use them: {err}") from None
+    elif answer is not None and not isinstance(answer, (list, dict)):
+        answer = str(answer)
+    raw_id = value("id")
+    row = {"prompt": clean_prompt(prompt, cfg.prompt_pattern), "answer": answer, "tests": tests, "source": source,
+           "id": None if raw_id is None else str(raw_id)}
+    return row | {name: value(f"keep:{name}") for name in cfg.keep_fields}
+
+
+def gold_answer(answer, pattern: str | None) -> str:
+    """A math row's gold as text (answer_pattern applied). Raises _RowError."""
+    if isinstance(answer, (list, dict, bool)):
+        raise _RowError("answer", f"a {type(answer).__name__}, not a text or a number: {str(answer)[:80]!r}")
+    answer = str(answer).strip()
+    if pattern is not None:
+        m = re.search(pattern, answer)
+        if m is None:
+            raise _RowError("answer", f"does not match data.answer_pattern: {answer[-80:]!r}")
+        answer = (m.group(1) if m.re.groups else m.group(0)).strip()
+    if not answer:
+        raise _RowError("answer", "empty")
+    return answer
+
+
+def clean_prompt(prompt, pattern: str | None) -> str | list[dict]:
+    """A text prompt (prompt_pattern applied, stripped) or a list of chat messages. Raises _RowError."""
+    if isinstance(prompt, str):
+        if pattern is not None:
+            m = re.search(pattern, prompt, flags=re.DOTALL)
+            if m is None:
+                raise _RowError("prompt", f"does not match data.prompt_pattern: {prompt[:80]!r}")
+            prompt = m.group(1) if m.re.groups else m.group(0)
+        if not prompt.strip():
+            raise _RowError("prompt", "empty")
+        return prompt.strip()
+    if not isinstance(prompt, list):
+        raise _RowError("prompt", f"a {type(prompt).__name__}, not a text or a list of chat messages")
+    if pattern is not None:
+        raise _RowError("prompt", "a list of messages; data.prompt_pattern applies to a text (map one: prompt.0.content)")
+    messages = []
+    for m in prompt:
+        if not (isinstance(m, dict) and m.get("role") in _ROLES and isinstance(m.get("content"), str)):
+            raise _RowError("prompt", f"not a list of chat messages {{role: {'|'.join(_ROLES)}, content: text}}: "
+                                      f"{str(m)[:80]!r}")
+        messages.append({"role": m["role"], "content": m["content"]})
+    users = [m for m in messages if m["role"] == "user"]
+    if not users or not users[-1]["content"].strip():
+        raise _RowError("prompt", "empty (no user message with content)")
+    return messages
+
+
+def normalize_tests(tests) -> dict:
+    """Code tests in one of the accepted shapes (module docstring) -> the dict of rewards/code.py, validated by the
+    code grader's own parser. Raises ValueError."""
+    if isinstance(tests, str):
+        try:
+            tests = json.loads(tests)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"not valid JSON ({err})") from None
+    if isinstance(tests, list):
+        if not all(isinstance(t, dict) and "input" in t and "output" in t for t in tests):
+            raise ValueError("a list of tests must hold {input, output} pairs")
+        tests = {"inputs": [t["input"] for t in tests], "outputs": [t["output"] for t in tests]}
+    elif isinstance(tests, dict) and "inputs" not in tests and isinstance(tests.get("input"), list):
+        tests = {"inputs": tests["input"], "outputs": tests.get("output")}
+    if isinstance(tests, dict) and tests.get("fn_name") is None:
+        tests = {k: v for k, v in tests.items() if k != "fn_name"}
+    parse_tests(tests, max_tests=1 << 30)
+    return tests
+
+
+def check_graders(where: str, rows: list[dict], scorer) -> list[BadRow]:
+    """Rows the run's reward cannot score: a math gold that does not grade correct against itself (boxed), or a
+    source with no grader. One scorer call for all math rows: numbers take the grader's fast path, the rest go
+    to math-verify in the scorer's worker pool."""
+    bad = []
+    if scorer.cfg.custom is None:
+        bad += [BadRow(where, row["_row"], "source", f"{row['source']!r} has no grader: it is neither 'math' nor "
+                       "'code' and reward.custom is not set (see data.source_map)")
+                for row in rows if row["source"] not in ("math", "code")]
+    math_rows = [row for row in rows if row["source"] == "math"]
+    if math_rows:
+        n = len(math_rows)
+        graded = scorer.score([f"\\boxed{{{row['answer']}}}" for row in math_rows], math_rows,
+                              response_lengths=[0] * n, max_tokens=max(scorer.cfg.overlong_buffer, 1),
+                              truncated=[False] * n, progress=n > 10000)
+        bad += [BadRow(where, row["_row"], "answer", f"the math grader cannot use {row['answer'][:80]!r} as a gold "
+                       f"answer (status {result.status!r} when graded against itself)")
+                for row, result in zip(math_rows, graded.results) if result.status != "correct"]
+    return bad
+
+
+# ---- prompts ---------------------------------------------------------------------------------------------------
+
+
+def prompt_messages(row: dict, cfg: DataConfig) -> list[dict]:
+    """The chat messages of a row: data.system_prompt (replacing the row's own system message), then the row's
+    prompt with data.instruction appended to its last user message."""
+    prompt = row["prompt"]
+    if isinstance(prompt, str):
+        messages = [{"role": "user", "content": prompt + cfg.instruction}]
+    else:
+        messages = [dict(m) for m in prompt]
+        last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+        messages[last_user]["content"] += cfg.instruction
+    if cfg.system_prompt:
+        messages = [{"role": "system", "content": cfg.system_prompt}] + [m for m in messages if m["role"] != "system"]
+    return messages
 
 
 def encode_prompts(tokenizer, rows: list[dict], cfg: DataConfig) -> list[list[int]]:
-    """Chat-template token ids of each row's prompt (+ cfg.instruction), ending with the assistant turn."""
-    system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+    """Chat-template token ids of each row's prompt_messages, ending with the assistant turn."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ConfigError(f"the tokenizer ({getattr(tokenizer, 'name_or_path', '?')}) has no chat template; prompts "
+                          "are sent as chat messages: use a tokenizer with one (e.g. the instruct model's)")
     return [
-        tokenizer.apply_chat_template(
-            system + [{"role": "user", "content": row["prompt"] + cfg.instruction}],
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=False,
-        )
+        tokenizer.apply_chat_template(prompt_messages(row, cfg), add_generation_prompt=True, tokenize=True,
+                                      return_dict=False)
         for row in rows
     ]
 
 
-class PromptStream:
-    """Endless stream of rows, reshuffled each epoch with a seed derived from (seed, epoch).
+# ---- the stream ------------------------------------------------------------------------------------------------
 
-    Its state is two integers, so a resumed run continues with exactly the prompts it would have seen."""
+
+class PromptStream:
+    """Endless stream of rows, reshuffled each epoch with a seed derived from (seed, epoch), skipping retired rows
+    (ScaleRL no-positive-resampling, cispo/curriculum.py).
+
+    Its state is two integers and the retired ids, so a resumed run continues with exactly the prompts it would
+    have seen."""
 
     def __init__(self, rows: list[dict], seed: int):
         self.rows, self.seed = rows, seed
         self.epoch, self.pos = 0, 0
+        self.retired: set[str] = set()
         self._order = self._shuffle()
 
     def _shuffle(self) -> list[int]:
@@ -45,18 +474,31 @@ class PromptStream:
         return order
 
     def take(self, n: int) -> list[dict]:
+        if n > 0 and self.retired and self.active() == 0:
+            raise RuntimeError(f"all {len(self.rows)} training prompts are retired (curriculum.retire_pass_rate): "
+                               "nothing is left to learn from")
         out = []
         while len(out) < n:
             if self.pos == len(self._order):
                 self.epoch, self.pos = self.epoch + 1, 0
                 self._order = self._shuffle()
-            out.append(self.rows[self._order[self.pos]])
+            row = self.rows[self._order[self.pos]]
             self.pos += 1
+            if row["id"] not in self.retired:
+                out.append(row)
         return out
 
+    def retire(self, ids) -> None:
+        """Never hand out these rows again."""
+        self.retired.update(ids)
+
+    def active(self) -> int:
+        """Rows not retired."""
+        return sum(row["id"] not in self.retired for row in self.rows)
+
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos}
+        return {"epoch": self.epoch, "pos": self.pos, "retired": sorted(self.retired)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.pos = state["epoch"], state["pos"]
+        self.epoch, self.pos, self.retired = state["epoch"], state["pos"], set(state["retired"])
         self._order = self._shuffle()

@@ -16,10 +16,20 @@ from typing import Sequence
 from rollout.base import SamplingParams
 
 
+def grade(scorer, completions, rows: list[dict], max_tokens: int):
+    """BatchRewards of completions (rollout.base.Completion) of `rows` (indexed by prompt_index), with the
+    lengths and truncations that length shaping needs."""
+    return scorer.score(
+        [c.text for c in completions], [rows[c.prompt_index] for c in completions],
+        response_lengths=[len(c.token_ids) for c in completions], max_tokens=max_tokens,
+        truncated=[c.finish_reason == "length" for c in completions],
+    )
+
+
 def greedy_accuracy(engine, prompt_ids: list[list[int]], rows: list[dict], scorer, max_tokens: int) -> dict[str, float]:
     """eval/accuracy: share graded correct; eval/boxed_rate: share with a parseable final answer."""
     rollout = engine.generate(prompt_ids, SamplingParams(n=1, max_tokens=max_tokens, temperature=0.0))
-    graded = scorer.score([c.text for c in rollout.completions], rows)
+    graded = grade(scorer, rollout.completions, rows, max_tokens)
     statuses = [r.status for r in graded.results]
     n = len(statuses)
     return {
@@ -72,9 +82,8 @@ def sampled_accuracy(engine, prompt_ids: list[list[int]], rows: list[dict], scor
                      sampling: SamplingParams) -> dict[str, float]:
     """eval/avg@k and eval/pass@j of `sampling.n` samples per prompt, graded by the training reward.
     For periodic evaluation in the trainer, next to greedy_accuracy (whose keys it does not overlap)."""
-    rollout = engine.generate(prompt_ids, sampling)
-    done = rollout.completions
-    graded = scorer.score([c.text for c in done], [rows[c.prompt_index] for c in done])
+    done = engine.generate(prompt_ids, sampling).completions
+    graded = grade(scorer, done, rows, sampling.max_tokens)
     correct: list[list[bool]] = [[] for _ in prompt_ids]
     for c, result in zip(done, graded.results):
         correct[c.prompt_index].append(result.status == "correct")

@@ -9,11 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from cispo.batch import MicroBatch
 from cispo.config import ModelConfig
 from cispo.logprobs import TokenLogprobs, token_logprobs
+from cispo.minimax import packed_forward
 
 
 def check_model_path(path: str) -> None:
@@ -26,21 +27,87 @@ def check_model_path(path: str) -> None:
         )
 
 
+PACKED_ATTENTION = "cispo_packed"
+
+
+def packed_attention(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, position_ids=None,
+                     sliding_window=None, **kwargs):
+    """Causal attention over a packed row, one sequence at a time (sequences start where position_ids restart).
+
+    transformers' own "sdpa" treats a packed row as one sequence under an S x S block-diagonal mask: the kernel
+    computes all S^2 scores and the mask itself takes S^2 memory (a 32k-token micro-batch: 1 G entries). Here
+    each sequence of length L_i costs L_i^2, as if it were alone, and no mask exists. Registered as a transformers
+    attention implementation; transformers builds no mask for it. query [B, Hq, S, D], key/value [B, Hkv, S, D]
+    -> ([B, S, Hq, D], None)."""
+    if attention_mask is not None or sliding_window is not None:
+        raise ValueError(f"{PACKED_ATTENTION} attention runs packed rows (no attention mask, no sliding window)")
+    gqa = query.shape[1] != key.shape[1]
+    out = torch.empty_like(query)
+    if position_ids is None:
+        bounds = [[(0, query.shape[2])]] * query.shape[0]
+    else:
+        pos = position_ids.view(-1, position_ids.shape[-1]).expand(query.shape[0], -1).cpu()
+        bounds = []
+        for row in pos:
+            starts = [0] + (torch.nonzero(row[1:] != row[:-1] + 1).view(-1) + 1).tolist() + [row.numel()]
+            bounds.append(list(zip(starts[:-1], starts[1:])))
+    for b, segments in enumerate(bounds):
+        for lo, hi in segments:
+            out[b : b + 1, :, lo:hi] = torch.nn.functional.scaled_dot_product_attention(
+                query[b : b + 1, :, lo:hi], key[b : b + 1, :, lo:hi], value[b : b + 1, :, lo:hi],
+                dropout_p=dropout, is_causal=hi - lo > 1, scale=scaling, enable_gqa=gqa,
+            )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_packed_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+
+
 def load_policy(path: str, cfg: ModelConfig):
-    """(model, tokenizer) in train mode, parameters in cfg.dtype."""
+    """(model, tokenizer) in train mode, parameters in cfg.dtype, attention `packed_attention` (the policy only
+    ever runs packed micro-batches; models with remote code keep their own attention)."""
     check_model_path(path)
     kwargs = dict(trust_remote_code=cfg.trust_remote_code)
+    if not cfg.trust_remote_code:
+        _register_packed_attention()
+        kwargs["attn_implementation"] = PACKED_ATTENTION
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype), **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model.train(), tokenizer
 
 
+class PolicyLogprobs(torch.nn.Module):
+    """The policy as a module whose forward returns what the loss needs: (logp [N], entropy [N]) of a packed
+    micro-batch's loss tokens. This is the module DeepSpeed wraps, so that ZeRO-3 gathers (and releases) the
+    parameters around the whole computation, LM head included."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, position_ids, logit_pos, targets, *, temperature: float, fp32_head: bool):
+        hidden = packed_forward(self.model, input_ids, position_ids)[0]  # [S, H], each sample attending to itself
+        head = self.model.get_output_embeddings().weight  # [V, H]
+        tl = token_logprobs(hidden[logit_pos], head, targets, temperature=temperature or 1.0, fp32_head=fp32_head)
+        return tl.logp, tl.entropy
+
+
 def micro_batch_logprobs(model, mb: MicroBatch, *, temperature: float, fp32_head: bool) -> TokenLogprobs:
-    """log pi and entropy [N] of the loss tokens of a packed micro-batch (gradient flows when enabled)."""
-    # no cache: with one, transformers ignores the packing in position_ids and attends across samples
-    out = model.base_model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False)
-    hidden = out.last_hidden_state[0]  # [S, H]
-    head = model.get_output_embeddings().weight  # [V, H]
-    return token_logprobs(hidden[mb.logit_pos], head, mb.targets, temperature=temperature or 1.0, fp32_head=fp32_head)
+    """log pi and entropy [N] of the loss tokens of a packed micro-batch (gradient flows when enabled).
+
+    `model`: a Hugging Face causal LM, or a module taking PolicyLogprobs's inputs (PolicyLogprobs itself, or
+    the DeepSpeed engine wrapping it). The micro-batch's tensors are moved to the model's device."""
+    if isinstance(model, PreTrainedModel):
+        model = PolicyLogprobs(model)
+    # the DeepSpeed engine knows its device (ZeRO-3 parameters may be offloaded to CPU memory)
+    device = getattr(model, "device", None)
+    if not isinstance(device, torch.device):
+        device = next(model.parameters()).device
+    inputs = [t.to(device) for t in (mb.input_ids, mb.position_ids, mb.logit_pos, mb.targets)]
+    logp, entropy = model(*inputs, temperature=temperature, fp32_head=fp32_head)
+    return TokenLogprobs(logp, entropy)

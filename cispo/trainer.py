@@ -6,31 +6,44 @@ Deviations from the M1 paper, on purpose:
 2. Groups whose rewards are all equal are left out of the loss and out of its normaliser
    (`algo.drop_zero_variance`, as DAPO's dynamic sampling and ScaleRL do); without refill the batch shrinks.
 3. An early stop's forced EOS is not in the loss: it was not sampled from the policy.
+
+Data parallelism (trainer.zero_stage set; cispo/distributed.py): every rank runs this same loop. Each rank
+generates and grades its share of the step's prompts with its own rollout engine and the results are gathered,
+so advantages and metrics are those of the whole batch; each rank trains on its share of every mini-batch with
+the loss normaliser of the whole mini-batch; every rank's engine receives the new weights. With one process
+(the default run) every collective is the identity.
 """
 
 from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from cispo.advantages import group_advantages
 from cispo.batch import Sample, micro_batches, split_groups
-from cispo.config import Config
+from cispo.checkpoint import (
+    Checkpointer, checkpoint_name, checkpoint_step, export_hf, resolve_resume, trim_metrics,
+)
+from cispo.config import Config, ConfigError
+from cispo.curriculum import Curriculum
 from cispo.data import PromptStream, encode_prompts, load_splits
-from cispo.evaluation import greedy_accuracy
+from cispo.distributed import (
+    build_policy, gather_rollout, init_distributed, rank_micro_batches, sync_weights, to_device,
+)
+from cispo.evaluation import grade, greedy_accuracy, sampled_accuracy
 from cispo.logging import RunLogger
-from cispo.loss import loss_metrics, mismatch_metrics, policy_loss, tis_weights
-from cispo.optim import TorchUpdater
-from cispo.policy import load_policy, micro_batch_logprobs
+from cispo.manifest import write_run_manifest
+from cispo.moe import RoutingMeter, RoutingStore, routing
+from cispo.loss import LossOut, loss_metrics, mismatch_metrics, policy_loss, tis_weights
+from cispo.policy import micro_batch_logprobs
 from cispo.warm_start import prepare_model
 from rewards import RewardScorer
 from rollout import build_engine, resolve_engine
 from rollout.base import SamplingParams
-from rollout.metrics import rollout_metrics
 
 
 @dataclass
@@ -41,56 +54,90 @@ class TrainResult:
     eval_after: dict
 
 
+@dataclass
+class RunState:
+    """Trainer state that a resumed run restores, besides the policy, optimizer, prompt stream and RNG."""
+
+    eval_before: dict = field(default_factory=dict)
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.eval_before = dict(state["eval_before"])
+
+
 def train(cfg: Config) -> TrainResult:
+    dist = init_distributed(cfg.trainer)  # one process: plain torch; under a launcher: DeepSpeed ZeRO
     seed_everything(cfg.trainer.seed, cfg.trainer.threads)
-    run_dir = Path(cfg.trainer.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    train_rows, eval_rows = load_splits(cfg.data)
+    if cfg.algo.prompts_per_step < dist.world_size or cfg.data.eval_size < dist.world_size:
+        raise ConfigError(f"algo.prompts_per_step and data.eval_size must be >= the number of ranks "
+                          f"({dist.world_size})")
+    run_dir = Path(dist.broadcast_object(cfg.trainer.output_dir))  # a ${now:...} may differ between ranks
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        write_run_manifest(cfg, run_dir)  # resolved config, package version, git commit, library versions
     scorer = RewardScorer(cfg.reward)
     with scorer:
-        model_dir = prepare_model(cfg, train_rows, scorer)
-        policy, tokenizer = load_policy(model_dir, cfg.model)
-        updater = TorchUpdater(policy, cfg.trainer)
-        engine = build_engine(resolve_engine(cfg.rollout.engine, model_dir), model_dir, cfg.rollout, cfg.model, cfg.trainer.seed)
-        logger = RunLogger(cfg.logger, run_dir, asdict(cfg), total_steps=cfg.trainer.steps)
+        splits = load_splits(cfg.data, scorer)  # every row checked here: bad rows stop the run or are counted
+        train_rows, eval_rows = splits
+        with dist.local_rank0_first():  # builds / warm-starts the tiny model once per node (a cached file)
+            model_dir = prepare_model(cfg, train_rows)
+        _, tokenizer, updater = build_policy(model_dir, cfg, dist, cfg.trainer.steps * cfg.algo.updates_per_step)
+        kind = resolve_engine(cfg.rollout.engine, model_dir)
+        engine = build_engine(kind, model_dir, cfg.rollout, cfg.model, cfg.trainer.seed)  # one per rank
         stream = PromptStream(train_rows, cfg.data.seed)
+        curriculum = Curriculum(cfg.curriculum, stream, cfg.rollout.max_tokens)
+        run = RunState()
+        # what a checkpoint restores besides the policy, the optimizer and the RNG: register more trainer state
+        # here (objects with state_dict() -> JSON-serialisable data, and load_state_dict())
+        stateful = {"stream": stream, "run": run, "curriculum": curriculum}
+        checkpoints = Checkpointer(run_dir / "checkpoints", cfg.trainer.keep_last, dist)
         eval_prompts = encode_prompts(tokenizer, eval_rows, cfg.data)
-        evaluate = lambda: greedy_accuracy(engine, eval_prompts, eval_rows, scorer, cfg.rollout.max_tokens)  # noqa: E731
+        evaluate = lambda: evaluate_greedy(engine, eval_prompts, eval_rows, scorer, cfg, dist)  # noqa: E731
+        resume = resolve_resume(cfg.trainer.resume, run_dir)
+        start = checkpoint_step(resume) if resume else 0
+        history = trim_metrics(run_dir / "metrics.jsonl", start) if resume and dist.is_main else []
+        logger = (RunLogger(cfg.logger, run_dir, asdict(cfg), total_steps=cfg.trainer.steps) if dist.is_main
+                  else NoLogger())
+        logger.history = history + logger.history  # the plot covers the steps before a resume too
+        if resume:  # last before the loop: the RNG states continue from the moment the checkpoint was taken
+            checkpoints.load(resume, updater, stateful)
+            sync_weights(engine, updater)
         try:
-            eval_before = evaluate()
-            logger.log(0, eval_before)
-            eval_after = eval_before
-            for step in range(1, cfg.trainer.steps + 1):
-                metrics = rl_step(cfg, step, stream, tokenizer, engine, scorer, policy, updater)
-                if step == cfg.trainer.steps or (cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0):
+            if not resume:
+                run.eval_before = evaluate()
+                logger.log(0, run.eval_before | splits.report.metrics())
+            eval_after = run.eval_before
+            for step in range(start + 1, cfg.trainer.steps + 1):
+                metrics = rl_step(cfg, step, curriculum, tokenizer, engine, scorer, updater)
+                if step == cfg.trainer.steps or due(cfg.trainer.eval_every, step):
                     eval_after = evaluate()
                     metrics |= eval_after
                 logger.log(step, metrics)
+                if due(cfg.trainer.save_every, step) or (cfg.trainer.save_every and step == cfg.trainer.steps):
+                    checkpoints.save(step, updater, stateful, tokenizer)
+                if due(cfg.trainer.export_every, step):
+                    export_hf(updater, run_dir / "hf" / checkpoint_name(step), tokenizer)
         finally:
             engine.close()
             logger.finish()
-    final = run_dir / "final"
-    policy.save_pretrained(final)
-    tokenizer.save_pretrained(final)
-    return TrainResult(run_dir, final, eval_before, eval_after)
+    final = export_hf(updater, run_dir / "final", tokenizer)
+    dist.close()
+    return TrainResult(run_dir, final, run.eval_before, eval_after)
 
 
-def rl_step(cfg: Config, step, stream, tokenizer, engine, scorer, policy, updater) -> dict:
+def rl_step(cfg: Config, step, curriculum, tokenizer, engine, scorer, updater) -> dict:
     algo = cfg.algo
-    rows = stream.take(algo.prompts_per_step)
-    prompts = encode_prompts(tokenizer, rows, cfg.data)
-    sampling = SamplingParams(
-        n=algo.group_size, max_tokens=cfg.rollout.max_tokens, temperature=cfg.rollout.temperature,
-        top_p=cfg.rollout.top_p, seed=cfg.rollout.seed + step,
-    )
-    rollout = engine.generate(prompts, sampling)
-    done = rollout.completions
-    graded = scorer.score(
-        [c.text for c in done], [rows[c.prompt_index] for c in done],
-        response_lengths=[len(c.token_ids) for c in done], max_tokens=cfg.rollout.max_tokens,
-        truncated=[c.finish_reason == "length" for c in done],
-    )
+
+    def sample(rows, round_index):
+        prompts = encode_prompts(tokenizer, rows, cfg.data)
+        return prompts, *generate_and_score(cfg, step, rows, prompts, engine, scorer, updater.dist,
+                                            curriculum.max_tokens, round_index)
+
+    filled = curriculum.fill(sample, algo.prompts_per_step, algo.group_size)  # refills zero-variance groups
+    rows, prompts, done, graded = filled.rows, filled.prompts, filled.completions, filled.graded
     adv = group_advantages(
         torch.tensor(graded.scores).view(len(rows), algo.group_size), std_norm=algo.adv_std_norm, level=algo.adv_norm
     )
@@ -104,47 +151,84 @@ def rl_step(cfg: Config, step, stream, tokenizer, engine, scorer, policy, update
         for k, c in enumerate(done)
         if not (algo.drop_zero_variance and adv.zero_variance[c.prompt_index])
     ]
-    stats = update_policy(cfg, policy, updater, samples)
-    engine.load_weights(policy.named_parameters())
-    return rollout_metrics(rollout) | graded.metrics | stats | {
+    stats = update_policy(cfg, updater.model, updater, samples)
+    sync_weights(engine, updater)
+    return filled.metrics | curriculum.update(filled) | stats | {
         "adv/zero_variance_frac": adv.zero_variance.float().mean().item(),
         "train/samples": len(samples),
     }
 
 
+def generate_and_score(cfg: Config, step, rows, prompts, engine, scorer, dist, max_tokens: int, round_index: int = 0):
+    """(rollout, grades) of the whole step, completions in prompt order. This rank generates and grades its own
+    contiguous share of the prompts; the other ranks' results are gathered."""
+    lo, hi = dist.shard_range(len(prompts))
+    sampling = SamplingParams(
+        n=cfg.algo.group_size, max_tokens=max_tokens, temperature=cfg.rollout.temperature,
+        top_p=cfg.rollout.top_p, seed=(cfg.rollout.seed + step) * dist.world_size + dist.rank + round_index * 1_000_003,
+    )
+    rollout = engine.generate(prompts[lo:hi], sampling)
+    graded = grade(scorer, rollout.completions, rows[lo:hi], max_tokens)
+    return gather_rollout(dist, rollout, graded, lo, rows)
+
+
 def update_policy(cfg: Config, policy, updater, samples: list[Sample]) -> dict:
-    """pi_old for every sample, then `algo.updates_per_step` optimizer steps over mini-batches of prompt groups."""
-    algo, budget = cfg.algo, cfg.trainer.max_tokens_per_micro
+    """pi_old for every sample, then `algo.updates_per_step` optimizer steps over mini-batches of prompt groups.
+
+    Each rank computes pi_old for, and trains on, its share of every mini-batch (updater.dist; all of it in one
+    process), with the aggregation coefficients of the whole mini-batch; metrics are over all ranks."""
+    algo, budget, dist = cfg.algo, cfg.trainer.max_tokens_per_micro, updater.dist
     head = dict(temperature=cfg.rollout.temperature, fp32_head=cfg.model.fp32_lm_head)
     samples = [s for s in samples if s.loss_len > 0]
     if not samples:
         return {"train/updates": 0}
+    minis = split_groups(samples, algo.updates_per_step)
+    shares = [dist.shard_groups(samples, mini) for mini in minis]
+    mine = sorted(i for share in shares for i in share)
+    # MoE: the experts of the pi_old pass are recorded (routing-drift metrics) and, with model.routing_replay,
+    # replayed in the training forwards; a dense model makes every routing() block a no-op
+    store, meter = RoutingStore(), RoutingMeter(policy)
     with torch.no_grad():
-        for mb in micro_batches(samples, list(range(len(samples))), budget, None):
-            for i, logp in zip(mb.sample_ids, mb_split(micro_batch_logprobs(policy, mb, **head).logp, mb.lengths)):
-                samples[i].old_logp = logp
-    old = torch.cat([s.old_logp for s in samples])
-    metrics = mismatch_metrics(old, torch.cat([s.rollout_logp for s in samples]))
+        for mb in dist.even(micro_batches(samples, mine, budget, None)):
+            with routing(policy, mb, store, record=True):
+                logps = micro_batch_logprobs(policy, mb, **head).logp
+            for i, logp in zip(mb.sample_ids, mb_split(logps, mb.lengths)):
+                samples[i].old_logp = logp.cpu()
+    old = global_cat(dist, [samples[i].old_logp for i in mine])
+    metrics = mismatch_metrics(old, global_cat(dist, [samples[i].rollout_logp for i in mine]))
     outs, losses, norms, entropy = [], [], [], []
-    for mini in split_groups(samples, algo.updates_per_step):
+    for mini, share in zip(minis, shares):
         total = 0.0
-        for mb in micro_batches(samples, mini, budget, algo.loss_agg):
-            tl = micro_batch_logprobs(policy, mb, **head)
-            out = policy_loss(
-                tl.logp, mb.old_logp, mb.adv, mb.coef, loss=algo.loss, is_weight_max=algo.is_weight_max,
-                is_weight_min=algo.is_weight_min, unified_mask=algo.unified_mask, clip_low=algo.clip_low,
-                clip_high=algo.clip_high,
-                tis_weight=tis_weights(mb.old_logp, mb.rollout_logp, algo.tis_cap) if algo.tis_cap else None,
-            )
-            updater.backward(out.loss)
+        mini_tokens = sum(len(samples[i].prompt_ids) + len(samples[i].response_ids) for i in mini)
+        for mb in dist.even(rank_micro_batches(samples, mini, share, budget, algo.loss_agg)):
+            # backward inside the block: a gradient-checkpointing recompute must see the same routing
+            with routing(policy, mb, store, replay=cfg.model.routing_replay) as cap:
+                tl = micro_batch_logprobs(policy, mb, **head)
+                mb = to_device(mb, tl.logp.device)
+                out = policy_loss(
+                    tl.logp, mb.old_logp, mb.adv, mb.coef, loss=algo.loss, is_weight_max=algo.is_weight_max,
+                    is_weight_min=algo.is_weight_min, unified_mask=algo.unified_mask, clip_low=algo.clip_low,
+                    clip_high=algo.clip_high,
+                    tis_weight=tis_weights(mb.old_logp, mb.rollout_logp, algo.tis_cap) if algo.tis_cap else None,
+                )
+                loss = out.loss
+                if cfg.model.moe_aux_loss_coef and mb.sample_ids:  # token share of the mini-batch's aux loss
+                    aux = cap.aux_loss().to(loss.device)
+                    loss = loss + cfg.model.moe_aux_loss_coef * (mb.num_tokens / mini_tokens) * aux
+                updater.backward(loss)
+            meter.add(cap.stats)
             total += out.loss.item()
-            outs.append(out)
-            entropy.append(tl.entropy)
+            if mb.sample_ids:  # not an empty pass that only keeps the ranks in step
+                outs.append(out)
+                entropy.append(tl.entropy)
         norms.append(updater.step())
         losses.append(total)
-    return metrics | loss_metrics(outs) | {
+    losses = dist.sum(losses)  # each rank's share of each mini-batch loss
+    gathered = LossOut(torch.zeros(()), *(global_cat(dist, [getattr(o, f).float() for o in outs])
+                                          for f in ("ratio", "clipped_high", "clipped_low", "kept")))
+    return metrics | loss_metrics([gathered]) | meter.metrics(reduce=dist.sum) | {
         "loss/value": sum(losses) / len(losses),
-        "loss/entropy": torch.cat(entropy).mean().item(),
+        "loss/entropy": global_cat(dist, entropy).mean().item(),
         "train/grad_norm": sum(norms) / len(norms),
         "train/lr": updater.lr,
         "train/updates": len(norms),
@@ -152,9 +236,42 @@ def update_policy(cfg: Config, policy, updater, samples: list[Sample]) -> dict:
     }
 
 
+def evaluate_greedy(engine, prompts, rows, scorer, cfg: Config, dist) -> dict:
+    """Held-out greedy accuracy, and avg@k / pass@k of trainer.eval_k samples per prompt (M1's evaluation
+    sampling: temperature 1.0, top_p 0.95) when set; each rank evaluates its share (the metrics are means)."""
+    lo, hi = dist.shard_range(len(prompts))
+    metrics = greedy_accuracy(engine, prompts[lo:hi], rows[lo:hi], scorer, cfg.rollout.max_tokens)
+    if cfg.trainer.eval_k:
+        sampling = SamplingParams(n=cfg.trainer.eval_k, max_tokens=cfg.rollout.max_tokens, temperature=1.0,
+                                  top_p=0.95, seed=cfg.trainer.seed)
+        metrics |= sampled_accuracy(engine, prompts[lo:hi], rows[lo:hi], scorer, sampling)
+    return dist.mean(metrics, weight=hi - lo)
+
+
+def global_cat(dist, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """This rank's per-token values and all other ranks', concatenated."""
+    return dist.cat(torch.cat([t.detach().float().cpu() for t in tensors]) if tensors else torch.zeros(0))
+
+
 def mb_split(values: torch.Tensor, lengths: list[int]) -> list[torch.Tensor]:
-    """Split a micro-batch's flat per-token values [N] back into one tensor per sample."""
-    return list(values.detach().split(lengths))
+    """Split a micro-batch's flat per-token values [N] back into one tensor per sample (none for an empty pass)."""
+    return list(values.detach()[: sum(lengths)].split(lengths))
+
+
+def due(every: int, step: int) -> bool:
+    return bool(every) and step % every == 0
+
+
+class NoLogger:
+    """Ranks other than 0 log nothing."""
+
+    history: list = []
+
+    def log(self, step: int, metrics: dict) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
 
 
 def seed_everything(seed: int, threads: int) -> None:

@@ -22,6 +22,7 @@ from cispo.batch import MicroBatch, Sample, micro_batches
 from cispo.config import Config
 from cispo.data import encode_prompts
 from cispo.loss import policy_loss
+from cispo.minimax import packed_forward
 from cispo.optim import warmup_lambda
 from cispo.policy import check_model_path, micro_batch_logprobs
 from cispo.tiny_model import config_key, make_tiny_model, save_atomically
@@ -56,7 +57,7 @@ def answer_samples(tokenizer, rows: list[dict], prompts: list[list[int]]) -> lis
 @torch.no_grad()
 def greedy_exact_match(model, mb: MicroBatch) -> float:
     """Share of the micro-batch's samples whose every target token is the model's argmax."""
-    hidden = model.base_model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False).last_hidden_state[0]
+    hidden = packed_forward(model, mb.input_ids, mb.position_ids)[0]
     hit = (model.get_output_embeddings()(hidden[mb.logit_pos]).argmax(-1) == mb.targets).float()
     return sum(bool(h.all()) for h in hit.split(mb.lengths)) / len(mb.lengths)
 

@@ -2,6 +2,11 @@
 (MiniMax's lightning attention in vLLM 0.32).
 
 The engine owns its own copy of the weights, like vLLM does, so the trainer syncs it the same way.
+
+Reach-in (written against transformers 5.19): MiniMaxCache takes the attention-mask size from layer 0, a
+lightning layer whose key/value slot stays empty, so in every decode step the softmax layers get a 1-wide mask
+and attend to the left padding of shorter prompts (on the tiny model: sampling logprobs off by up to ~0.01 from
+a forward of the same tokens). `generation_cache` returns a cache that sizes the mask from a softmax layer.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from typing import Iterable
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.models.minimax.modeling_minimax import MiniMaxCache
 
 from rollout.base import Completion, Rollout, SamplingParams
 
@@ -21,6 +27,31 @@ def upcast_lm_head(model) -> None:
     head = model.get_output_embeddings()
     head.float()
     head.register_forward_pre_hook(lambda _m, args: (args[0].float(),) + args[1:])
+
+
+class MaskedMiniMaxCache(MiniMaxCache):
+    """MiniMaxCache whose attention-mask sizes come from a softmax-attention layer, so that decode steps of a
+    left-padded batch mask the padding (see the module docstring)."""
+
+    def __init__(self, full_layer: int):
+        super().__init__()
+        self.full_layer = full_layer
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return super().get_mask_sizes(query_length, self.full_layer if layer_idx == 0 else layer_idx)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:  # also the query offset of the causal mask
+        return super().get_seq_length(self.full_layer if layer_idx == 0 else layer_idx)
+
+
+def generation_cache(model) -> MiniMaxCache | None:
+    """A fresh cache to pass as `generate(past_key_values=...)`: MaskedMiniMaxCache for a MiniMax model with
+    softmax layers, None (transformers' default) for every other model. One per generate call."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) != "minimax":
+        return None
+    full = [i for i, kind in enumerate(config.layer_types or []) if kind != "linear_attention"]
+    return MaskedMiniMaxCache(full[0]) if full else None
 
 
 class HFEngine:
@@ -68,6 +99,7 @@ class HFEngine:
             top_k=None if greedy else 0,  # else transformers applies its default top-k=50: not the distribution we train on
             pad_token_id=pad,
             eos_token_id=eos,
+            past_key_values=generation_cache(self.model),  # None except for MiniMax
             return_dict_in_generate=True,
             output_scores=True,
         )

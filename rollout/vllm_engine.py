@@ -409,6 +409,12 @@ class VLLMEngine:
                 gpu_memory_utilization=cfg.gpu_memory_utilization,
                 tensor_parallel_size=cfg.tensor_parallel_size,
             )
+            if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                    and torch.distributed.get_world_size() > 1:
+                # One engine per data-parallel trainer rank (cispo.distributed; torchrun / deepspeed launcher).
+                # The in-process executor would put every rank's engine on GPU 0; the external-launcher one
+                # takes the rank's GPU from LOCAL_RANK and joins the trainer's existing process group.
+                kwargs["distributed_executor_backend"] = "external_launcher"
         if fp32_lm_head:
             kwargs["hf_overrides"] = {"head_dtype": "float32"}
             if dtype == "float32":

@@ -32,7 +32,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from cispo.config import ConfigError, EvalRunConfig, register_configs  # noqa: E402
-from cispo.data import load_splits  # noqa: E402
+from cispo.data import load_splits, prompt_messages  # noqa: E402
 from cispo.evaluation import length_stats, sampled_metrics  # noqa: E402
 from rewards import RewardScorer  # noqa: E402
 from rollout.openai_client import ChatRequest, EndpointError, OpenAIClient  # noqa: E402
@@ -67,12 +67,6 @@ class EvalResult:
 # ---- what is evaluated, and the cache key --------------------------------------------------------------------
 
 
-def prompt_messages(row: dict, data_cfg) -> list[dict]:
-    """The chat messages of a row: the same ones cispo.data.encode_prompts templates for local engines."""
-    system = [{"role": "system", "content": data_cfg.system_prompt}] if data_cfg.system_prompt else []
-    return system + [{"role": "user", "content": row["prompt"] + data_cfg.instruction}]
-
-
 def short_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -86,7 +80,7 @@ def checkpoint_fingerprint(model_dir: str) -> list | str:
     return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir() if p.is_file())
 
 
-def resolve_target(cfg: EvalRunConfig, train_rows: list[dict], scorer) -> dict:
+def resolve_target(cfg: EvalRunConfig, train_rows: list[dict]) -> dict:
     """What is evaluated: the endpoint, or the checkpoint (model.path=tiny: the warm-started tiny model training
     starts from, built once and cached) with the engine that will run it."""
     if cfg.endpoint.base_url:
@@ -94,7 +88,7 @@ def resolve_target(cfg: EvalRunConfig, train_rows: list[dict], scorer) -> dict:
     from cispo.warm_start import prepare_model
     from rollout import resolve_engine
 
-    model_dir = prepare_model(cfg, train_rows, scorer)
+    model_dir = prepare_model(cfg, train_rows)
     return {"checkpoint": model_dir, "files": checkpoint_fingerprint(model_dir),
             "engine": resolve_engine(cfg.rollout.engine, model_dir), "dtype": cfg.model.dtype,
             "fp32_lm_head": cfg.model.fp32_lm_head}
@@ -310,7 +304,7 @@ def evaluate(cfg: EvalRunConfig) -> EvalResult:
     shas = [short_hash(m) for m in messages]
     out_dir = Path(cfg.eval.output_dir)
     with RewardScorer(cfg.reward) as scorer:
-        target = resolve_target(cfg, train_rows, scorer)
+        target = resolve_target(cfg, train_rows)
         settings = answer_settings(cfg, target)
         cache = AnswerCache(out_dir / "answers.jsonl", short_hash(settings))
         todo = [Todo(i, j) for i in range(len(rows)) for j in range(cfg.eval.k)

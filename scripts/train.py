@@ -1,6 +1,8 @@
 """Train a policy with CISPO (or a comparison loss). `python scripts/train.py` runs the default tiny run.
 
 Overrides use Hydra's syntax: `python scripts/train.py algo=dapo trainer.steps=20 algo.is_weight_max=4`.
+Data-parallel runs start the same script under torchrun or the deepspeed launcher with trainer.zero_stage set
+(README, "Distributed training").
 """
 
 import sys
@@ -24,4 +26,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    # the deepspeed launcher passes --local_rank=N (it also sets LOCAL_RANK); Hydra would take it for an override
+    sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
     main()

@@ -32,7 +32,8 @@ from cispo.tiny_model import make_tiny_model
 from rewards import RewardConfig, RewardResult, RewardScorer, register_reward_fn
 from rollout.base import SamplingParams
 from rollout.openai_client import EndpointError, MissingAPIKey, ModelNotFound
-from scripts.evaluate import Answer, evaluate, format_table, prompt_messages, summarize
+from cispo.data import prompt_messages
+from scripts.evaluate import Answer, evaluate, format_table, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_READY_TIMEOUT_S = 150

@@ -1,0 +1,285 @@
+"""Training throughput of the policy update, packed micro-batches vs padded ones, on responses of mixed lengths.
+
+    python scripts/bench_train.py                        # CPU: tiny Qwen2, responses 64..2048 tokens, 2 threads
+    python scripts/bench_train.py --threads 1 --repeats 5 --out bench_train.json
+    python scripts/bench_train.py --device cuda          # GPU: a Qwen2.5-0.5B-shaped model, bf16, 8k..32k tokens
+
+One measured step = the update of one mini-batch exactly as the trainer does it (cispo.trainer.update_policy's
+inner loop): for every micro-batch, the policy's token logprobs (cispo.policy.micro_batch_logprobs; LM head
+through cispo.logprobs), the CISPO loss with the mini-batch's aggregation coefficients, backward; then one AdamW
+step with gradient clipping. The two layouts only differ in how the same samples become micro-batches, both
+under the same token budget (--budget, tokens per micro-batch including padding):
+
+  packed         what the trainer does: cispo.batch.micro_batches (samples laid end to end in one row, position
+                 ids restarting per sample, no padding) and the policy's attention, cispo.policy.packed_attention
+                 (each sequence attends to itself only: cost sum of L_i^2, no mask).
+  packed_mask    the same rows through transformers' --attn implementation: with "sdpa" an S x S
+                 block-diagonal mask (S^2 work and memory per micro-batch); with "flash_attention_2" its
+                 variable-length kernel.
+  padded         the usual layout: rows of [prompt + response] right-padded to the longest row of the
+                 micro-batch, an attention mask; as many rows per micro-batch as fit the budget, samples in the
+                 batch's order.
+  padded_sorted  the same with the samples sorted by length first (least padding a padded layout can have).
+
+
+Reported per layout: tokens/s = real (non-padding) tokens of the mini-batch / median step time, by wall clock
+and by the process's CPU time (on a shared CPU machine, wall time also counts the neighbours' work; CPU time
+counts this process's), the share of computed positions that are padding, and the number of micro-batches.
+On CUDA also the MFU: model FLOPs / (step time x peak FLOP/s), with model FLOPs = 6 x (non-embedding
+parameters) x real tokens + 6 x (LM head) x loss tokens + 6 x layers x hidden x sum(row length^2) (causal
+attention, forward + backward; padding not counted), peak from --peak-tflops or the device name.
+
+Response lengths are drawn log-uniformly in [--min-len, --max-len] (seeded), prompts --prompt-len tokens,
+--groups prompts x --group-size responses. Random weights, random tokens: speed does not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cispo.batch import MicroBatch, Sample, micro_batches  # noqa: E402
+from cispo.logprobs import token_logprobs  # noqa: E402
+from cispo.loss import policy_loss, sequence_coefficients  # noqa: E402
+from cispo.policy import PACKED_ATTENTION, _register_packed_attention, micro_batch_logprobs  # noqa: E402
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
+               "B200": 2250.0}  # dense bf16 tensor-core peaks (SXM); pass --peak-tflops for anything else
+
+
+def build_model(device: str, dtype: torch.dtype, gradient_checkpointing: bool, attn: str):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    if device == "cuda":  # Qwen2.5-0.5B's shape
+        cfg = Qwen2Config(vocab_size=151936, hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                          num_key_value_heads=2, intermediate_size=4864, tie_word_embeddings=True,
+                          max_position_embeddings=40960)
+    else:  # the default run's tiny model (model.tiny defaults)
+        cfg = Qwen2Config(vocab_size=512, hidden_size=128, num_hidden_layers=3, num_attention_heads=2,
+                          num_key_value_heads=1, intermediate_size=512, tie_word_embeddings=False,
+                          max_position_embeddings=4096)
+    _register_packed_attention()
+    cfg._attn_implementation = attn
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(cfg).to(device=device, dtype=dtype)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model.train()
+
+
+def make_samples(args, vocab: int) -> list[Sample]:
+    g = torch.Generator().manual_seed(args.seed)
+    lo, hi = math.log(args.min_len), math.log(args.max_len)
+    samples = []
+    for group in range(args.groups):
+        prompt = torch.randint(3, vocab, (args.prompt_len,), generator=g).tolist()
+        for _ in range(args.group_size):
+            n = int(round(math.exp(lo + (hi - lo) * float(torch.rand(1, generator=g)))))
+            response = torch.randint(3, vocab, (n,), generator=g).tolist()
+            s = Sample(prompt, response, n, -torch.rand(n, generator=g), float(torch.randn(1, generator=g)), group)
+            s.old_logp = s.rollout_logp + 0.01 * torch.randn(n, generator=g)
+            samples.append(s)
+    return samples
+
+
+def padded_micro_batches(samples: list[Sample], budget: int, coef: torch.Tensor, order=None) -> list[dict]:
+    """Rows right-padded to the longest row of their micro-batch; rows are added while rows x longest fits."""
+    bins, current, longest = [], [], 0
+    for i in order if order is not None else range(len(samples)):
+        s = samples[i]
+        size = len(s.prompt_ids) + len(s.response_ids)
+        if current and (len(current) + 1) * max(longest, size) > budget:
+            bins.append(current)
+            current, longest = [], 0
+        current.append(i)
+        longest = max(longest, size)
+    bins.append(current)
+    out = []
+    for ids in bins:
+        width = max(len(samples[i].prompt_ids) + len(samples[i].response_ids) for i in ids)
+        tokens = torch.zeros(len(ids), width, dtype=torch.long)
+        mask = torch.zeros(len(ids), width, dtype=torch.long)
+        rows, cols, targets, adv, c, old = [], [], [], [], [], []
+        for r, i in enumerate(ids):
+            s = samples[i]
+            seq = s.prompt_ids + s.response_ids
+            tokens[r, : len(seq)] = torch.tensor(seq)
+            mask[r, : len(seq)] = 1
+            first = len(s.prompt_ids) - 1
+            rows += [r] * s.loss_len
+            cols += range(first, first + s.loss_len)
+            targets += s.response_ids[: s.loss_len]
+            adv += [s.adv] * s.loss_len
+            c += [float(coef[i])] * s.loss_len
+            old.append(s.old_logp)
+        out.append({"input_ids": tokens, "attention_mask": mask, "rows": torch.tensor(rows), "cols": torch.tensor(cols),
+                    "targets": torch.tensor(targets), "adv": torch.tensor(adv), "coef": torch.tensor(c),
+                    "old_logp": torch.cat(old), "real": int(mask.sum()), "computed": mask.numel()})
+    return out
+
+
+def step_packed(model, optimizer, mbs: list[MicroBatch], device: str) -> None:
+    for mb in mbs:
+        tl = micro_batch_logprobs(model, mb, temperature=1.0, fp32_head=True)
+        d = lambda t: t.to(device)  # noqa: E731
+        policy_loss(tl.logp, d(mb.old_logp), d(mb.adv), d(mb.coef)).loss.backward()
+    _optimizer_step(model, optimizer)
+
+
+def step_padded(model, optimizer, mbs: list[dict], device: str) -> None:
+    head = model.get_output_embeddings().weight
+    for mb in mbs:
+        d = {k: v.to(device) if torch.is_tensor(v) else v for k, v in mb.items()}
+        hidden = model.base_model(input_ids=d["input_ids"], attention_mask=d["attention_mask"], use_cache=False)
+        hidden = hidden.last_hidden_state[d["rows"], d["cols"]]
+        tl = token_logprobs(hidden, head, d["targets"], temperature=1.0, fp32_head=True)
+        policy_loss(tl.logp, d["old_logp"], d["adv"], d["coef"]).loss.backward()
+    _optimizer_step(model, optimizer)
+
+
+def _optimizer_step(model, optimizer) -> None:
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def attention_flops(lengths: list[int], layers: int, hidden: int) -> float:
+    return 6.0 * layers * hidden * sum(n * n for n in lengths)
+
+
+def measure(name, fn, repeats: int, device: str) -> dict:
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    fn()  # warm-up (allocator, kernels)
+    sync()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    wall, cpu = [], []
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        sync()
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    out = {"wall_s": statistics.median(wall), "cpu_s": statistics.median(cpu), "wall_all": wall}
+    if device == "cuda":
+        out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU)")
+    p.add_argument("--groups", type=int, default=None, help="prompts (default: 4 on CPU, 8 on CUDA)")
+    p.add_argument("--group-size", type=int, default=4)
+    p.add_argument("--prompt-len", type=int, default=None, help="default 64 on CPU, 512 on CUDA")
+    p.add_argument("--min-len", type=int, default=None, help="shortest response (default 64 / 8192)")
+    p.add_argument("--max-len", type=int, default=None, help="longest response (default 2048 / 32768)")
+    p.add_argument("--budgets", default=None, help="tokens per micro-batch, comma-separated (default 2048,4096 / 36864)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gradient-checkpointing", action="store_true", help="default on for CUDA")
+    p.add_argument("--attn", default="sdpa", help="transformers attention implementation (sdpa | flash_attention_2 ...)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for the MFU (bf16 dense)")
+    p.add_argument("--out", default="bench_train.json")
+    args = p.parse_args()
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    defaults = dict(groups=(8, 4), prompt_len=(512, 64), min_len=(8192, 64), max_len=(32768, 2048),
+                    budgets=("36864", "2048,4096"))
+    for key, (gpu, cpu) in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, gpu if cuda else cpu)
+    if cuda:
+        args.gradient_checkpointing = True
+    else:
+        torch.set_num_threads(args.threads)
+    dtype = torch.bfloat16 if cuda else torch.float32
+
+    model = build_model(args.device, dtype, args.gradient_checkpointing, args.attn)
+    mcfg = model.config
+    samples = make_samples(args, mcfg.vocab_size)
+    lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
+    real = sum(lengths)
+    loss_tokens = sum(s.loss_len for s in samples)
+    coef = sequence_coefficients(torch.tensor([s.loss_len for s in samples]), torch.tensor([s.group for s in samples]),
+                                 "token_group")
+    by_length = sorted(range(len(samples)), key=lambda i: -lengths[i])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7, betas=(0.9, 0.95), eps=1e-15)
+
+    head = mcfg.vocab_size * mcfg.hidden_size
+    n_params = sum(p.numel() for p in model.parameters())
+    body = n_params - head * (1 if mcfg.tie_word_embeddings else 2)  # embeddings are lookups, not matmuls
+    flops = 6.0 * body * real + 6.0 * head * loss_tokens + attention_flops(lengths, mcfg.num_hidden_layers, mcfg.hidden_size)
+    peak = args.peak_tflops
+    if cuda and peak is None:
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+    budgets = [int(b) for b in str(args.budgets).split(",")]
+    results = []
+    for budget in budgets:
+        if budget < max(lengths):
+            raise SystemExit(f"--budgets: {budget} < the longest sample ({max(lengths)} tokens)")
+        packed = micro_batches(samples, list(range(len(samples))), budget, "token_group")
+        layouts = {  # name: (micro-batches, positions computed, attention implementation, step)
+            "packed": (packed, real, PACKED_ATTENTION, lambda mbs=packed: step_packed(model, optimizer, mbs, args.device)),
+            "packed_mask": (packed, real, args.attn, lambda mbs=packed: step_packed(model, optimizer, mbs, args.device)),
+        }
+        for name, order in (("padded", None), ("padded_sorted", by_length)):
+            mbs = padded_micro_batches(samples, budget, coef, order)
+            layouts[name] = (mbs, sum(m["computed"] for m in mbs), args.attn,
+                             lambda mbs=mbs: step_padded(model, optimizer, mbs, args.device))
+        for name, (mbs, computed, attn, fn) in layouts.items():
+            model.config._attn_implementation = attn
+            t = measure(name, fn, args.repeats, args.device)
+            r = {"budget": budget, "layout": name, "attention": attn, "micro_batches": len(mbs), "computed_positions": computed,
+                 "padding_frac": 1 - real / computed, "tokens_per_s_wall": real / t["wall_s"],
+                 "tokens_per_s_cpu": real / t["cpu_s"], **t}
+            if cuda:
+                r["tflops"] = flops / t["wall_s"] / 1e12
+                r["mfu"] = r["tflops"] / peak if peak else None
+            results.append(r)
+            print(f"budget {budget} {name}: {real / t['wall_s']:.0f} tokens/s", file=sys.stderr, flush=True)
+
+    report = {
+        "device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "torch": torch.__version__, "dtype": str(dtype), "attn": args.attn,
+        "gradient_checkpointing": args.gradient_checkpointing, "params": n_params,
+        "model": {k: getattr(mcfg, k) for k in ("hidden_size", "num_hidden_layers", "vocab_size")},
+        "samples": len(samples), "real_tokens": real, "loss_tokens": loss_tokens,
+        "response_len": {"min": min(s.loss_len for s in samples), "median": statistics.median(s.loss_len for s in samples),
+                         "max": max(s.loss_len for s in samples)},
+        "repeats": args.repeats, "model_flops_per_step": flops, "peak_tflops": peak, "results": results,
+    }
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(f"\n{report['device']}, {report['threads']} threads, {report['params'] / 1e6:.2f}M params, {dtype}, "
+          f"attention {args.attn}; {len(samples)} responses of {report['response_len']['min']}.."
+          f"{report['response_len']['max']} tokens (median {report['response_len']['median']}) + {args.prompt_len}-token "
+          f"prompts = {real} real tokens; median of {args.repeats} steps")
+    header = (f"{'budget':>6} {'layout':14} {'attention':>12} {'micro':>5} {'padding':>8} {'step s':>7} {'step cpu s':>10} "
+              f"{'tok/s wall':>10} {'tok/s cpu':>9}")
+    print(header + (f" {'TFLOP/s':>8} {'MFU':>6}" if cuda else ""))
+    for r in results:
+        line = (f"{r['budget']:6d} {r['layout']:14} {r['attention']:>12} {r['micro_batches']:5d} {r['padding_frac']:8.1%} {r['wall_s']:7.2f} "
+                f"{r['cpu_s']:10.2f} {r['tokens_per_s_wall']:10.0f} {r['tokens_per_s_cpu']:9.0f}")
+        if cuda:
+            line += f" {r['tflops']:8.1f} " + (f"{r['mfu']:6.1%}" if r["mfu"] is not None else "     -")
+        print(line)
+    print(f"-> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
