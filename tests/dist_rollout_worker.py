@@ -38,6 +38,7 @@ def main() -> None:
     args, _ = parser.parse_known_args()
 
     from cispo.config import AlgoConfig, Config, DataConfig, ModelConfig, RolloutConfig, TrainerConfig
+    from cispo.curriculum import Curriculum
     from cispo.data import PromptStream, encode_prompts
     from cispo.distributed import build_policy, init_distributed
     from cispo.trainer import rl_step
@@ -65,7 +66,8 @@ def main() -> None:
     before = [c.token_ids for c in engine.generate(probes, greedy).completions]
     rows = [{"prompt": f"Tell me about {i}.", "answer": "", "source": "length", "id": i} for i in range(16)]
     with RewardScorer(cfg.reward) as scorer:
-        metrics = rl_step(cfg, 1, PromptStream(rows, 0), tokenizer, engine, scorer, updater)
+        curriculum = Curriculum(cfg.curriculum, PromptStream(rows, 0), cfg.rollout.max_tokens)
+        metrics = rl_step(cfg, 1, curriculum, tokenizer, engine, scorer, updater)
     after = [c.token_ids for c in engine.generate(probes, greedy).completions]
     weights = {name: t.to("cpu", copy=True) for name, t in updater.named_weights()}  # collective under ZeRO-3
     seen = dist.all_gather_object({"rank": dist.rank, "before": before, "after": after,
