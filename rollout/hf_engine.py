@@ -131,5 +131,11 @@ class HFEngine:
                 raise KeyError(f"load_weights: the rollout model has no parameter {name!r}")
             params[name].copy_(tensor)
 
+    def sleep(self) -> None:
+        """Nothing to free: the HF engine has no KV cache between calls."""
+
+    def wake(self) -> None:
+        """Nothing to reallocate (see sleep)."""
+
     def close(self) -> None:
         self.model = None

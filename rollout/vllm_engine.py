@@ -408,6 +408,7 @@ class VLLMEngine:
                 enforce_eager=cfg.enforce_eager,
                 gpu_memory_utilization=cfg.gpu_memory_utilization,
                 tensor_parallel_size=cfg.tensor_parallel_size,
+                enable_sleep_mode=cfg.sleep_level > 0,
             )
             if torch.distributed.is_available() and torch.distributed.is_initialized() \
                     and torch.distributed.get_world_size() > 1:
@@ -602,6 +603,18 @@ class VLLMEngine:
             self._llm.collective_rpc("reload_weights", kwargs={"weights_path": stage})
         finally:
             shutil.rmtree(stage, ignore_errors=True)
+
+    # ------------------------------------------------------------------------------------------------ sleep
+    def sleep(self) -> None:
+        """Free the engine's GPU memory for the update (rollout.sleep_level; a no-op on CPU and at level 0)."""
+        if self.cfg.sleep_level and not self.on_cpu:
+            self._llm.sleep(level=self.cfg.sleep_level)
+
+    def wake(self) -> None:
+        """Reallocate what `sleep` freed. After level 2 the weights are undefined until the next load_weights,
+        which the trainer's sync after every update provides (TRL saw rollouts from dropped weights without it)."""
+        if self.cfg.sleep_level and not self.on_cpu:
+            self._llm.wake_up()
 
     # ------------------------------------------------------------------------------------------------ close
     def close(self) -> None:

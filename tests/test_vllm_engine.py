@@ -263,3 +263,21 @@ def test_fp32_lm_head_engine(model_dir, prompts):
     )
     print(f"bf16 engine + fp32 head vs transformers bf16 + fp32 head: max |logprob diff| {diff:.2e}")
     assert diff < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("level", [1, 2])
+def test_sleep_frees_gpu_memory_and_wake_plus_sync_restores_outputs(model_dir, originals, level):
+    """Colocated mode: sleep releases the engine's GPU memory; after wake (and, for level 2, the weight sync the
+    trainer always does) greedy outputs are unchanged."""
+    cfg = RolloutConfig(max_tokens=16, max_model_len=MAX_MODEL_LEN, gpu_memory_utilization=0.3, sleep_level=level)
+    prompts = [[1, 2, 3, 4], [5, 6, 7]]
+    greedy = SamplingParams(n=1, max_tokens=16, temperature=0.0)
+    with VLLMEngine(str(model_dir), cfg) as engine:
+        before = [c.token_ids for c in engine.generate(prompts, greedy).completions]
+        free_awake = torch.cuda.mem_get_info()[0]
+        engine.sleep()
+        assert torch.cuda.mem_get_info()[0] > free_awake + (64 << 20)  # the KV cache alone is far above 64 MiB
+        engine.wake()
+        engine.load_weights(originals.items())
+        assert [c.token_ids for c in engine.generate(prompts, greedy).completions] == before
