@@ -129,6 +129,18 @@ def policy_loss(
     return LossOut((factor * logp).sum(), ratio, high, low, kept)
 
 
+def logp_grad(logp: Tensor, old_logp: Tensor, adv: Tensor, coef: Tensor, **options) -> Tensor:
+    """d policy_loss / d logp [N], at these logp values; `options` as for `policy_loss`.
+
+    The loss is a sum of per-token terms, so the gradient on a slice of the tokens is this function of that
+    slice alone: `token_logprobs(grad_hint=...)` calls it chunk by chunk to compute the LM head's gradients in
+    its forward pass."""
+    logp = logp.detach().requires_grad_()
+    with torch.enable_grad():
+        loss = policy_loss(logp, old_logp, adv, coef, **options).loss
+        return torch.autograd.grad(loss, logp, materialize_grads=True)[0]
+
+
 def tis_weights(old_logp: Tensor, rollout_logp: Tensor, cap: float) -> Tensor:
     """Truncated IS weight min(pi_old / pi_rollout, cap) per token [N]: the trainer's policy vs the engine's."""
     return torch.exp(old_logp - rollout_logp).clamp(max=cap)

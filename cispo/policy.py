@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from cispo.batch import MicroBatch
 from cispo.config import ModelConfig
-from cispo.logprobs import TokenLogprobs, token_logprobs
+from cispo.logprobs import GradHint, TokenLogprobs, token_logprobs
 from cispo.minimax import packed_forward
 
 
@@ -90,24 +90,31 @@ class PolicyLogprobs(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, position_ids, logit_pos, targets, *, temperature: float, fp32_head: bool):
+    def forward(self, input_ids, position_ids, logit_pos, targets, *, temperature: float, fp32_head: bool,
+                grad_hint: GradHint | None = None):
         hidden = packed_forward(self.model, input_ids, position_ids)[0]  # [S, H], each sample attending to itself
         head = self.model.get_output_embeddings().weight  # [V, H]
-        tl = token_logprobs(hidden[logit_pos], head, targets, temperature=temperature or 1.0, fp32_head=fp32_head)
+        tl = token_logprobs(hidden[logit_pos], head, targets, temperature=temperature or 1.0, fp32_head=fp32_head,
+                            grad_hint=grad_hint)
         return tl.logp, tl.entropy
 
 
-def micro_batch_logprobs(model, mb: MicroBatch, *, temperature: float, fp32_head: bool) -> TokenLogprobs:
+def model_device(model) -> torch.device:
+    # the DeepSpeed engine knows its device (ZeRO-3 parameters may be offloaded to CPU memory)
+    device = getattr(model, "device", None)
+    return device if isinstance(device, torch.device) else next(model.parameters()).device
+
+
+def micro_batch_logprobs(model, mb: MicroBatch, *, temperature: float, fp32_head: bool,
+                         grad_hint: GradHint | None = None) -> TokenLogprobs:
     """log pi and entropy [N] of the loss tokens of a packed micro-batch (gradient flows when enabled).
 
     `model`: a Hugging Face causal LM, or a module taking PolicyLogprobs's inputs (PolicyLogprobs itself, or
-    the DeepSpeed engine wrapping it). The micro-batch's tensors are moved to the model's device."""
+    the DeepSpeed engine wrapping it). The micro-batch's tensors are moved to the model's device. `grad_hint`:
+    see `token_logprobs`; its rows index the micro-batch's loss tokens."""
     if isinstance(model, PreTrainedModel):
         model = PolicyLogprobs(model)
-    # the DeepSpeed engine knows its device (ZeRO-3 parameters may be offloaded to CPU memory)
-    device = getattr(model, "device", None)
-    if not isinstance(device, torch.device):
-        device = next(model.parameters()).device
+    device = model_device(model)
     inputs = [t.to(device) for t in (mb.input_ids, mb.position_ids, mb.logit_pos, mb.targets)]
-    logp, entropy = model(*inputs, temperature=temperature, fp32_head=fp32_head)
+    logp, entropy = model(*inputs, temperature=temperature, fp32_head=fp32_head, grad_hint=grad_hint)
     return TokenLogprobs(logp, entropy)

@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 from cispo.advantages import group_advantages
-from cispo.batch import Sample, micro_batches, split_groups
+from cispo.batch import MicroBatch, Sample, micro_batches, split_groups
 from cispo.checkpoint import (
     Checkpointer, checkpoint_name, checkpoint_step, export_hf, resolve_resume, trim_metrics,
 )
-from cispo.config import Config, ConfigError
+from cispo.config import AlgoConfig, Config, ConfigError
 from cispo.curriculum import Curriculum
 from cispo.data import PromptStream, encode_prompts, load_splits
 from cispo.distributed import (
@@ -38,8 +38,8 @@ from cispo.evaluation import grade, greedy_accuracy, sampled_accuracy
 from cispo.logging import RunLogger
 from cispo.manifest import write_run_manifest
 from cispo.moe import RoutingMeter, RoutingStore, routing
-from cispo.loss import LossOut, loss_metrics, mismatch_metrics, policy_loss, tis_weights
-from cispo.policy import micro_batch_logprobs
+from cispo.loss import LossOut, logp_grad, loss_metrics, mismatch_metrics, policy_loss, tis_weights
+from cispo.policy import micro_batch_logprobs, model_device
 from cispo.warm_start import prepare_model
 from rewards import RewardScorer
 from rollout import build_engine, resolve_engine
@@ -181,6 +181,7 @@ def update_policy(cfg: Config, policy, updater, samples: list[Sample]) -> dict:
     process), with the aggregation coefficients of the whole mini-batch; metrics are over all ranks."""
     algo, budget, dist = cfg.algo, cfg.trainer.max_tokens_per_micro, updater.dist
     head = dict(temperature=cfg.rollout.temperature, fp32_head=cfg.model.fp32_lm_head)
+    device = model_device(policy)
     samples = [s for s in samples if s.loss_len > 0]
     if not samples:
         return {"train/updates": 0}
@@ -205,14 +206,11 @@ def update_policy(cfg: Config, policy, updater, samples: list[Sample]) -> dict:
         for mb in dist.even(rank_micro_batches(samples, mini, share, budget, algo.loss_agg)):
             # backward inside the block: a gradient-checkpointing recompute must see the same routing
             with routing(policy, mb, store, replay=cfg.model.routing_replay) as cap:
-                tl = micro_batch_logprobs(policy, mb, **head)
-                mb = to_device(mb, tl.logp.device)
-                out = policy_loss(
-                    tl.logp, mb.old_logp, mb.adv, mb.coef, loss=algo.loss, is_weight_max=algo.is_weight_max,
-                    is_weight_min=algo.is_weight_min, unified_mask=algo.unified_mask, clip_low=algo.clip_low,
-                    clip_high=algo.clip_high,
-                    tis_weight=tis_weights(mb.old_logp, mb.rollout_logp, algo.tis_cap) if algo.tis_cap else None,
-                )
+                mb = to_device(mb, device)
+                # the LM head computes its gradients in the forward pass from the loss's (3 matmuls, not 4)
+                hint = lambda logp, rows: logp_grad(logp, **loss_inputs(mb, algo, rows))  # noqa: E731
+                tl = micro_batch_logprobs(policy, mb, **head, grad_hint=hint)
+                out = policy_loss(tl.logp, **loss_inputs(mb, algo))
                 loss = out.loss
                 if cfg.model.moe_aux_loss_coef and mb.sample_ids:  # token share of the mini-batch's aux loss
                     aux = cap.aux_loss().to(loss.device)
@@ -236,6 +234,14 @@ def update_policy(cfg: Config, policy, updater, samples: list[Sample]) -> dict:
         "train/updates": len(norms),
         "train/tokens": int(old.numel()),
     }
+
+
+def loss_inputs(mb: MicroBatch, algo: AlgoConfig, rows: slice = slice(None)) -> dict:
+    """`policy_loss`'s arguments besides logp, for the loss tokens `rows` of a micro-batch."""
+    tis = tis_weights(mb.old_logp[rows], mb.rollout_logp[rows], algo.tis_cap) if algo.tis_cap else None
+    return dict(old_logp=mb.old_logp[rows], adv=mb.adv[rows], coef=mb.coef[rows], tis_weight=tis, loss=algo.loss,
+                is_weight_max=algo.is_weight_max, is_weight_min=algo.is_weight_min, unified_mask=algo.unified_mask,
+                clip_low=algo.clip_low, clip_high=algo.clip_high)
 
 
 def evaluate_greedy(engine, prompts, rows, scorer, cfg: Config, dist) -> dict:

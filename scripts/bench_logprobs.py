@@ -3,10 +3,18 @@
     python scripts/bench_logprobs.py                      # CPU grid, 1 thread, table + bench_logprobs.json
     python scripts/bench_logprobs.py --chunk-sizes 64,128,256,512 --shapes 8192x256x32768   # chunk sweep
     python scripts/bench_logprobs.py --device cuda        # GPU shapes (bf16, 80k tokens, Qwen / M1 heads)
+    python scripts/bench_logprobs.py --device cuda --accuracy   # errors against float64 instead of timings
+    python scripts/bench_logprobs.py --device cuda --profile hinted --shapes 81920x3584x152064  # kernel times
 
 One step = logp and entropy for T tokens, then backward of sum(logp * adv) into hidden [T, H] and weight [V, H].
-"naive" is `log_softmax(hidden @ weight.T / temperature).gather(targets)` with the entropy from the same
-log-probabilities (under no_grad, as the metric is detached).
+Methods:
+  naive       `log_softmax(hidden @ weight.T / temperature).gather(targets)`, the entropy from the same
+              log-probabilities (under no_grad, as the metric is detached)
+  chunked     token_logprobs: logits recomputed in backward (4 matmuls)
+  hinted      token_logprobs with grad_hint = adv, what the loss sends back: gradients in forward (3 matmuls)
+  *_fp32_head the same with fp32 logits from bf16 inputs (CUDA only)
+  liger       Liger-Kernel's fused linear cross-entropy, reduction="none" (CUDA, when installed): no entropy,
+              no temperature, no fp32 head; its logp is minus its per-token loss
 
 Time is the median of --repeats steps after a warm-up step and the memory-measured step, as wall time ("ms") and
 as the process's CPU time ("cpu ms", user + sys of all its threads). On CPU the ratio to naive ("time x") uses
@@ -28,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -38,11 +47,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cispo.logprobs import token_logprobs  # noqa: E402
+from cispo.logprobs import default_chunk_size, token_logprobs  # noqa: E402
 
 CPU_SHAPES = "2048x256x8192,2048x256x32768,8192x256x8192,8192x256x32768"  # T x H x V; the goal case last
 CUDA_SHAPES = "8192x3584x152064,81920x3584x152064,8192x6144x200064,81920x6144x200064"
 TEMPERATURE = 0.7  # not 1, so the temperature scaling is part of what is timed
+
+
+METHODS_CPU = ("naive", "chunked", "hinted")
+METHODS_CUDA = ("naive", "chunked", "hinted", "hinted_fp32_head", "liger")
 
 
 def naive(hidden, weight, targets, temperature):
@@ -51,6 +64,20 @@ def naive(hidden, weight, targets, temperature):
     with torch.no_grad():
         entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logp, entropy
+
+
+def run_method(method, hidden, weight, targets, adv, chunk_size):
+    """logp [T] of one method (entropy computed too where the method has it)."""
+    if method == "naive":
+        return naive(hidden, weight, targets, TEMPERATURE)[0]
+    if method == "liger":
+        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+
+        return -LigerFusedLinearCrossEntropyFunction.apply(hidden, weight, targets, None, None, -100, 0.0, 0.0,
+                                                           "none")[0]
+    hint = (lambda logp, rows: adv[rows]) if method.startswith("hinted") else None
+    return token_logprobs(hidden, weight, targets, temperature=TEMPERATURE, fp32_head=method.endswith("fp32_head"),
+                          chunk_size=chunk_size, grad_hint=hint).logp
 
 
 def _proc_status_kib(field: str) -> int:
@@ -72,12 +99,7 @@ def worker(spec: dict) -> dict:
     adv = torch.randn(T, device=device, generator=gen)
 
     def step():
-        if spec["method"] == "naive":
-            logp, _ = naive(hidden, weight, targets, TEMPERATURE)
-        else:
-            out = token_logprobs(hidden, weight, targets, temperature=TEMPERATURE,
-                                 fp32_head=spec["method"] == "chunked_fp32_head", chunk_size=spec["chunk_size"])
-            logp = out.logp
+        logp = run_method(spec["method"], hidden, weight, targets, adv, spec["chunk_size"])
         (logp * adv).sum().backward()
         hidden.grad = weight.grad = None  # each step allocates its gradients again, as a training step does
 
@@ -123,53 +145,166 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+ACCURACY_SHAPE = "8192x1024x32768"
+
+
+def accuracy(device: str, out: str, shape: str) -> None:
+    """Relative L2 error against float64 of logp, entropy and both gradients, bf16 inputs.
+
+    "random": random hidden states and targets, adv ~ N(0, 1). "repeated": one hidden state and target repeated
+    T times with adv 0.3, every chunk adding the same partial to the same rows of d weight, the worst case for a
+    weight gradient summed in bf16 over chunks. Chunks of 512 (16 of them at T=8192) and the default."""
+    T, H, V = (int(x) for x in shape.split("x"))
+    gen = torch.Generator(device=device).manual_seed(0)
+    base = dict(hidden=torch.randn(T, H, device=device, generator=gen).bfloat16(),
+                weight=(torch.randn(V, H, device=device, generator=gen) * 3 * H**-0.5).bfloat16(),
+                targets=torch.randint(0, V, (T,), device=device, generator=gen),
+                adv=torch.randn(T, device=device, generator=gen))
+    repeated = dict(hidden=base["hidden"][:1].expand(T, -1).contiguous(), weight=base["weight"],
+                    targets=base["targets"][:1].expand(T).contiguous(), adv=torch.full((T,), 0.3, device=device))
+    # liger is left out: it has no temperature, so it computes another function
+    methods = [m for m in (METHODS_CUDA if device == "cuda" else METHODS_CPU) if m != "liger"]
+    print(f"# errors against float64, T={T} H={H} V={V}, bf16 inputs, temperature {TEMPERATURE}")
+    print(f"{'case':>9} {'method':>18} {'chunk':>6} {'logp':>9} {'entropy':>9} {'d hidden':>9} {'d weight':>9}")
+    rows = []
+    for case, x in (("random", base), ("repeated", repeated)):
+        h64 = x["hidden"].double().requires_grad_()
+        w64 = x["weight"].double().requires_grad_()
+        logp_all = torch.log_softmax(h64 @ w64.T / TEMPERATURE, -1)
+        ref_logp = logp_all.gather(1, x["targets"][:, None]).squeeze(1)
+        ref_entropy = -(logp_all.exp() * logp_all).sum(-1).detach()
+        (ref_logp * x["adv"].double()).sum().backward()
+        ref = (ref_logp.detach(), ref_entropy, h64.grad, w64.grad)
+        del logp_all, h64, w64
+        for method in methods:
+            for chunk in ((None,) if method == "naive" else (512, None)):
+                hidden = x["hidden"].clone().requires_grad_()
+                weight = x["weight"].clone().requires_grad_()
+                if method == "naive":
+                    logp, entropy = naive(hidden, weight, x["targets"], TEMPERATURE)
+                else:
+                    hint = (lambda logp, rows, a=x["adv"]: a[rows]) if method.startswith("hinted") else None
+                    res = token_logprobs(hidden, weight, x["targets"], temperature=TEMPERATURE, chunk_size=chunk,
+                                         fp32_head=method.endswith("fp32_head"), grad_hint=hint)
+                    logp, entropy = res.logp, res.entropy
+                (logp * x["adv"]).sum().backward()
+                got = (logp.detach(), entropy, hidden.grad, weight.grad)
+                err = [((g.double() - r).norm() / r.norm()).item() for g, r in zip(got, ref)]
+                shown = chunk or (None if method == "naive" else default_chunk_size(
+                    V, torch.bfloat16, method.endswith("fp32_head"), torch.device(device)))
+                rows.append(dict(case=case, method=method, chunk_size=shown, logp=err[0], entropy=err[1],
+                                 d_hidden=err[2], d_weight=err[3]))
+                print(f"{case:>9} {method:>18} {_fmt(shown, ''):>6} " + " ".join(f"{_fmt(e, '.2e'):>9}" for e in err),
+                      flush=True)
+    Path(out).write_text(json.dumps({"device": _device_name(device, 1), "torch": torch.__version__, "rows": rows},
+                                    indent=1))
+    print(f"wrote {out}")
+
+
+def profile(method: str, device: str, shape: str) -> None:
+    """Kernel times of one step (after a warm-up step), the largest first."""
+    T, H, V = (int(x) for x in shape.split("x"))
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    hidden = torch.randn(T, H, device=device, dtype=dtype).requires_grad_()
+    weight = (torch.randn(V, H, device=device, dtype=dtype) * H**-0.5).requires_grad_()
+    targets = torch.randint(0, V, (T,), device=device)
+    adv = torch.randn(T, device=device)
+
+    def step():
+        (run_method(method, hidden, weight, targets, adv, None) * adv).sum().backward()
+        hidden.grad = weight.grad = None
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    step()
+    activity = torch.profiler.ProfilerActivity.CUDA if device == "cuda" else torch.profiler.ProfilerActivity.CPU
+    with torch.profiler.profile(activities=[activity]) as prof:
+        step()
+    key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+    print(f"# {method} at T={T} H={H} V={V}, {_device_name(device, torch.get_num_threads())}")
+    print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=60))
+
+
+def _available(method: str) -> bool:
+    return method != "liger" or importlib.util.find_spec("liger_kernel") is not None
+
+
+def _device_name(device: str, threads: int) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else f"CPU, {threads} thread(s)"
+
+
 def main() -> None:
-    default_chunk = token_logprobs.__kwdefaults__["chunk_size"]
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--shapes", help="comma-separated TxHxV (default: a CPU grid, or the GPU shapes on CUDA)")
     ap.add_argument("--dtype", help="float32 | bfloat16 (default: float32 on CPU, bfloat16 on CUDA)")
-    ap.add_argument("--chunk-sizes", help=f"comma-separated chunk sizes (default: {default_chunk} on CPU, 4096 on GPU)")
+    ap.add_argument("--methods", help=f"comma-separated (default: {','.join(METHODS_CPU)} on CPU, "
+                                      f"{','.join(METHODS_CUDA)} on CUDA)")
+    ap.add_argument("--chunk-sizes", default="auto",
+                    help="comma-separated chunk sizes for token_logprobs; auto = its default for the device")
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for every method")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--accuracy", action="store_true", help="errors against float64 instead of timings")
+    ap.add_argument("--profile", metavar="METHOD", help="one step of METHOD on the first shape under torch.profiler")
     ap.add_argument("--out", default="bench_logprobs.json")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
+    if args.accuracy:
+        return accuracy(args.device, args.out, args.shapes or ACCURACY_SHAPE)
+    if args.profile:
+        return profile(args.profile, args.device, (args.shapes or CUDA_SHAPES).split(",")[0])
 
     cuda = args.device == "cuda"
     dtype = args.dtype or ("bfloat16" if cuda else "float32")
-    chunks = [int(c) for c in (args.chunk_sizes or str(4096 if cuda else default_chunk)).split(",")]
-    methods = [("naive", None)] + [("chunked", c) for c in chunks]
-    if cuda:
-        methods.append(("chunked_fp32_head", chunks[0]))
-    device_name = torch.cuda.get_device_name() if cuda else f"CPU, {args.threads} thread(s)"
+    chunks = [None if c == "auto" else int(c) for c in args.chunk_sizes.split(",")]
+    methods = args.methods.split(",") if args.methods else (METHODS_CUDA if cuda else METHODS_CPU)
+    device_name = _device_name(args.device, args.threads)
     print(f"# {device_name}, {dtype}, temperature {TEMPERATURE}, median of {args.repeats}, torch {torch.__version__}")
     print(f"{'T':>6} {'H':>5} {'V':>7} {'method':>18} {'chunk':>6} {'ms':>9} {'cpu ms':>9} {'extra MiB':>10} "
-          f"{'time x':>7} {'mem x':>7}")
+          f"{'time x':>7} {'mem x':>7} {'TFLOP/s':>8}")
     time_key = "ms" if cuda else "cpu_ms"
     rows = []
     for shape in (args.shapes or (CUDA_SHAPES if cuda else CPU_SHAPES)).split(","):
         T, H, V = (int(x) for x in shape.split("x"))
         ref = None
-        for method, chunk in methods:
-            spec = dict(device=args.device, dtype=dtype, T=T, H=H, V=V, method=method, chunk_size=chunk,
-                        threads=args.threads, repeats=args.repeats)
-            res = run_in_subprocess(spec)
-            row = {**spec, **res}
-            ref = row if method == "naive" else ref
-            ok = ref is not None and ref["ms"] is not None and res["ms"] is not None
-            row["time_vs_naive"] = res[time_key] / ref[time_key] if ok else None
-            row["mem_vs_naive"] = res["extra_mib"] / ref["extra_mib"] if ok else None
-            rows.append(row)
-            print(f"{T:>6} {H:>5} {V:>7} {method:>18} {_fmt(chunk, ''):>6} {_fmt(res['ms'], '.1f'):>9} "
-                  f"{_fmt(res['cpu_ms'], '.1f'):>9} {_fmt(res['extra_mib'], '.1f'):>10} "
-                  f"{_fmt(row['time_vs_naive'], '.2f'):>7} {_fmt(row['mem_vs_naive'], '.3f'):>7} {res['note']}",
-                  flush=True)
+        for method in methods:
+            for chunk in ((None,) if method in ("naive", "liger") else chunks):
+                fp32_head = method.endswith("fp32_head")
+                shown = None if method in ("naive", "liger") else (
+                    chunk or default_chunk_size(V, getattr(torch, dtype), fp32_head, torch.device(args.device)))
+                spec = dict(device=args.device, dtype=dtype, T=T, H=H, V=V, method=method, chunk_size=shown,
+                            threads=args.threads, repeats=args.repeats)
+                res = _skip_reason(spec) or run_in_subprocess(spec)
+                row = {**spec, **res}
+                ref = row if method == "naive" else ref
+                ok = ref is not None and ref["ms"] is not None and res["ms"] is not None
+                row["time_vs_naive"] = res[time_key] / ref[time_key] if ok else None
+                row["mem_vs_naive"] = res["extra_mib"] / ref["extra_mib"] if ok else None
+                # the useful work: the three matmuls of logits, d hidden and d weight (2 T H V flops each)
+                row["tflops"] = 6 * T * H * V / res["ms"] / 1e9 if res["ms"] else None
+                rows.append(row)
+                print(f"{T:>6} {H:>5} {V:>7} {method:>18} {_fmt(shown, ''):>6} {_fmt(res['ms'], '.1f'):>9} "
+                      f"{_fmt(res['cpu_ms'], '.1f'):>9} {_fmt(res['extra_mib'], '.1f'):>10} "
+                      f"{_fmt(row['time_vs_naive'], '.2f'):>7} {_fmt(row['mem_vs_naive'], '.3f'):>7} "
+                      f"{_fmt(row['tflops'], '.3g'):>8} {res['note']}", flush=True)
     Path(args.out).write_text(json.dumps({"device": device_name, "torch": torch.__version__, "rows": rows}, indent=1))
     print(f"wrote {args.out}")
+
+
+def _skip_reason(spec: dict) -> dict | None:
+    """A result row for a run not worth starting: liger not installed, naive logits beyond the GPU's memory."""
+    skip = None
+    if not _available(spec["method"]):
+        skip = "skipped: liger_kernel not installed"
+    elif spec["method"] == "naive" and spec["device"] == "cuda":
+        # bf16 logits, their fp32 copy, log_softmax, its gradient and the logits' gradient: ~14 bytes a logit
+        need = 14 * spec["T"] * spec["V"]
+        if need > torch.cuda.mem_get_info()[0]:
+            skip = f"skipped: needs ~{need / 2**30:.0f} GiB"
+    return skip and {"ms": None, "cpu_ms": None, "extra_mib": None, "note": skip}
 
 
 if __name__ == "__main__":

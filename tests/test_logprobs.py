@@ -5,7 +5,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from cispo.logprobs import token_logprobs
+from cispo.logprobs import CPU_CHUNK, default_chunk_size, token_logprobs
+from cispo.loss import logp_grad, policy_loss
 
 aten = torch.ops.aten
 
@@ -166,6 +167,89 @@ def test_memory_and_matmuls_per_chunk(hidden_grad, weight_grad):
     assert probe.max_numel >= T * V
 
 
+def chunks(T, chunk):
+    return -(-T // chunk)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_right_grad_hint_computes_the_gradients_in_forward(dtype, tol):
+    """The loss sum(c * exp(logp)) hinted from each chunk's logp: the gradients are the float64 ones and
+    forward + backward is 3 matmuls per chunk (the logits, both gradients), none in backward."""
+    T, chunk = 37, 8
+    hidden, weight, targets, c = make_inputs(T, dtype=dtype)
+    ref_logp = reference(hidden, weight, targets, torch.zeros(T))[0]
+    ref = reference(hidden, weight, targets, c * ref_logp.exp().float())  # d loss / d logp = c * p
+    calls = []
+
+    def hint(logp, rows):
+        calls.append(rows)
+        return c[rows] * logp.exp()
+
+    with _Probe() as probe:
+        out = token_logprobs(hidden, weight, targets, chunk_size=chunk, grad_hint=hint)
+        forward_matmuls = probe.matmuls
+        (c * out.logp.exp()).sum().backward()
+    assert calls == [slice(s, s + chunk) for s in range(0, T, chunk)]
+    assert forward_matmuls == probe.matmuls == 3 * chunks(T, chunk)
+    for name, g, r in zip(["logp", "entropy", "d hidden", "d weight"],
+                          (out.logp.detach(), out.entropy, hidden.grad, weight.grad), ref):
+        assert rel_err(g, r) < tol, name
+
+
+def test_scaled_grad_hint_scales_the_saved_gradients():
+    """A loss scale (x world size, / accumulation steps) between the hint and the backward costs no matmul."""
+    hidden, weight, targets, grad_logp = make_inputs(37)
+    ref = reference(hidden, weight, targets, grad_logp, temperature=0.7)
+    with _Probe() as probe:
+        got = run(hidden, weight, targets, grad_logp, temperature=0.7, chunk_size=8,
+                  grad_hint=lambda logp, rows: grad_logp[rows] / 2.5)
+    assert probe.matmuls == 3 * chunks(37, 8)
+    for g, r in zip(got, ref):
+        assert rel_err(g, r) < 1e-5
+
+
+@pytest.mark.parametrize("hidden_grad, weight_grad", [(True, True), (True, False), (False, True)])
+def test_wrong_grad_hint_still_gives_the_exact_gradients(hidden_grad, weight_grad):
+    """A hint that is not what the loss sends back: the remainder goes through the recomputing backward."""
+    hidden, weight, targets, grad_logp = make_inputs(37)
+    hidden.requires_grad_(hidden_grad)
+    weight.requires_grad_(weight_grad)
+    ref = reference(hidden, weight, targets, grad_logp, temperature=0.7)
+    wrong = torch.randn(37, generator=torch.Generator().manual_seed(1))
+    with _Probe() as probe:
+        got = run(hidden, weight, targets, grad_logp, temperature=0.7, chunk_size=8,
+                  grad_hint=lambda logp, rows: wrong[rows])
+    n = chunks(37, 8)
+    assert probe.matmuls == (1 + hidden_grad + weight_grad) * n + (1 + hidden_grad + weight_grad) * n
+    assert rel_err(got[0], ref[0]) < 1e-5
+    if hidden_grad:
+        assert rel_err(got[2], ref[2]) < 1e-5
+    if weight_grad:
+        assert rel_err(got[3], ref[3]) < 1e-5
+
+
+def test_grad_hint_is_not_called_without_gradients():
+    hidden, weight, targets, _ = make_inputs(9)
+
+    def hint(logp, rows):
+        raise AssertionError("hint called in a pass without gradients")
+
+    with torch.no_grad():
+        token_logprobs(hidden, weight, targets, chunk_size=4, grad_hint=hint)
+    token_logprobs(hidden.detach(), weight.detach(), targets, chunk_size=4, grad_hint=hint)
+
+
+def test_default_chunk_size():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert default_chunk_size(152064, torch.bfloat16, False, cpu) == CPU_CHUNK
+    # Qwen's head in bf16: 320 MiB of bf16 logits is 1103 rows; fp32 logits plus a bf16 gradient, 367 rows
+    assert default_chunk_size(152064, torch.bfloat16, False, cuda) == 1024
+    assert default_chunk_size(152064, torch.bfloat16, True, cuda) == 256
+    assert default_chunk_size(152064, torch.float32, True, cuda) == 512
+    assert default_chunk_size(512, torch.bfloat16, False, cuda) == 8192  # capped
+    assert default_chunk_size(10**7, torch.float32, False, cuda) == 128  # floored
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -196,3 +280,33 @@ def test_cuda_bf16_matches_float64(fp32_head):
     tol = 1e-5 if fp32_head else 2e-2
     assert rel_err(got[0], ref[0]) < tol and rel_err(got[1], ref[1]) < tol
     assert rel_err(got[2], ref[2]) < 1e-2 and rel_err(got[3], ref[3]) < 1e-2
+
+
+@pytest.mark.parametrize("loss, options", [
+    ("cispo", dict(is_weight_max=1.2, is_weight_min=0.9)),
+    ("cispo", dict(is_weight_max=1.2, unified_mask=True, clip_low=0.1, clip_high=0.1)),
+    ("dapo", dict(clip_low=0.2, clip_high=0.28)),
+    ("grpo", dict(clip_low=0.05, clip_high=0.05)),
+    ("reinforce", {}),
+])
+def test_policy_loss_hint_is_exact_and_skips_the_recompute(loss, options):
+    """The trainer's hint: cispo.loss.logp_grad of each chunk's tokens. The backward of the micro-batch's
+    policy loss (times a loss scale) then runs no matmul, and the gradients are the recomputing path's."""
+    T, chunk = 37, 8
+    hidden, weight, targets, adv = make_inputs(T)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # pi_old near the current policy, so that some ratios clip and some do not
+        old = token_logprobs(hidden, weight, targets).logp + 0.2 * torch.randn(T, generator=gen)
+    coef, tis = torch.rand(T, generator=gen), torch.rand(T, generator=gen) + 0.5
+    inputs = lambda rows: dict(old_logp=old[rows], adv=adv[rows], coef=coef[rows], tis_weight=tis[rows],  # noqa: E731
+                               loss=loss, **options)
+    grads = []
+    for hint in (None, lambda logp, rows: logp_grad(logp, **inputs(rows))):
+        hidden.grad = weight.grad = None
+        out = token_logprobs(hidden, weight, targets, chunk_size=chunk, grad_hint=hint)
+        with _Probe() as probe:
+            (3.0 * policy_loss(out.logp, **inputs(slice(None))).loss).backward()
+        grads.append((hidden.grad, weight.grad, probe.matmuls))
+    (dh, dw, recompute), (dh_hint, dw_hint, hinted) = grads
+    assert recompute == 3 * chunks(T, chunk) and hinted == 0
+    assert rel_err(dh_hint, dh) < 1e-5 and rel_err(dw_hint, dw) < 1e-5
