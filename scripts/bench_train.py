@@ -50,7 +50,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cispo.batch import MicroBatch, Sample, micro_batches  # noqa: E402
 from cispo.logprobs import token_logprobs  # noqa: E402
-from cispo.loss import policy_loss, sequence_coefficients  # noqa: E402
+from cispo.loss import logp_grad, policy_loss, sequence_coefficients  # noqa: E402
 from cispo.policy import PACKED_ATTENTION, _register_packed_attention, micro_batch_logprobs  # noqa: E402
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
@@ -130,9 +130,11 @@ def padded_micro_batches(samples: list[Sample], budget: int, coef: torch.Tensor,
 
 def step_packed(model, optimizer, mbs: list[MicroBatch], device: str) -> None:
     for mb in mbs:
-        tl = micro_batch_logprobs(model, mb, temperature=1.0, fp32_head=True)
-        d = lambda t: t.to(device)  # noqa: E731
-        policy_loss(tl.logp, d(mb.old_logp), d(mb.adv), d(mb.coef)).loss.backward()
+        old, adv, coef = (t.to(device) for t in (mb.old_logp, mb.adv, mb.coef))
+        # the head's gradients in its forward pass, as the trainer does
+        hint = lambda logp, rows: logp_grad(logp, old[rows], adv[rows], coef[rows])  # noqa: E731
+        tl = micro_batch_logprobs(model, mb, temperature=1.0, fp32_head=True, grad_hint=hint)
+        policy_loss(tl.logp, old, adv, coef).loss.backward()
     _optimizer_step(model, optimizer)
 
 
@@ -142,7 +144,8 @@ def step_padded(model, optimizer, mbs: list[dict], device: str) -> None:
         d = {k: v.to(device) if torch.is_tensor(v) else v for k, v in mb.items()}
         hidden = model.base_model(input_ids=d["input_ids"], attention_mask=d["attention_mask"], use_cache=False)
         hidden = hidden.last_hidden_state[d["rows"], d["cols"]]
-        tl = token_logprobs(hidden, head, d["targets"], temperature=1.0, fp32_head=True)
+        hint = lambda logp, rows, d=d: logp_grad(logp, d["old_logp"][rows], d["adv"][rows], d["coef"][rows])  # noqa: E731
+        tl = token_logprobs(hidden, head, d["targets"], temperature=1.0, fp32_head=True, grad_hint=hint)
         policy_loss(tl.logp, d["old_logp"], d["adv"], d["coef"]).loss.backward()
     _optimizer_step(model, optimizer)
 

