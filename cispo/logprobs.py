@@ -36,7 +36,7 @@ from torch.autograd.function import once_differentiable
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CPU_CHUNK = 128  # scripts/bench_logprobs.py on CPU: fastest at V = 8k-32k, within 10% of the best at 512 and 150k
 CUDA_WORKSPACE_BYTES = 320 * 2**20  # logits buffers of one chunk on CUDA; sets the default chunk there
-GradHint = Callable[[Tensor, slice], Tensor]
+GradHint = Callable[[Tensor, slice | Tensor], Tensor]
 
 
 @dataclass
@@ -62,6 +62,7 @@ def token_logprobs(
     fp32_head: bool = False,
     chunk_size: int | None = None,
     grad_hint: GradHint | None = None,
+    mask: Tensor | None = None,
 ) -> TokenLogprobs:
     """Log-probability of each target token and the entropy of each position's next-token distribution.
 
@@ -79,13 +80,17 @@ def token_logprobs(
         chunk_size: tokens per chunk. Default: 128 on CPU; on CUDA as many as fit CUDA_WORKSPACE_BYTES of
             logits buffers (1024 at Qwen's 152k vocabulary in bf16): each chunk re-reads the weight and adds a
             [V, H] partial into its gradient, so small chunks leave the matmuls memory-bound.
-        grad_hint: optional `hint(logp [C] float32, rows: slice) -> [C]`, the gradient the caller's loss will
-            send back to `logp[rows]`, given those tokens' logp (e.g. autograd of a per-token policy loss on
-            the slice). The weight and hidden gradients are then computed in the forward pass. In backward the
-            gradient that arrives, g, is compared with the hinted one, h: if g = s * h for a scalar s (a loss
-            scale, gradient accumulation), the saved gradients are scaled by s; otherwise the remainder
-            g - s * h goes through the recomputing backward, so the result is exact either way (differences
-            under 1e-6 of max|g| count as none). Ignored when no gradient is required.
+        grad_hint: optional `hint(logp [C] float32, rows) -> [C]`, the gradient the caller's loss will send back
+            to `logp[rows]`, given those tokens' logp (e.g. autograd of a per-token policy loss on the slice);
+            `rows` is a slice, or with `mask` the positions [C] int64. The weight and hidden gradients are then
+            computed in the forward pass. In backward the gradient that arrives, g, is compared with the hinted
+            one, h: if g = s * h for a scalar s (a loss scale, gradient accumulation), the saved gradients are
+            scaled by s; otherwise the remainder g - s * h goes through the recomputing backward, so the result
+            is exact either way (a remainder under 1e-6 of |g| counts as none). Ignored when no gradient is
+            required.
+        mask: optional [T] bool; tokens where it is False are not computed at all (their logp and entropy are
+            0, they pass no gradient). The same as selecting the kept rows first, which is what the trainer does
+            when it packs a micro-batch's loss tokens.
 
     Returns:
         TokenLogprobs with logp [T] and entropy [T], float32.
@@ -101,6 +106,15 @@ def token_logprobs(
         chunk_size = default_chunk_size(weight.shape[0], hidden.dtype, fp32_head, hidden.device)
     if not temperature > 0 or chunk_size < 1:
         raise ValueError(f"need temperature > 0 and chunk_size >= 1, got {temperature} and {chunk_size}")
+    if mask is not None:
+        if mask.shape != targets.shape or mask.dtype != torch.bool:
+            raise ValueError(f"expected mask [T={hidden.shape[0]}] bool, got {tuple(mask.shape)} {mask.dtype}")
+        kept = mask.nonzero().squeeze(1)
+        hint = grad_hint and (lambda logp, rows: grad_hint(logp, kept[rows]))
+        inner = token_logprobs(hidden[kept], weight, targets[kept], temperature=temperature, fp32_head=fp32_head,
+                               chunk_size=chunk_size, grad_hint=hint)
+        zeros = inner.logp.new_zeros(mask.shape)
+        return TokenLogprobs(zeros.index_put((kept,), inner.logp), zeros.index_put((kept,), inner.entropy))
     if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
         grad_hint = None
     logp, entropy = _ChunkedLogprobs.apply(hidden, weight, targets, float(temperature), fp32_head, chunk_size,

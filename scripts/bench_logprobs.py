@@ -13,6 +13,7 @@ Methods:
   chunked     token_logprobs: logits recomputed in backward (4 matmuls)
   hinted      token_logprobs with grad_hint = adv, what the loss sends back: gradients in forward (3 matmuls)
   *_fp32_head the same with fp32 logits from bf16 inputs (CUDA only)
+  *_torch     the same with the torch twins of the Triton kernels on CUDA (what the kernels buy)
   liger       Liger-Kernel's fused linear cross-entropy, reduction="none" (CUDA, when installed): no entropy,
               no temperature, no fp32 head; its logp is minus its per-token loss
 
@@ -76,7 +77,7 @@ def run_method(method, hidden, weight, targets, adv, chunk_size):
         return -LigerFusedLinearCrossEntropyFunction.apply(hidden, weight, targets, None, None, -100, 0.0, 0.0,
                                                            "none")[0]
     hint = (lambda logp, rows: adv[rows]) if method.startswith("hinted") else None
-    return token_logprobs(hidden, weight, targets, temperature=TEMPERATURE, fp32_head=method.endswith("fp32_head"),
+    return token_logprobs(hidden, weight, targets, temperature=TEMPERATURE, fp32_head="fp32_head" in method,
                           chunk_size=chunk_size, grad_hint=hint).logp
 
 
@@ -89,6 +90,10 @@ def _proc_status_kib(field: str) -> int:
 
 def worker(spec: dict) -> dict:
     """Runs in a fresh process: one method on one shape; returns ms and peak extra MiB."""
+    if spec["method"].endswith("_torch"):
+        import cispo.logprobs as lp
+
+        lp._kernels = lambda device: (lp.softmax_stats_torch, lp.logit_grad_torch)
     torch.set_num_threads(spec["threads"])
     device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
     T, H, V = spec["T"], spec["H"], spec["V"]
@@ -185,13 +190,13 @@ def accuracy(device: str, out: str, shape: str) -> None:
                 else:
                     hint = (lambda logp, rows, a=x["adv"]: a[rows]) if method.startswith("hinted") else None
                     res = token_logprobs(hidden, weight, x["targets"], temperature=TEMPERATURE, chunk_size=chunk,
-                                         fp32_head=method.endswith("fp32_head"), grad_hint=hint)
+                                         fp32_head="fp32_head" in method, grad_hint=hint)
                     logp, entropy = res.logp, res.entropy
                 (logp * x["adv"]).sum().backward()
                 got = (logp.detach(), entropy, hidden.grad, weight.grad)
                 err = [((g.double() - r).norm() / r.norm()).item() for g, r in zip(got, ref)]
                 shown = chunk or (None if method == "naive" else default_chunk_size(
-                    V, torch.bfloat16, method.endswith("fp32_head"), torch.device(device)))
+                    V, torch.bfloat16, "fp32_head" in method, torch.device(device)))
                 rows.append(dict(case=case, method=method, chunk_size=shown, logp=err[0], entropy=err[1],
                                  d_hidden=err[2], d_weight=err[3]))
                 print(f"{case:>9} {method:>18} {_fmt(shown, ''):>6} " + " ".join(f"{_fmt(e, '.2e'):>9}" for e in err),
@@ -272,7 +277,7 @@ def main() -> None:
         ref = None
         for method in methods:
             for chunk in ((None,) if method in ("naive", "liger") else chunks):
-                fp32_head = method.endswith("fp32_head")
+                fp32_head = "fp32_head" in method
                 shown = None if method in ("naive", "liger") else (
                     chunk or default_chunk_size(V, getattr(torch, dtype), fp32_head, torch.device(args.device)))
                 spec = dict(device=args.device, dtype=dtype, T=T, H=H, V=V, method=method, chunk_size=shown,

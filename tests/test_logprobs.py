@@ -228,6 +228,34 @@ def test_wrong_grad_hint_still_gives_the_exact_gradients(hidden_grad, weight_gra
         assert rel_err(got[3], ref[3]) < 1e-5
 
 
+@pytest.mark.parametrize("hinted", [False, True])
+def test_mask_is_selecting_the_kept_rows(hinted):
+    """Masked tokens: logp and entropy 0, no gradient, not computed; the rest as if selected first. A hint
+    sees the kept tokens' positions."""
+    T, chunk = 37, 8
+    hidden, weight, targets, grad_logp = make_inputs(T)
+    mask = torch.rand(T, generator=torch.Generator().manual_seed(3)) < 0.6
+    kept = mask.nonzero().squeeze(1)
+    h, w = hidden.detach()[kept].requires_grad_(), weight.detach().clone().requires_grad_()
+    ref = reference(h, w, targets[kept], grad_logp[kept], temperature=0.7)
+    seen = []
+
+    def hint(logp, rows):
+        seen.append(rows)
+        return grad_logp[rows]
+
+    with _Probe() as probe:
+        logp, entropy, d_hidden, d_weight = run(hidden, weight, targets, grad_logp, temperature=0.7, chunk_size=chunk,
+                                                mask=mask, grad_hint=hint if hinted else None)
+    assert chunks(len(kept), chunk) < chunks(T, chunk)  # masked rows never reach a matmul:
+    assert probe.matmuls == (3 if hinted else 4) * chunks(len(kept), chunk)
+    assert (logp[~mask] == 0).all() and (entropy[~mask] == 0).all() and (d_hidden[~mask] == 0).all()
+    for g, r in zip((logp[mask], entropy[mask], d_hidden[mask], d_weight), ref):
+        assert rel_err(g, r) < 1e-5
+    if hinted:
+        assert torch.equal(torch.cat(seen), kept)
+
+
 def test_grad_hint_is_not_called_without_gradients():
     hidden, weight, targets, _ = make_inputs(9)
 
@@ -260,12 +288,14 @@ def test_default_chunk_size():
         (dict(hidden=torch.zeros(4, 8).double(), weight=torch.zeros(10, 8).double()), "share one of"),
         (dict(temperature=0.0), "temperature"),
         (dict(chunk_size=0), "chunk_size"),
+        (dict(mask=torch.ones(4, dtype=torch.int64)), "mask"),
+        (dict(mask=torch.ones(5, dtype=torch.bool)), "mask"),
     ],
 )
 def test_rejects_bad_arguments(kwargs, match):
     args = dict(hidden=torch.zeros(4, 8), weight=torch.zeros(10, 8), targets=torch.zeros(4, dtype=torch.int64))
     args.update(kwargs)
-    options = {k: args.pop(k) for k in ("temperature", "chunk_size") if k in args}
+    options = {k: args.pop(k) for k in ("temperature", "chunk_size", "mask") if k in args}
     with pytest.raises(ValueError, match=match):
         token_logprobs(args["hidden"], args["weight"], args["targets"], **options)
 
