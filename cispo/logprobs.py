@@ -136,7 +136,7 @@ def default_chunk_size(vocab: int, dtype: torch.dtype, fp32_head: bool, device: 
 def softmax_stats_torch(z: Tensor, targets: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
     """z [C, V] raw logits, targets [C] int64 -> (lse, logp, entropy) [C] float32 of softmax(z / temperature).
     Leaves z untouched."""
-    z = z.float() / temperature  # a copy: z itself is left untouched
+    z = z.float() / temperature  # a copy
     zmax = z.amax(1, keepdim=True)
     target_logit = z.gather(1, targets[:, None]).squeeze(1)
     ez = torch.exp(z.sub_(zmax))
