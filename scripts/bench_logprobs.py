@@ -68,17 +68,27 @@ def naive(hidden, weight, targets, temperature):
 
 
 def run_method(method, hidden, weight, targets, adv, chunk_size):
-    """logp [T] of one method (entropy computed too where the method has it)."""
+    """(logp [T], entropy [T] or None where the method has none) of one method."""
     if method == "naive":
-        return naive(hidden, weight, targets, TEMPERATURE)[0]
+        return naive(hidden, weight, targets, TEMPERATURE)
     if method == "liger":
         from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
 
-        return -LigerFusedLinearCrossEntropyFunction.apply(hidden, weight, targets, None, None, -100, 0.0, 0.0,
-                                                           "none")[0]
+        loss = LigerFusedLinearCrossEntropyFunction.apply(hidden, weight, targets, None, None, -100, 0.0, 0.0, "none")
+        return -loss[0], None
     hint = (lambda logp, rows: adv[rows]) if method.startswith("hinted") else None
-    return token_logprobs(hidden, weight, targets, temperature=TEMPERATURE, fp32_head="fp32_head" in method,
-                          chunk_size=chunk_size, grad_hint=hint).logp
+    out = token_logprobs(hidden, weight, targets, temperature=TEMPERATURE, fp32_head="fp32_head" in method,
+                         chunk_size=chunk_size, grad_hint=hint)
+    return out.logp, out.entropy
+
+
+def make_inputs(T, H, V, device, dtype):
+    """Seeded hidden [T, H] and weight [V, H] (requiring grad), targets [T], adv [T]."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(T, H, device=device, dtype=dtype, generator=gen).requires_grad_()
+    weight = (torch.randn(V, H, device=device, dtype=dtype, generator=gen) * H**-0.5).requires_grad_()
+    targets = torch.randint(0, V, (T,), device=device, generator=gen)
+    return hidden, weight, targets, torch.randn(T, device=device, generator=gen)
 
 
 def _proc_status_kib(field: str) -> int:
@@ -96,15 +106,10 @@ def worker(spec: dict) -> dict:
         lp._kernels = lambda device: (lp.softmax_stats_torch, lp.logit_grad_torch)
     torch.set_num_threads(spec["threads"])
     device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
-    T, H, V = spec["T"], spec["H"], spec["V"]
-    gen = torch.Generator(device=device).manual_seed(0)
-    hidden = torch.randn(T, H, device=device, dtype=dtype, generator=gen).requires_grad_()
-    weight = (torch.randn(V, H, device=device, dtype=dtype, generator=gen) * H**-0.5).requires_grad_()
-    targets = torch.randint(0, V, (T,), device=device, generator=gen)
-    adv = torch.randn(T, device=device, generator=gen)
+    hidden, weight, targets, adv = make_inputs(spec["T"], spec["H"], spec["V"], device, dtype)
 
     def step():
-        logp = run_method(spec["method"], hidden, weight, targets, adv, spec["chunk_size"])
+        logp = run_method(spec["method"], hidden, weight, targets, adv, spec["chunk_size"])[0]
         (logp * adv).sum().backward()
         hidden.grad = weight.grad = None  # each step allocates its gradients again, as a training step does
 
@@ -185,13 +190,7 @@ def accuracy(device: str, out: str, shape: str) -> None:
             for chunk in ((None,) if method == "naive" else (512, None)):
                 hidden = x["hidden"].clone().requires_grad_()
                 weight = x["weight"].clone().requires_grad_()
-                if method == "naive":
-                    logp, entropy = naive(hidden, weight, x["targets"], TEMPERATURE)
-                else:
-                    hint = (lambda logp, rows, a=x["adv"]: a[rows]) if method.startswith("hinted") else None
-                    res = token_logprobs(hidden, weight, x["targets"], temperature=TEMPERATURE, chunk_size=chunk,
-                                         fp32_head="fp32_head" in method, grad_hint=hint)
-                    logp, entropy = res.logp, res.entropy
+                logp, entropy = run_method(method, hidden, weight, x["targets"], x["adv"], chunk)
                 (logp * x["adv"]).sum().backward()
                 got = (logp.detach(), entropy, hidden.grad, weight.grad)
                 err = [((g.double() - r).norm() / r.norm()).item() for g, r in zip(got, ref)]
@@ -210,13 +209,10 @@ def profile(method: str, device: str, shape: str) -> None:
     """Kernel times of one step (after a warm-up step), the largest first."""
     T, H, V = (int(x) for x in shape.split("x"))
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    hidden = torch.randn(T, H, device=device, dtype=dtype).requires_grad_()
-    weight = (torch.randn(V, H, device=device, dtype=dtype) * H**-0.5).requires_grad_()
-    targets = torch.randint(0, V, (T,), device=device)
-    adv = torch.randn(T, device=device)
+    hidden, weight, targets, adv = make_inputs(T, H, V, device, dtype)
 
     def step():
-        (run_method(method, hidden, weight, targets, adv, None) * adv).sum().backward()
+        (run_method(method, hidden, weight, targets, adv, None)[0] * adv).sum().backward()
         hidden.grad = weight.grad = None
         if device == "cuda":
             torch.cuda.synchronize()
