@@ -4,6 +4,7 @@ with one message naming what is wrong, before any model is built."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -23,6 +24,15 @@ def to_config(cfg: DictConfig) -> Config:
         raise SystemExit(f"config error: {err}") from None
 
 
+def report_saved(run_dir: Path) -> None:
+    """After a failure: one line on what the run had saved, so nothing saved is taken for lost."""
+    saved = sorted(run_dir.glob("checkpoints/step-*"), key=lambda p: int(p.name.split("-")[1]))
+    parts = [f"newest checkpoint {saved[-1]} (trainer.resume=auto continues from it)"] if saved else []
+    parts += [f"the HF policy {run_dir / 'final'}"] if (run_dir / "final" / "config.json").exists() else []
+    parts += [f"metrics {run_dir / 'metrics.jsonl'}"] if (run_dir / "metrics.jsonl").exists() else []
+    print(f"the run failed; saved: {', '.join(parts) if parts else 'nothing yet'}", file=sys.stderr, flush=True)
+
+
 def run_training(cfg: DictConfig) -> None:
     from cispo.trainer import train
 
@@ -32,6 +42,9 @@ def run_training(cfg: DictConfig) -> None:
     except (FileNotFoundError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except BaseException:
+        report_saved(Path(config.trainer.output_dir))
+        raise
     before, after = result.eval_before["eval/accuracy"], result.eval_after["eval/accuracy"]
     print(f"held-out accuracy: {before:.3f} before RL -> {after:.3f} after RL ({after - before:+.3f})")
     print(f"boxed-answer rate after RL: {result.eval_after['eval/boxed_rate']:.3f}")

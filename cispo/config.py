@@ -11,6 +11,8 @@ This module imports no hydra: `register_configs()` does, when the entry point as
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass, field
 
 from rewards.config import RewardConfig
@@ -67,21 +69,27 @@ class TinyModelConfig:
 class WarmStartConfig:
     """Supervised warm start of the tiny model on the embedded task, so RL starts from a non-zero success rate.
 
-    Training stops at the first evaluation whose greedy accuracy reaches `target_accuracy` (or at `max_steps`).
-    The result is cached next to the tiny model, keyed by everything that determines it."""
+    Training stops at the first evaluation whose greedy accuracy reaches `target_accuracy`, or at `max_steps`:
+    then it says so and continues with the model it has (`on_miss: continue`) or stops (`error`). The result is
+    cached next to the tiny model, keyed by everything that determines it. The defaults reach 0.3 in 210-250
+    steps (about 1.5 min on one CPU core) for every model seed measured (cispo/warm_start.py)."""
 
     enabled: bool = True
     target_accuracy: float = 0.3
-    max_steps: int = 3000
-    batch_size: int = 64
-    lr: float = 3e-3
+    max_steps: int = 1000
+    batch_size: int = 128
+    lr: float = 1e-3
     warmup_steps: int = 100
     eval_every: int = 10
     eval_problems: int = 200
+    on_miss: str = "continue"  # target not reached within max_steps: continue (with a warning) | error
 
     def __post_init__(self):
         if not 0.0 < self.target_accuracy <= 1.0:
             raise ConfigError("model.warm_start.target_accuracy must be in (0, 1]")
+        _one_of("model.warm_start.on_miss", self.on_miss, {"continue", "error"})
+        _positive("model.warm_start.max_steps", self.max_steps)
+        _positive("model.warm_start.eval_every", self.eval_every)
 
 
 @dataclass
@@ -279,6 +287,10 @@ class TrainerConfig:
     def __post_init__(self):
         if self.eval_k < 0:
             raise ConfigError("trainer.eval_k must be >= 0 (0 turns sampled evaluation off)")
+        cores = len(os.sched_getaffinity(0))
+        if not 0 <= self.threads <= cores:
+            raise ConfigError(f"trainer.threads={self.threads} is more than the {cores} cores this process may use: "
+                              f"set trainer.threads between 1 and {cores} (0 = torch's default)")
         _positive("trainer.steps", self.steps)
         _positive("trainer.lr", self.lr)
         _positive("trainer.max_tokens_per_micro", self.max_tokens_per_micro)

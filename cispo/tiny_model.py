@@ -20,7 +20,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from cispo.arithmetic import arithmetic_rows
-from cispo.config import TinyModelConfig
+from cispo.config import ConfigError, TinyModelConfig
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 EOS, PAD = "<|im_end|>", "<|endoftext|>"
@@ -85,23 +85,41 @@ def build_model(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerFast):
     return model
 
 
+def check_cache_dir(cache_dir: str | os.PathLike) -> None:
+    """Fail in one line, before any work, when the cache folder cannot be created or written."""
+    path = Path(cache_dir).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"model.cache_dir={str(cache_dir)!r} is not writable ({err.strerror}): point "
+                          "model.cache_dir at a folder you can write") from None
+
+
 def make_tiny_model(cfg: TinyModelConfig, cache_dir: str | os.PathLike) -> Path:
     """Build (once) the tiny model and tokenizer; returns the cached HF directory."""
     out = Path(cache_dir).expanduser() / f"tiny-{cfg.arch}-{config_key(cfg)}"
     if (out / "config.json").exists():
         return out
+    print(f"building the tiny model ({cfg.arch}, hidden {cfg.hidden_size}, {cfg.num_layers} layers) in {out}",
+          flush=True)
     tokenizer = build_tokenizer(cfg.vocab_size)
     save_atomically(build_model(cfg, tokenizer), tokenizer, out)
     return out
 
 
-def save_atomically(model, tokenizer, out: Path) -> None:
-    """Save into a private temporary directory, then rename: a crash mid-write never leaves a half-written
-    cache entry, and two runs building the same entry at once both end with a complete one."""
+def save_atomically(model, tokenizer, out: Path, extra: dict[str, str] | None = None) -> None:
+    """Save (and the `extra` text files, name -> content) into a private temporary directory, then rename: a
+    crash mid-write never leaves a half-written cache entry, and two runs building the same entry at once both
+    end with a complete one."""
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    for name, text in (extra or {}).items():
+        (tmp / name).write_text(text)
     try:
         tmp.rename(out)
     except OSError:  # another run finished the same entry first

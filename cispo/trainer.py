@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from cispo.manifest import write_run_manifest
 from cispo.moe import RoutingMeter, RoutingStore, routing
 from cispo.loss import LossOut, logp_grad, loss_metrics, mismatch_metrics, policy_loss, tis_weights
 from cispo.policy import micro_batch_logprobs, model_device
+from cispo.tiny_model import check_cache_dir
 from cispo.warm_start import prepare_model
 from rewards import RewardScorer
 from rollout import build_engine, resolve_engine
@@ -68,11 +70,15 @@ class RunState:
 
 
 def train(cfg: Config) -> TrainResult:
+    if cfg.model.path == "tiny":
+        check_cache_dir(cfg.model.cache_dir)
     dist = init_distributed(cfg.trainer)  # one process: plain torch; under a launcher: DeepSpeed ZeRO
     seed_everything(cfg.trainer.seed, cfg.trainer.threads)
     if cfg.algo.prompts_per_step < dist.world_size or cfg.data.eval_size < dist.world_size:
         raise ConfigError(f"algo.prompts_per_step and data.eval_size must be >= the number of ranks "
                           f"({dist.world_size})")
+    started = time.perf_counter()
+    say = (lambda text: print(text, flush=True)) if dist.is_main else (lambda text: None)  # noqa: E731
     run_dir = Path(dist.broadcast_object(cfg.trainer.output_dir))  # a ${now:...} may differ between ranks
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -86,7 +92,9 @@ def train(cfg: Config) -> TrainResult:
             model_dir = prepare_model(cfg, train_rows)
         _, tokenizer, updater = build_policy(model_dir, cfg, dist, cfg.trainer.steps * cfg.algo.updates_per_step)
         kind = resolve_engine(cfg.rollout.engine, model_dir)
+        say(f"starting the rollout engine ({kind}) ...")
         engine = build_engine(kind, model_dir, cfg.rollout, cfg.model, cfg.trainer.seed)  # one per rank
+        say(f"rollout engine ready ({time.perf_counter() - started:.0f} s since the run started)")
         stream = PromptStream(train_rows, cfg.data.seed)
         curriculum = Curriculum(cfg.curriculum, stream, cfg.rollout.max_tokens)
         run = RunState()
@@ -107,14 +115,21 @@ def train(cfg: Config) -> TrainResult:
             sync_weights(engine, updater)
         try:
             if not resume:
+                say(f"held-out evaluation before RL ({len(eval_rows)} problems) ...")
+                tick = time.perf_counter()
                 run.eval_before = evaluate()
-                logger.log(0, run.eval_before | splits.report.metrics())
+                say(f"held-out accuracy before RL: {run.eval_before['eval/accuracy']:.3f}")
+                logger.log(0, run.eval_before | splits.report.metrics() | {"time/eval_s": time.perf_counter() - tick,
+                                                                            "time/startup_s": tick - started})
             eval_after = run.eval_before
             for step in range(start + 1, cfg.trainer.steps + 1):
+                tick = time.perf_counter()
                 metrics = rl_step(cfg, step, curriculum, tokenizer, engine, scorer, updater)
+                metrics["time/step_s"] = time.perf_counter() - tick
                 if step == cfg.trainer.steps or due(cfg.trainer.eval_every, step):
+                    tick = time.perf_counter()
                     eval_after = evaluate()
-                    metrics |= eval_after
+                    metrics |= eval_after | {"time/eval_s": time.perf_counter() - tick}
                 logger.log(step, metrics)
                 if due(cfg.trainer.save_every, step) or (cfg.trainer.save_every and step == cfg.trainer.steps):
                     checkpoints.save(step, updater, stateful, tokenizer)

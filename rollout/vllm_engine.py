@@ -52,6 +52,13 @@ Reaches into vLLM beyond `LLM.generate` (each checked against 0.32.0; re-check o
 5. vLLM-CPU's worker replaces `torch.set_num_threads` with a no-op for the whole process when it starts
    (`CPUWorker.init_device`), and vLLM may lower the thread count; in-process that would silently take the
    thread setting away from a colocated trainer, so the engine restores both after start-up.
+6. `engine_core.shutdown()` ends in `cleanup_dist_env_and_memory()` -> `destroy_distributed_environment()`, which
+   calls `torch.distributed.destroy_process_group()` on the default group, whoever created it. Under torchrun
+   that is the trainer's group, and every collective after `close()` (the HF export's barrier) failed. While
+   the engine shuts down, `close()` turns that one call into a no-op when the group existed before the engine
+   was built (`_keep_process_group`); vLLM's own subgroups are still destroyed. Chosen over "every collective
+   before close()": the engine closes in the trainer's `finally`, and a rule about ordering would be broken by
+   the next collective someone adds.
 
 Not available here: sleep/wake (vLLM-CPU ignores it); MiniMax-Text-01/M1 (lightning attention) models, which
 vLLM 0.32 cannot load (rollout.resolve_engine falls back to the HF engine for them).
@@ -59,6 +66,7 @@ vLLM 0.32 cannot load (rollout.resolve_engine falls back to the HF engine for th
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import glob
 import logging
@@ -350,6 +358,26 @@ def _stage_safetensors(pairs: Iterable[tuple[str, torch.Tensor]], out_dir: str) 
 # --------------------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _keep_process_group(keep: bool):
+    """Inside the block, `torch.distributed.destroy_process_group()` of the default group does nothing when
+    `keep` (reach-in 6); subgroups are destroyed as usual."""
+    if not keep:
+        yield
+        return
+    destroy = torch.distributed.destroy_process_group
+
+    def destroy_subgroups_only(group=None):
+        if group is not None:
+            destroy(group)
+
+    torch.distributed.destroy_process_group = destroy_subgroups_only
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group = destroy
+
+
 class VLLMEngine:
     """rollout.base.RolloutEngine on vLLM (see the module docstring).
 
@@ -427,6 +455,8 @@ class VLLMEngine:
                 "interface), but VLLM_USE_V2_MODEL_RUNNER is set to 1: unset it or set rollout.early_stop_k=0"
             )
 
+        # a process group that exists now is the trainer's, and survives close() (reach-in 6)
+        self._trainer_group = torch.distributed.is_available() and torch.distributed.is_initialized()
         set_threads, threads = torch.set_num_threads, torch.get_num_threads()
         start = time.perf_counter()
         self._llm = None
@@ -622,7 +652,8 @@ class VLLMEngine:
             return
         llm, self._llm = self._llm, None
         try:
-            llm.llm_engine.engine_core.shutdown()
+            with _keep_process_group(self._trainer_group):
+                llm.llm_engine.engine_core.shutdown()
         finally:
             del llm
             gc.collect()

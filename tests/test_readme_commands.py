@@ -1,0 +1,204 @@
+"""Every command in the README's code blocks is run here, as written or in the shortened form below, or listed
+with the reason it cannot run on a CPU machine. A README command that is in neither list fails the first test.
+
+Shortened form: the README's command with overrides appended (Hydra takes the last value of a key) that make it
+small: fewer steps, a short warm start, a small held-out set, and a temporary output folder and model cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PY = ".venv/bin/python"
+
+TESTED = {
+    "./scripts/setup.sh && .venv/bin/python scripts/train.py": "test_the_default_run",
+    "./scripts/setup.sh && .venv/bin/python -m pytest": ".ci/run runs it: this suite",
+    ".venv/bin/python scripts/train.py algo.is_weight_max=4 trainer.steps=20": "test_overrides",
+    ".venv/bin/python scripts/train.py algo=dapo": "test_overrides",
+    "OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 scripts/train.py trainer.zero_stage=2 trainer.optimizer_impl=torch "
+    "rollout.kv_cache_gb=0.25 trainer.output_dir=runs/cpu2": "test_two_cpu_ranks_export_resume_and_evaluate",
+    ".venv/bin/python -m cispo.checkpoint export runs/exp1 runs/exp1-hf": "test_two_cpu_ranks_export_resume_and_evaluate",
+    ".venv/bin/python scripts/evaluate.py model.path=runs/<time>/final eval.k=8":
+        "test_two_cpu_ranks_export_resume_and_evaluate",
+    "VLLM_CPU_KVCACHE_SPACE=1 python -m vllm.entrypoints.openai.api_server --model runs/<time>/final "
+    "--served-model-name mine --host 127.0.0.1 --port 8000 --enforce-eager": "test_a_local_server_and_its_evaluation",
+    ".venv/bin/python scripts/evaluate.py endpoint=local_vllm endpoint.model=mine": "test_a_local_server_and_its_evaluation",
+}
+NOT_HERE = {
+    "torchrun --nproc_per_node 8 scripts/train.py trainer=zero3_offload model.path=/models/my-model "
+    "rollout.engine=vllm rollout.sleep_level=1 trainer.output_dir=runs/exp1": "8 GPUs",
+    "deepspeed --num_gpus 8 scripts/train.py trainer.zero_stage=2 trainer.bf16=true model.path=/models/my-model "
+    "trainer.output_dir=runs/exp1": "8 GPUs",
+    "torchrun --nnodes 2 --node_rank $NODE_RANK --nproc_per_node 8 --master_addr $MASTER_ADDR --master_port 29500 "
+    "scripts/train.py trainer=zero3_offload model.path=/models/my-model trainer.output_dir=/shared/runs/exp1":
+        "two GPU nodes",
+    "deepspeed --hostfile hostfile --master_addr node1 --master_port 29500 scripts/train.py trainer=zero3_offload "
+    "model.path=/models/my-model trainer.output_dir=/shared/runs/exp1": "GPU nodes reached over ssh",
+    "export OPENROUTER_API_KEY=sk-or-...": "a paid key and the network (the client is tested against a local server)",
+    ".venv/bin/python scripts/evaluate.py endpoint=openrouter_m1 eval.limit=50": "the network and a paid key",
+    "python -m venv .venv && . .venv/bin/activate": "the GPU install; scripts/setup.sh makes .venv here",
+    "pip install vllm": "the CUDA build of vLLM",
+    'pip install -e ".[deepspeed,wandb,dev]"': "the GPU install; scripts/setup.sh installs the same extras",
+}
+SHORT = ["trainer.steps=2", "data.eval_size=32", "trainer.eval_every=0", "model.warm_start.max_steps=20",
+         "model.warm_start.eval_every=20", "model.warm_start.warmup_steps=5", "reward.format_score=0.5",
+         "reward.num_workers=1"]
+
+
+def readme_commands() -> list[str]:
+    """The commands of the README's ```bash blocks: continuation lines joined, comments dropped."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S):
+        pending = ""
+        for line in block.splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            if not line or line.startswith("#"):
+                continue
+            pending += line[:-1].strip() + " " if line.endswith("\\") else line
+            if not line.endswith("\\"):
+                commands.append(pending)
+                pending = ""
+    return commands
+
+
+def env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu",
+                WANDB_MODE="offline", HYDRA_FULL_ERROR="1")
+
+
+def shell(command: str, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a README command (with `extra` appended) in the repository, through bash, as a user would."""
+    line = " ".join([command.replace(PY, sys.executable).replace("torchrun ", f"{Path(sys.executable).parent}/torchrun "),
+                     *extra])
+    proc = subprocess.run(["bash", "-c", line], cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{line}\nexit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def steps_logged(run_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_every_readme_command_is_tested_or_excused():
+    commands = readme_commands()
+    assert len(commands) >= 15  # the parser still finds the blocks
+    unknown = [c for c in commands if c not in TESTED and c not in NOT_HERE]
+    assert not unknown, f"README commands with no test and no reason: {unknown}"
+    stale = [c for c in {**TESTED, **NOT_HERE} if c not in commands]
+    assert not stale, f"listed here but no longer in the README: {stale}"
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("model-cache")
+
+
+@pytest.mark.slow
+def test_the_default_run(cache, tmp_path):
+    command = "./scripts/setup.sh && .venv/bin/python scripts/train.py"
+    proc = shell(command, *SHORT, f"model.cache_dir={cache}", f"trainer.output_dir={tmp_path}")
+    assert "held-out accuracy:" in proc.stdout and "before RL ->" in proc.stdout
+    for phase in ("building the tiny model", "warm start", "starting the rollout engine", "held-out evaluation"):
+        assert phase in proc.stdout, phase
+    assert steps_logged(tmp_path) == [0, 1, 2]
+    assert (tmp_path / "reward.png").stat().st_size > 0
+    assert (tmp_path / "final" / "config.json").exists() and list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [".venv/bin/python scripts/train.py algo.is_weight_max=4 trainer.steps=20",
+                                     ".venv/bin/python scripts/train.py algo=dapo"])
+def test_overrides(command, cache, tmp_path):
+    shell(command, *SHORT, f"model.cache_dir={cache}", f"trainer.output_dir={tmp_path}", "logger.plot=false")
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["algo"]["loss"] == ("dapo" if "dapo" in command else "cispo")
+    if "is_weight_max" in command:
+        assert config["algo"]["is_weight_max"] == 4
+    assert steps_logged(tmp_path) == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_two_cpu_ranks_export_resume_and_evaluate(tmp_path):
+    """The README's 2-rank CPU command (vLLM on each rank) exits 0 with final/ loadable; its checkpoint is
+    exported, the run resumes from it, and the final policy is evaluated."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    (cpu2,) = [c for c in TESTED if c.startswith("OMP_NUM_THREADS=1 torchrun")]
+    run_dir = tmp_path / "cpu2"
+    short = ["model.warm_start.enabled=false", "data.eval_size=64", "logger.plot=false", "trainer.save_every=3",
+             f"model.cache_dir={tmp_path / 'cache'}", f"trainer.output_dir={run_dir}"]
+    shell(cpu2, "trainer.steps=3", *short)
+    assert (run_dir / "checkpoints" / "step-000003").is_dir()
+    final = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+
+    shell(".venv/bin/python -m cispo.checkpoint export runs/exp1 runs/exp1-hf".replace("runs/exp1-hf", str(tmp_path / "hf"))
+          .replace("runs/exp1", str(run_dir)))
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    probe = torch.tensor([[3, 14, 15, 92, 65]])
+    with torch.no_grad():
+        assert torch.equal(final(probe).logits, exported(probe).logits)
+
+    proc = shell(cpu2, "trainer.steps=4", *short)  # trainer.resume=auto: continues from step-3
+    assert steps_logged(run_dir) == [0, 1, 2, 3, 4], proc.stdout[-2000:]
+
+    evals = tmp_path / "evals"
+    shell(".venv/bin/python scripts/evaluate.py model.path=runs/<time>/final eval.k=8".replace(
+        "runs/<time>", str(run_dir)), "eval.limit=16", f"eval.output_dir={evals}", "rollout.kv_cache_gb=0.25")
+    (report,) = evals.glob("report-*.json")
+    assert json.loads(report.read_text())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_local_server_and_its_evaluation(cache, tmp_path):
+    """`python -m vllm.entrypoints.openai.api_server` on the default run's starting model, then the README's
+    endpoint evaluation against it (on a free port instead of 8000)."""
+    from cispo.config import Config, ModelConfig, WarmStartConfig
+    from cispo.warm_start import prepare_model
+
+    model = prepare_model(Config(model=ModelConfig(cache_dir=str(cache), warm_start=WarmStartConfig(enabled=False))),
+                          [])
+    port = free_port()
+    serve = [c for c in TESTED if "api_server" in c][0].replace("runs/<time>/final", model).replace("8000", str(port))
+    server = subprocess.Popen(["bash", "-c", "exec " + serve.replace("python ", f"{sys.executable} ", 1).replace(
+        "VLLM_CPU_KVCACHE_SPACE=1 ", "")], cwd=REPO, env=env() | {"VLLM_CPU_KVCACHE_SPACE": "1"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        import httpx
+
+        deadline = time.time() + 240
+        while True:
+            assert server.poll() is None, server.stderr.read()[-4000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "the server did not come up in 240 s"
+            time.sleep(1)
+        evals = tmp_path / "evals"
+        shell(".venv/bin/python scripts/evaluate.py endpoint=local_vllm endpoint.model=mine",
+              f"endpoint.base_url=http://127.0.0.1:{port}/v1", "eval.limit=8", "eval.k=2", f"eval.output_dir={evals}")
+        (report,) = evals.glob("report-*.json")
+        answers = (evals / "answers.jsonl").read_text().splitlines()
+        assert len(answers) == 16
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
