@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MARKS = {"build": "building the tiny model", "warm_start": "warm start (target", "engine": "starting the rollout",
+MARKS = {"build": "building the tiny model", "warm_done": "warm start: greedy", "engine": "starting the rollout",
          "engine_ready": "rollout engine ready", "eval_before": "held-out evaluation before RL",
          "rl": "held-out accuracy before RL:", "done": "held-out accuracy:"}
 
@@ -54,7 +54,8 @@ def run(seed: int, threads: int, out: Path, extra: list[str]) -> dict:
     steps = sum(r.get("time/step_s", 0.0) for r in rows)
     return {
         "seed": seed, "threads": threads, "total_s": total,
-        "startup_s": seen["build"], "build_s": seen["warm_start"] - seen["build"], "warm_start_s": warm["seconds"],
+        "startup_s": seen["build"], "build_s": seen["warm_done"] - seen["build"] - warm["seconds"],
+        "warm_start_s": warm["seconds"],
         "warm_start_steps": warm["steps"], "warm_start_accuracy": warm["accuracy"],
         "engine_s": seen["engine_ready"] - seen["engine"], "rl_steps_s": steps, "evals_s": evals,
         "end_s": total - seen["done"],
