@@ -31,7 +31,8 @@ def small_run(cache: Path, out: Path, *extra: str) -> list[str]:
     return [
         f"model.cache_dir={cache}", "model.tiny.hidden_size=64", "model.tiny.num_layers=2", "model.tiny.num_heads=1",
         "model.tiny.intermediate_size=128", "model.warm_start.max_steps=30", "model.warm_start.eval_every=30",
-        "model.warm_start.eval_problems=20", "model.warm_start.warmup_steps=10", "rollout.engine=hf",
+        "model.warm_start.eval_problems=20", "model.warm_start.warmup_steps=10", "model.warm_start.lr=3e-3",
+        "model.warm_start.batch_size=64", "rollout.engine=hf",
         "algo.prompts_per_step=8", "algo.group_size=4", "data.eval_size=16", "trainer.eval_every=0",
         "reward.format_score=0.5", "reward.num_workers=1", "logger.wandb_mode=disabled", "logger.progress=false",
         "logger.plot=false", f"trainer.output_dir={out}", *extra,

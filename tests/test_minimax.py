@@ -370,6 +370,7 @@ def tiny_run(tmp_path_factory):
         cfg = to_config(compose("train", overrides=[
             "model=tiny_minimax", f"model.cache_dir={tmp}/cache",
             "model.warm_start.max_steps=40", "model.warm_start.batch_size=32", "model.warm_start.warmup_steps=10",
+            "model.warm_start.lr=3e-3",
             "model.warm_start.eval_every=40", "model.warm_start.eval_problems=16",
             "model.warm_start.target_accuracy=1.0",
             "algo.group_size=4", "algo.prompts_per_step=8", "algo.updates_per_step=2",
