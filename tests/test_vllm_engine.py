@@ -8,6 +8,7 @@ same weights and tokens.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -281,3 +282,32 @@ def test_sleep_frees_gpu_memory_and_wake_plus_sync_restores_outputs(model_dir, o
         engine.wake()
         engine.load_weights(originals.items())
         assert [c.token_ids for c in engine.generate(prompts, greedy).completions] == before
+
+
+def test_closing_the_engine_keeps_the_trainers_process_group(model_dir, tmp_path):
+    """Under torchrun the trainer's process group exists before the engine; vLLM's shutdown destroyed it, and the
+    HF export's barrier after close() failed (reach-in 6). Run in a fresh process: it owns a gloo group."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, sys, torch, torch.distributed as dist\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
+        "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=sys.argv[1])\n"
+        "dist.init_process_group('gloo', rank=0, world_size=1)\n"
+        "from cispo.config import RolloutConfig\n"
+        "from rollout.vllm_engine import VLLMEngine\n"
+        f"engine = VLLMEngine({str(model_dir)!r}, RolloutConfig(max_tokens=8, max_model_len=64, kv_cache_gb=0.1))\n"
+        "engine.close()\n"
+        "assert dist.is_initialized(), 'the engine destroyed the process group'\n"
+        "dist.barrier()\n"
+        "dist.destroy_process_group()\n"
+        "print('kept')\n"
+    )
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-c", code, str(port)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("kept"), proc.stderr[-3000:]
