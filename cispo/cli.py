@@ -26,7 +26,9 @@ def to_config(cfg: DictConfig) -> Config:
 
 def report_saved(run_dir: Path) -> None:
     """After a failure: one line on what the run had saved, so nothing saved is taken for lost."""
-    saved = sorted(run_dir.glob("checkpoints/step-*"), key=lambda p: int(p.name.split("-")[1]))
+    from cispo.checkpoint import list_checkpoints
+
+    saved = list_checkpoints(run_dir / "checkpoints")
     parts = [f"newest checkpoint {saved[-1]} (trainer.resume=auto continues from it)"] if saved else []
     parts += [f"the HF policy {run_dir / 'final'}"] if (run_dir / "final" / "config.json").exists() else []
     parts += [f"metrics {run_dir / 'metrics.jsonl'}"] if (run_dir / "metrics.jsonl").exists() else []

@@ -12,7 +12,6 @@ This module imports no hydra: `register_configs()` does, when the entry point as
 from __future__ import annotations
 
 import os
-
 from dataclasses import dataclass, field
 
 from rewards.config import RewardConfig

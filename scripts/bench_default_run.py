@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -39,7 +40,7 @@ def run(seed: int, threads: int, out: Path, extra: list[str]) -> dict:
     seen, start = {}, time.perf_counter()
     with (out / f"{name}.log").open("w") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                                env={**__import__("os").environ, "OMP_NUM_THREADS": str(threads)})
+                                env={**os.environ, "OMP_NUM_THREADS": str(threads)})
         for line in proc.stdout:
             log.write(line)
             for mark, text in MARKS.items():
