@@ -7,7 +7,7 @@ block-diagonal causal mask when no attention mask is given.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -43,6 +43,14 @@ class MicroBatch:
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[1])
 
+    def to(self, device: torch.device) -> MicroBatch:
+        if device.type == "cpu":
+            return self
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return replace(self, **{k: move(getattr(self, k)) for k in
+                                ("input_ids", "position_ids", "logit_pos", "targets", "adv", "coef", "rollout_logp",
+                                 "old_logp")})
+
 
 def split_groups(samples: list[Sample], parts: int) -> list[list[int]]:
     """Indices of samples in `parts` mini-batches of whole prompt groups (as even as the groups allow).
@@ -53,17 +61,25 @@ def split_groups(samples: list[Sample], parts: int) -> list[list[int]]:
     return [[i for i, s in enumerate(samples) if s.group in chunk] for chunk in chunks]
 
 
-def micro_batches(samples: list[Sample], indices: list[int], max_tokens: int, loss_agg: str | None) -> list[MicroBatch]:
-    """Pack the samples `indices` into micro-batches of at most `max_tokens` tokens each (a longer sample
-    goes alone). The aggregation coefficients are computed over all of `indices` first, so the micro-batch
-    losses add up to the loss of the whole mini-batch. loss_agg=None leaves coef at 0 (forward-only use)."""
-    lengths = torch.tensor([samples[i].loss_len for i in indices])
-    groups = torch.tensor([samples[i].group for i in indices])
-    coef = sequence_coefficients(lengths, groups, loss_agg) if loss_agg else torch.zeros(len(indices))
+def micro_batches(samples: list[Sample], indices: list[int], tokens_per_micro: int, loss_agg: str | None,
+                  norm_over: list[int] | None = None) -> list[MicroBatch]:
+    """Pack the samples `indices` into micro-batches of at most `tokens_per_micro` tokens each (a longer sample
+    goes alone). The aggregation coefficients are computed over all of `norm_over` (default: `indices`) first,
+    so the micro-batch losses add up to the loss of that whole mini-batch: a data-parallel rank packs its share
+    `indices` of the mini-batch `norm_over`, and the sum over ranks and micro-batches is the single-process loss.
+    loss_agg=None leaves coef at 0 (forward-only use)."""
+    norm_over = indices if norm_over is None else norm_over
+    if loss_agg:
+        lengths = torch.tensor([samples[i].loss_len for i in norm_over])
+        groups = torch.tensor([samples[i].group for i in norm_over])
+        every = dict(zip(norm_over, sequence_coefficients(lengths, groups, loss_agg).tolist()))
+        coef = torch.tensor([every[i] for i in indices], dtype=torch.float32)
+    else:
+        coef = torch.zeros(len(indices))
     bins, current, used = [], [], 0
     for k, i in enumerate(indices):
         size = len(samples[i].prompt_ids) + len(samples[i].response_ids)
-        if current and used + size > max_tokens:
+        if current and used + size > tokens_per_micro:
             bins.append(current)
             current, used = [], 0
         current.append(k)
@@ -71,6 +87,24 @@ def micro_batches(samples: list[Sample], indices: list[int], max_tokens: int, lo
     if current:
         bins.append(current)
     return [_collate(samples, [indices[k] for k in b], coef[b]) for b in bins]
+
+
+def empty_micro_batch() -> MicroBatch:
+    """One token, no sample, coefficient 0: a pass that contributes nothing but keeps the collectives aligned."""
+    zero = torch.zeros(1)
+    return MicroBatch(
+        input_ids=torch.zeros(1, 1, dtype=torch.long), position_ids=torch.zeros(1, 1, dtype=torch.long),
+        logit_pos=torch.zeros(1, dtype=torch.long), targets=torch.zeros(1, dtype=torch.long), adv=zero, coef=zero,
+        rollout_logp=zero, old_logp=zero, sample_ids=[], lengths=[],
+    )
+
+
+def even(mbs: list[MicroBatch], dist) -> list[MicroBatch]:
+    """Pad this rank's micro-batches with empty ones up to the largest count over the ranks of `dist`
+    (cispo.collective.Dist): ZeRO-3 gathers parameters in every forward and ZeRO-2/3 reduce in every backward, so
+    all ranks must run the same number of passes."""
+    n = dist.max(len(mbs))
+    return mbs + [empty_micro_batch() for _ in range(n - len(mbs))]
 
 
 def _collate(samples: list[Sample], ids: list[int], coef: Tensor) -> MicroBatch:

@@ -12,7 +12,7 @@ This module imports no hydra: `register_configs()` does, when the entry point as
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from rewards.config import RewardConfig
 
@@ -115,7 +115,9 @@ class ModelConfig:
 class AlgoConfig:
     """The objective and the shape of one RL step (DESIGN.md §3)."""
 
-    loss: str = "cispo"  # cispo | dapo | grpo | reinforce
+    # cispo | dapo | grpo | reinforce | a loss registered with cispo.loss.register_loss | an import path
+    # "package.module:function" to one (its keyword-only parameters are knobs, read from the fields below)
+    loss: str = "cispo"
     # CISPO: absolute bounds on the stop-gradient importance-sampling weight pi/pi_old (M1 Eq. 5 with
     # is_weight_max = 1 + eps_high). None = no bound; M1 set no lower bound.
     is_weight_max: float | None = 5.0
@@ -134,8 +136,13 @@ class AlgoConfig:
     drop_zero_variance: bool = True  # drop groups whose rewards are all equal from the loss
 
     def __post_init__(self):
-        _one_of("algo.loss", self.loss, {"cispo", "dapo", "grpo", "reinforce"})
-        _one_of("algo.loss_agg", self.loss_agg, {"token_group", "token_batch", "sequence", "prompt"})
+        from cispo.loss import AGGREGATIONS, loss_knobs  # torch, once an AlgoConfig is built: the schema needs none
+
+        try:  # the loss is in cispo.loss.LOSSES (an import path is registered here) and has all its knobs
+            loss_knobs(self.loss, asdict(self))
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"algo.loss: {err}") from None
+        _one_of("algo.loss_agg", self.loss_agg, AGGREGATIONS)
         _one_of("algo.adv_norm", self.adv_norm, {"group", "batch"})
         for name in ("group_size", "prompts_per_step", "updates_per_step"):
             _positive(f"algo.{name}", getattr(self, name))
@@ -152,7 +159,14 @@ class AlgoConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = "auto"  # auto (vllm when importable, else hf) | vllm | hf
+    """The rollout engine and its knobs. Every field but engine / max_tokens / temperature / top_p / seed (they reach
+    every engine as SamplingParams) is an engine knob: a value other than its default that the engine cannot honour
+    is a ConfigError naming it (rollout.registry; which engine honours which: rollout/__init__.py)."""
+
+    # auto: vllm when importable and it can load the model, else hf (resolved once the model dir is known) |
+    # a registered engine (rollout.ENGINES: vllm, hf, or one added with rollout.register_engine) |
+    # an import path "pkg.module:attr" to a rollout.EngineSpec or a builder (model_dir, rollout_cfg, model_cfg, seed)
+    engine: str = "auto"
     max_tokens: int = 1024  # response budget (the "thinking budget"); the prompt counts against max_model_len
     max_model_len: int = 2048
     temperature: float = 1.0
@@ -171,7 +185,6 @@ class RolloutConfig:
     sleep_level: int = 0
 
     def __post_init__(self):
-        _one_of("rollout.engine", self.engine, {"auto", "vllm", "hf"})
         _one_of("rollout.sleep_level", self.sleep_level, {0, 1, 2})
         _positive("rollout.max_tokens", self.max_tokens)
         if self.max_tokens >= self.max_model_len:
@@ -181,6 +194,24 @@ class RolloutConfig:
             )
         if self.temperature < 0:
             raise ConfigError("rollout.temperature must be >= 0")
+        if self.early_stop_k < 0:
+            raise ConfigError(f"rollout.early_stop_k must be >= 0 (0 = off), got {self.early_stop_k}")
+        if self.early_stop_k and not 0.5 <= self.early_stop_p < 1.0:
+            raise ConfigError(f"rollout.early_stop_p must be in [0.5, 1) (M1: 0.99), got {self.early_stop_p}: the "
+                              "early stop relies on a token with p > 0.5 being the argmax")
+        if self.engine != "auto":  # auto is checked once it resolves (check_engine)
+            self.check_engine(self.engine)
+
+    def check_engine(self, kind: str) -> None:
+        """ConfigError naming each knob set here that engine `kind` cannot honour (or an unknown engine). `kind`: a
+        registered name or import path, e.g. what rollout.resolve_engine made of `auto`; call it before the engine
+        loads weights (rollout.build_engine checks again, raising rollout.EngineConfigError)."""
+        from rollout import EngineConfigError, check_engine_knobs
+
+        try:
+            check_engine_knobs(kind, self)
+        except EngineConfigError as err:
+            raise ConfigError(str(err)) from None
 
 
 @dataclass
@@ -208,12 +239,14 @@ class DataConfig:
     tests_field: list[str] = field(default_factory=lambda: ["tests", "input_output", "test_cases"])
     id_field: list[str] = field(
         default_factory=lambda: ["id", "idx", "unique_id", "problem_id", "task_id", "extra_info.index"])
-    # Which grader a row gets (its `source`: math | code | a reward.custom name): the column source_field, its
+    # Which grader a row gets (its `source`: a rewards.GRADERS source -- math, code, one registered by
+    # reward.grader_modules -- or any name reward.custom grades): the column source_field, its
     # values renamed by source_map; with no source_field, default_source for every row.
     source_field: str | None = None
     source_map: dict[str, str] = field(default_factory=dict)
     default_source: str = "math"
-    keep_fields: list[str] = field(default_factory=list)  # more columns carried on each row (for reward.custom)
+    # more columns carried on each row (for reward.custom, or a grader's needs)
+    keep_fields: list[str] = field(default_factory=list)
     prompt_pattern: str | None = None  # regex: group 1 of its match in a text prompt is the prompt
     answer_pattern: str | None = None  # regex: group 1 of its match in the answer is the gold, e.g. '####\s*(.+)'
     instruction: str = ""  # appended to every prompt, e.g. " Put the final answer in \\boxed{}."
@@ -235,7 +268,8 @@ class DataConfig:
             if not getattr(self, name) or not all(getattr(self, name)):
                 raise ConfigError(f"data.{name} must list at least one column name")
         if not self.default_source:
-            raise ConfigError("data.default_source must name a grader: math | code | a reward.custom name")
+            raise ConfigError("data.default_source must name a grader: a rewards.GRADERS source (math, code, one "
+                              "registered by reward.grader_modules) or a name reward.custom grades")
         import re
 
         for name in ("prompt_pattern", "answer_pattern"):

@@ -20,11 +20,12 @@ from __future__ import annotations
 import math
 from array import array
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from cispo.config import ConfigError, CurriculumConfig
-from rewards.scorer import BatchRewards, batch_metrics
-from rollout.base import Completion, Rollout
+from cispo.sampling import Episode, Sampler
+from rewards.scorer import batch_metrics
+from rollout.base import Rollout
 from rollout.metrics import rollout_metrics
 
 
@@ -122,84 +123,71 @@ class GroupOutcome:
 
 @dataclass
 class FilledBatch:
-    """What fill_batch returns: the kept groups, laid out as one generate + score call would return them.
+    """What fill_batch returns: the kept groups.
 
-    rows, prompts: the kept prompts; completions[k].prompt_index indexes them, grouped (group_size per prompt).
-    graded: the kept completions' grades (scores, results, loss_mask aligned with completions); its metrics are
-        reward/* over every completion generated this step.
-    metrics: rollout/* and reward/* over EVERY completion generated this step (the policy's real lengths and
+    rows, prompts: the kept prompts; groups[i] holds prompt i's group_size episodes (cispo.sampling.Episode).
+    metrics: rollout/* and reward/* over EVERY episode generated this step (the policy's real lengths and
         accuracy; the kept groups are a biased subset), plus sampling/rounds, sampling/prompts (generated),
         sampling/informative_frac (of generated groups), sampling/kept (groups), sampling/filled (1 when the
         batch reached prompts_per_step informative groups).
-    groups: every generated group's outcome, for PassRateTracker.
+    outcomes: every generated group's outcome, for PassRateTracker.
     """
 
     rows: list[dict]
     prompts: list[list[int]]
-    completions: list[Completion]
-    graded: BatchRewards
+    groups: list[list[Episode]]
     metrics: dict[str, float]
-    groups: list[GroupOutcome]
+    outcomes: list[GroupOutcome]
 
 
-SampleFn = Callable[[list[dict], int], tuple[list[list[int]], Rollout, BatchRewards]]
-
-
-def fill_batch(take: Callable[[int], list[dict]], sample: SampleFn, target: int, group_size: int,
+def fill_batch(take: Callable[[int], list[dict]], sampler: Sampler, *, step: int, max_tokens: int, target: int,
                max_rounds: int) -> FilledBatch:
     """Generate and grade rounds of prompts until `target` groups have unequal rewards (DAPO dynamic sampling).
 
-    take(n): the next n prompt rows (PromptStream.take). sample(rows, round): their token ids, the engine's
-    Rollout (group_size completions each) and the scorer's BatchRewards, for generation round 0, 1, ...
-    max_rounds == 1: one round of `target` prompts, every group kept (zero-variance ones included: the trainer's
-    algo.drop_zero_variance decides). max_rounds > 1: only informative groups are kept, the first `target` of
-    them; later rounds ask for about as many prompts as the informative rate so far says are missing (at least the
-    deficit, at most `target`). A batch still short after max_rounds is returned short."""
+    take(n): the next n prompt rows (PromptStream.take). Round r calls sampler.sample(rows, step=step,
+    round_index=r, max_tokens=max_tokens). max_rounds == 1: one round of `target` prompts, every group kept
+    (zero-variance ones included: the trainer's algo.drop_zero_variance decides). max_rounds > 1: only informative
+    groups are kept, the first `target` of them; later rounds ask for about as many prompts as the informative
+    rate so far says are missing (at least the deficit, at most `target`). A batch still short after max_rounds is
+    returned short."""
     keep_all = max_rounds == 1
-    kept: list[tuple[dict, list[int], list[Completion], list[int]]] = []  # (row, prompt, completions, result index)
-    all_completions, all_results, all_scores, all_mask, all_rows, groups = [], [], [], [], [], []
-    seconds = reward_time = 0.0
+    kept: list[tuple[dict, list[int], list[Episode]]] = []  # (row, prompt, episodes)
+    generated: list[tuple[dict, Episode]] = []  # every episode of the step, with its row
+    outcomes: list[GroupOutcome] = []
+    seconds = reward_seconds = 0.0
     rounds = informative = 0
     while rounds < max_rounds and len(kept) < target:
         need = target - len(kept)
-        rate = informative / len(groups) if groups else 1.0
+        rate = informative / len(outcomes) if outcomes else 1.0
         n = target if rounds == 0 else min(target, max(need, math.ceil(need / rate) if rate > 0 else target))
         rows = take(n)
-        prompts, rollout, graded = sample(rows, rounds)
+        batch = sampler.sample(rows, step=step, round_index=rounds, max_tokens=max_tokens)
         rounds += 1
-        seconds += rollout.seconds
-        reward_time += graded.metrics.get("reward/time_s", 0.0)
-        by_prompt: dict[int, list[int]] = {}
-        for k, c in enumerate(rollout.completions):
-            by_prompt.setdefault(c.prompt_index, []).append(k)
-        offset = len(all_results)
-        all_completions += rollout.completions
-        all_results += graded.results
-        all_scores += graded.scores
-        all_mask += graded.loss_mask
-        all_rows += [rows[c.prompt_index] for c in rollout.completions]
-        for i, row in enumerate(rows):
-            idx = by_prompt.get(i, [])
-            if len(idx) != group_size:
-                raise ValueError(f"prompt {i} of round {rounds - 1} got {len(idx)} completions, expected {group_size}")
-            scores = [graded.scores[k] for k in idx]
-            useful = len(set(array("f", scores))) > 1  # unequal in float32, as cispo.advantages compares them
+        seconds += batch.seconds
+        reward_seconds += batch.reward_seconds
+        generated += [(rows[e.completion.prompt_index], e) for e in batch.episodes]
+        for row, prompt, group in zip(rows, batch.prompts, batch.groups(), strict=True):
+            useful = len(set(array("f", [e.score for e in group]))) > 1  # unequal in float32, as advantages compare
             informative += useful
-            groups.append(GroupOutcome(row["id"], sum(graded.results[k].status == "correct" for k in idx), len(idx)))
+            outcomes.append(GroupOutcome(row["id"], sum(e.result.status == "correct" for e in group), len(group)))
             if (keep_all or useful) and len(kept) < target:
-                kept.append((row, prompts[i], [rollout.completions[k] for k in idx], [offset + k for k in idx]))
-    completions = [replace(c, prompt_index=p) for p, (_, _, cs, _) in enumerate(kept) for c in cs]
-    order = [k for _, _, _, ks in kept for k in ks]
-    graded = BatchRewards([all_scores[k] for k in order], [all_results[k] for k in order],
-                          [all_mask[k] for k in order], {})
-    everything = Rollout(all_completions, seconds)
-    penalties = [s - r.score for s, r in zip(all_scores, all_results)]
-    truncated = [c.finish_reason == "length" for c in all_completions]
-    graded.metrics = batch_metrics(all_results, all_rows, all_scores, penalties, all_mask, truncated, reward_time)
-    metrics = rollout_metrics(everything) | graded.metrics | {"sampling/rounds": float(rounds), "sampling/prompts": float(len(groups)),
-                "sampling/informative_frac": informative / len(groups) if groups else 0.0,
-                "sampling/kept": float(len(kept)), "sampling/filled": float(len(kept) >= target)}
-    return FilledBatch([r for r, _, _, _ in kept], [p for _, p, _, _ in kept], completions, graded, metrics, groups)
+                kept.append((row, prompt, group))
+    return FilledBatch([r for r, _, _ in kept], [p for _, p, _ in kept], [g for _, _, g in kept],
+                       step_metrics(generated, seconds, reward_seconds) | {
+                           "sampling/rounds": float(rounds), "sampling/prompts": float(len(outcomes)),
+                           "sampling/informative_frac": informative / len(outcomes) if outcomes else 0.0,
+                           "sampling/kept": float(len(kept)), "sampling/filled": float(len(kept) >= target)},
+                       outcomes)
+
+
+def step_metrics(generated: list[tuple[dict, Episode]], seconds: float, reward_seconds: float) -> dict[str, float]:
+    """rollout/* and reward/* over (row, episode) pairs: computed once per step, over every round."""
+    episodes = [e for _, e in generated]
+    completions = [e.completion for e in episodes]
+    return rollout_metrics(Rollout(completions, seconds)) | batch_metrics(
+        [e.result for e in episodes], [row for row, _ in generated], [e.score for e in episodes],
+        [e.penalty for e in episodes], [e.trainable for e in episodes],
+        [c.finish_reason == "length" for c in completions], reward_seconds)
 
 
 # ---- all of it -------------------------------------------------------------------------------------------------
@@ -208,9 +196,9 @@ def fill_batch(take: Callable[[int], list[dict]], sample: SampleFn, target: int,
 class Curriculum:
     """The window, dynamic sampling and retirement of one run (curriculum.* config).
 
-    Per step: sample with `max_tokens`, fill the batch with `fill(stream.take, sample, target, group_size)`, and
-    after the update call `update(filled)`, which logs the window that step used, moves the window and retires
-    solved prompts from the stream."""
+    Per step: `fill(sampler, step, target)` samples the batch under the current window, and after the
+    update `update(filled)` logs the window that step used, moves the window and retires solved prompts from the
+    stream."""
 
     def __init__(self, cfg: CurriculumConfig, stream, max_tokens: int):
         self.cfg, self.stream = cfg, stream
@@ -221,15 +209,16 @@ class Curriculum:
     def max_tokens(self) -> int:
         return self.window.max_tokens
 
-    def fill(self, sample: SampleFn, target: int, group_size: int) -> FilledBatch:
-        return fill_batch(self.stream.take, sample, target, group_size, self.cfg.sample_rounds)
+    def fill(self, sampler: Sampler, step: int, target: int) -> FilledBatch:
+        return fill_batch(self.stream.take, sampler, step=step, max_tokens=self.max_tokens, target=target,
+                          max_rounds=self.cfg.sample_rounds)
 
     def update(self, filled: FilledBatch) -> dict[str, float]:
         """curriculum/window (the window this step used), curriculum/window_stage, curriculum/window_advanced,
         curriculum/retired (prompts retired so far), curriculum/retired_new."""
         metrics = self.window.metrics()
         metrics["curriculum/window_advanced"] = float(self.window.update(filled.metrics["rollout/len_p99"]))
-        retired = self.pass_rates.update(filled.groups)
+        retired = self.pass_rates.update(filled.outcomes)
         self.stream.retire(retired)
         metrics |= {"curriculum/retired": float(len(self.stream.retired)), "curriculum/retired_new": float(len(retired))}
         return metrics

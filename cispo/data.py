@@ -5,7 +5,8 @@ A row, as the rest of the project sees it, is a dict:
     prompt   str, or a list of chat messages {"role", "content"} (a system / user / assistant conversation)
     answer   the gold answer as text (math rows); None where there is none
     tests    the code tests as a dict (code rows, format in rewards/code.py); None where there are none
-    source   which grader scores it: "math" | "code" | a reward.custom name
+    source   which grader scores it: a source of rewards.registry.GRADERS ("math", "code", or one registered by a
+             module of reward.grader_modules), or any other name when reward.custom grades it
     id       unique within its split (the answer cache of scripts/evaluate.py and prompt retirement key on it)
 plus the columns named in data.keep_fields.
 
@@ -36,12 +37,17 @@ Common datasets (presets in configs/data/; the hub sets' columns as published):
     deepmind/code_contests                  description   private_tests {input, output}    code_contests.yaml
     APPS / TACO style                       question      input_output (JSON string)       tests_field: [input_output]
 
-Malformed rows (a missing field, an empty prompt, a gold the grader cannot parse, tests the code grader cannot
-use, a duplicate id) are found before training starts. `data.on_bad_row=error` stops with the file, the row
-number (counting records from 1; for a jsonl without blank lines, the line number) and the field;
-`skip` leaves them out and reports how many (`Splits.report`), never silently. The gold check grades the gold
-itself, boxed, with the run's own reward config: a gold that does not grade correct against itself can never
-reward anything.
+Each row's grader (found by its source in rewards.registry.GRADERS) says which fields it needs (Grader.needs); a row
+missing one is malformed. A needed "answer" is read as text (answer_pattern applied), a needed "tests" as the dict
+of rewards/code.py; other needed fields are data.keep_fields columns. With the run's scorer, a source that has no
+grader (registered, or reward.custom) is malformed too.
+
+Malformed rows (a missing field, an empty prompt, a source with no grader, a gold the grader cannot parse, tests the
+code grader cannot use, a duplicate id) are found before training starts. `data.on_bad_row=error` stops with the
+file, the row number (counting records from 1; for a jsonl without blank lines, the line number) and the field;
+`skip` leaves them out and reports how many (`Splits.report`), never silently. The gold check grades the grader's
+reference response (Grader.reference; math: the gold itself, boxed) with the run's own reward config: a gold that
+does not grade correct against itself can never reward anything.
 """
 
 from __future__ import annotations
@@ -52,12 +58,15 @@ import math
 import random
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cispo.arithmetic import arithmetic_rows
 from cispo.config import ConfigError, DataConfig
 from rewards.code import parse_tests
+from rewards.registry import GRADERS, Grader, UnknownSource
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +74,9 @@ _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".cs
 _LOCAL_PREFIXES = ("/", "./", "../", "~")
 _ROLES = ("system", "user", "assistant")
 _SHOWN_BAD_ROWS = 5  # bad rows quoted in an error / a skip warning
+
+# source -> its grader; None: not known here and not checked (no scorer); raises UnknownSource: the run has none.
+GraderLookup = Callable[[str], "Grader | None"]
 
 
 # ---- results ---------------------------------------------------------------------------------------------------
@@ -116,9 +128,11 @@ class Splits:
 def load_splits(cfg: DataConfig, scorer=None) -> Splits:
     """The train and held-out rows, every row checked (see the module docstring).
 
-    scorer: the run's rewards.RewardScorer; with it each math gold is graded against itself and each row's
-    grader is checked to exist. Without it only the structure of the rows is checked."""
-    parts = _load_parts(cfg)  # [(where, rows, bad rows)]: the train dataset, then the eval dataset if separate
+    scorer: the run's rewards.RewardScorer; with it each row's source must have a grader (registered, or
+    reward.custom), and each gold whose grader has a reference (math) is graded against itself. Without it only
+    the structure of the rows is checked, the needs of registered graders included."""
+    graders: GraderLookup = GRADERS.get if scorer is None else scorer.grader
+    parts = _load_parts(cfg, graders)  # [(where, rows, bad rows)]: the train dataset, then the eval dataset if separate
     bad = [b for _, _, found in parts for b in found]
     total = sum(len(rows) for _, rows, _ in parts) + len(bad)
     kept = []
@@ -138,14 +152,14 @@ def load_splits(cfg: DataConfig, scorer=None) -> Splits:
     return Splits(train, held_out, DataReport(len(train), len(held_out), bad))
 
 
-def _load_parts(cfg: DataConfig) -> list[tuple[str, list[dict], list[BadRow]]]:
+def _load_parts(cfg: DataConfig, graders: GraderLookup) -> list[tuple[str, list[dict], list[BadRow]]]:
     if cfg.source == "arithmetic":
         train, held_out = arithmetic_rows(cfg.digits, cfg.eval_size, cfg.seed)
         for rows in (train, held_out):
             for i, row in enumerate(rows, start=1):
                 row["_row"] = i
         return [("arithmetic:train", train, []), ("arithmetic:held-out", held_out, [])]
-    parts = [load_rows(cfg, cfg.source, cfg.subset, cfg.split)]
+    parts = [load_rows(cfg, cfg.source, cfg.subset, cfg.split, graders)]
     if cfg.eval_source is not None or cfg.eval_split is not None:
         source = cfg.source if cfg.eval_source is None else cfg.eval_source
         subset = cfg.subset if cfg.eval_source is None else None
@@ -153,7 +167,7 @@ def _load_parts(cfg: DataConfig) -> list[tuple[str, list[dict], list[BadRow]]]:
         if (source, subset, split) == (cfg.source, cfg.subset, cfg.split):
             raise ConfigError(f"data: the eval set ({_where(source, subset, split)}) is the training set; set "
                               "data.eval_split / data.eval_source to another one, or leave both null to hold rows out")
-        parts.append(load_rows(cfg, source, subset, split))
+        parts.append(load_rows(cfg, source, subset, split, graders))
     return parts
 
 
@@ -232,17 +246,18 @@ class _RowError(Exception):
         self.field, self.reason = field_name, reason
 
 
-def load_rows(cfg: DataConfig, source: str, subset: str | None, split: str) -> tuple[str, list[dict], list[BadRow]]:
-    """(where, rows, bad rows) of one dataset, mapped to the row format; rows carry "_row" (1-based) until
-    load_splits is done with them."""
+def load_rows(cfg: DataConfig, source: str, subset: str | None, split: str,
+              graders: GraderLookup = GRADERS.get) -> tuple[str, list[dict], list[BadRow]]:
+    """(where, rows, bad rows) of one dataset, mapped to the row format and checked against each row's grader;
+    rows carry "_row" (1-based) until load_splits is done with them."""
     where = _where(source, subset, split)
     ds = read_dataset(source, subset, split)
-    columns = resolve_fields(cfg, ds.column_names, where)
+    columns = resolve_fields(cfg, ds.column_names, where, graders)
     ds = ds.select_columns(sorted({path.split(".")[0] for path in columns.values() if path}))
     rows, bad, first_seen = [], [], {}
     for i, raw in enumerate(ds, start=1):
         try:
-            row = map_row(raw, columns, cfg)
+            row = map_row(raw, columns, cfg, graders)
             if row["id"] in first_seen:
                 raise _RowError("id", f"duplicate id {row['id']!r} (first at row {first_seen[row['id']]})")
         except _RowError as err:
@@ -256,9 +271,11 @@ def load_rows(cfg: DataConfig, source: str, subset: str | None, split: str) -> t
     return where, rows, bad
 
 
-def resolve_fields(cfg: DataConfig, column_names: list[str], where: str) -> dict[str, str | None]:
+def resolve_fields(cfg: DataConfig, column_names: list[str], where: str,
+                   graders: GraderLookup = GRADERS.get) -> dict[str, str | None]:
     """Each logical field -> the column path used for it (None: the dataset has none of its candidates).
-    ConfigError when a field every row needs has no column at all."""
+    ConfigError when a field every row needs has no column at all, or when every row has data.default_source and
+    it has no grader."""
     columns = set(column_names)
 
     def first(candidates: list[str]) -> str | None:
@@ -268,10 +285,14 @@ def resolve_fields(cfg: DataConfig, column_names: list[str], where: str) -> dict
                 "tests": first(cfg.tests_field), "id": first(cfg.id_field), "source": cfg.source_field}
     resolved |= {f"keep:{name}": name for name in cfg.keep_fields}
     required = [("prompt", cfg.prompt_field, "data.prompt_field")]
-    if cfg.source_field is None and cfg.default_source in ("math", "code"):
-        name = "answer" if cfg.default_source == "math" else "tests"
-        required.append((name, getattr(cfg, f"{name}_field"), f"data.{name}_field"))
-    if cfg.source_field is not None:
+    if cfg.source_field is None:
+        try:
+            grader = graders(cfg.default_source)
+        except UnknownSource as err:
+            raise ConfigError(f"data.default_source: {err}") from None
+        required += [(name, getattr(cfg, f"{name}_field"), f"data.{name}_field") for name in _needs(grader)
+                     if name in _GOLD_FIELDS]
+    else:
         required.append(("source", [cfg.source_field], "data.source_field"))
     required += [(f"keep:{name}", [name], "data.keep_fields") for name in cfg.keep_fields]
     for name, candidates, key in required:
@@ -294,8 +315,9 @@ def get_path(raw, path: str):
     return value
 
 
-def map_row(raw: dict, columns: dict[str, str | None], cfg: DataConfig) -> dict:
-    """One dataset record -> a row (id None when the dataset has no id column). Raises _RowError."""
+def map_row(raw: dict, columns: dict[str, str | None], cfg: DataConfig, graders: GraderLookup = GRADERS.get) -> dict:
+    """One dataset record -> a row (id None when the dataset has no id column), with the fields its grader needs.
+    Raises _RowError."""
 
     def value(name: str):
         if columns[name] is None:
@@ -306,41 +328,70 @@ def map_row(raw: dict, columns: dict[str, str | None], cfg: DataConfig) -> dict:
             return None
         return None if isinstance(v, float) and math.isnan(v) else v  # csv / pandas write NaN for a blank cell
 
-    def missing(name: str, candidates: list[str]) -> _RowError:
-        where = f"column {columns[name]!r}" if columns[name] else f"no column of {', '.join(candidates)}"
-        return _RowError(name, f"missing ({where})")
-
     prompt = value("prompt")
     if prompt is None:
-        raise missing("prompt", cfg.prompt_field)
+        raise _missing("prompt", columns["prompt"], cfg.prompt_field)
     source = cfg.default_source
     if cfg.source_field is not None:
         raw_source = value("source")
         if raw_source is None or not str(raw_source).strip():
-            raise missing("source", [cfg.source_field])
+            raise _missing("source", columns["source"], [cfg.source_field])
         source = cfg.source_map.get(str(raw_source), str(raw_source))
-    answer, tests = value("answer"), value("tests")
-    if source == "math":
-        if answer is None:
-            raise missing("answer", cfg.answer_field)
-        answer = gold_answer(answer, cfg.answer_pattern)
-    elif source == "code":
-        if tests is None:
-            raise missing("tests", cfg.tests_field)
-        try:
-            tests = normalize_tests(tests)
-        except ValueError as err:
-            raise _RowError("tests", f"the code grader cannot use them: {err}") from None
-    elif answer is not None and not isinstance(answer, (list, dict)):
-        answer = str(answer)
+    try:
+        needs = _needs(graders(source))
+    except UnknownSource as err:
+        raise _RowError("source", str(err)) from None
     raw_id = value("id")
-    row = {"prompt": clean_prompt(prompt, cfg.prompt_pattern), "answer": answer, "tests": tests, "source": source,
-           "id": None if raw_id is None else str(raw_id)}
-    return row | {name: value(f"keep:{name}") for name in cfg.keep_fields}
+    row = {"prompt": prompt, "answer": value("answer"), "tests": value("tests"), "source": source,
+           "id": None if raw_id is None else str(raw_id)} | {name: value(f"keep:{name}") for name in cfg.keep_fields}
+    for name in needs:
+        if row.get(name) is None:
+            raise _missing_need(name, columns, cfg)
+    row |= {name: _GOLD_FIELDS[name](row[name], cfg) for name in needs if name in _GOLD_FIELDS}
+    if "answer" not in needs and row["answer"] is not None and not isinstance(row["answer"], (list, dict)):
+        row["answer"] = str(row["answer"])  # a gold the grader does not need is still text, as the row format says
+    row["prompt"] = clean_prompt(prompt, cfg.prompt_pattern)
+    return row
+
+
+def _needs(grader: Grader | None) -> tuple[str, ...]:
+    """The fields a grader needs; none for a source not known here (loaded without a scorer)."""
+    return () if grader is None else grader.needs
+
+
+def _missing(name: str, column: str | None, candidates: list[str]) -> _RowError:
+    where = f"column {column!r}" if column else f"no column of {', '.join(candidates)}"
+    return _RowError(name, f"missing ({where})")
+
+
+def _missing_need(name: str, columns: dict[str, str | None], cfg: DataConfig) -> _RowError:
+    """A field the row's grader needs and the row lacks, saying where it was looked for."""
+    if name in _GOLD_FIELDS:
+        return _missing(name, columns[name], getattr(cfg, f"{name}_field"))
+    if name in cfg.keep_fields:
+        return _missing(name, columns[f"keep:{name}"], [name])
+    return _RowError(name, "missing (not a field of the row: list its column in data.keep_fields)")
+
+
+def _read_answer(answer, cfg: DataConfig) -> str:
+    """A needed answer: gold_answer."""
+    return gold_answer(answer, cfg.answer_pattern)
+
+
+def _read_tests(tests, cfg: DataConfig) -> dict:
+    """Needed tests: normalize_tests."""
+    try:
+        return normalize_tests(tests)
+    except ValueError as err:
+        raise _RowError("tests", f"the code grader cannot use them: {err}") from None
+
+
+# The row fields with a fixed form (module docstring): a grader that needs one gets it read by this function.
+_GOLD_FIELDS: dict[str, Callable[[Any, DataConfig], Any]] = {"answer": _read_answer, "tests": _read_tests}
 
 
 def gold_answer(answer, pattern: str | None) -> str:
-    """A math row's gold as text (answer_pattern applied). Raises _RowError."""
+    """A gold answer as text (answer_pattern applied), for a grader that needs "answer". Raises _RowError."""
     if isinstance(answer, (list, dict, bool)):
         raise _RowError("answer", f"a {type(answer).__name__}, not a text or a number: {str(answer)[:80]!r}")
     answer = str(answer).strip()
@@ -402,24 +453,20 @@ def normalize_tests(tests) -> dict:
 
 
 def check_graders(where: str, rows: list[dict], scorer) -> list[BadRow]:
-    """Rows the run's reward cannot score: a math gold that does not grade correct against itself (boxed), or a
-    source with no grader. One scorer call for all math rows: numbers take the grader's fast path, the rest go
-    to math-verify in the scorer's worker pool."""
-    bad = []
-    if scorer.cfg.custom is None:
-        bad += [BadRow(where, row["_row"], "source", f"{row['source']!r} has no grader: it is neither 'math' nor "
-                       "'code' and reward.custom is not set (see data.source_map)")
-                for row in rows if row["source"] not in ("math", "code")]
-    math_rows = [row for row in rows if row["source"] == "math"]
-    if math_rows:
-        n = len(math_rows)
-        graded = scorer.score([f"\\boxed{{{row['answer']}}}" for row in math_rows], math_rows,
-                              response_lengths=[0] * n, max_tokens=max(scorer.cfg.overlong_buffer, 1),
-                              truncated=[False] * n, progress=n > 10000)
-        bad += [BadRow(where, row["_row"], "answer", f"the math grader cannot use {row['answer'][:80]!r} as a gold "
-                       f"answer (status {result.status!r} when graded against itself)")
-                for row, result in zip(math_rows, graded.results) if result.status != "correct"]
-    return bad
+    """Rows whose gold their grader cannot use: the grader's reference response (math: the gold, boxed) does not
+    grade correct against the row. One scorer call for all such rows: math numbers take the grader's fast path,
+    the rest go to math-verify in the scorer's worker pool."""
+    checked = [(row, grader) for row in rows if (grader := scorer.grader(row["source"])).reference is not None]
+    if not checked:
+        return []
+    n = len(checked)
+    graded = scorer.score([grader.reference(row) for row, grader in checked], [row for row, _ in checked],
+                          response_lengths=[0] * n, max_tokens=max(scorer.cfg.overlong_buffer, 1),
+                          truncated=[False] * n, progress=n > 10000)
+    return [BadRow(where, row["_row"], grader.needs[0], f"the {row['source']} grader cannot use "
+                   f"{str(row[grader.needs[0]])[:80]!r} as a gold answer (status {result.status!r} when graded "
+                   "against itself)")
+            for (row, grader), result in zip(checked, graded.results) if result.status != "correct"]
 
 
 # ---- prompts ---------------------------------------------------------------------------------------------------

@@ -1,7 +1,6 @@
-"""Data parallelism: the only module that touches deepspeed and torch.distributed.
+"""DeepSpeed: the only module that imports it. The process group, the ZeRO config, the policy and its updater.
 
-Two ways to run the policy update, behind one updater interface (backward, step, lr, save/load, named_weights;
-see cispo.optim.TorchUpdater):
+Two ways to run the policy update, behind one interface (cispo.optim.Updater):
 - `trainer.zero_stage: null` (the default run): plain torch in one process (cispo.optim.TorchUpdater); this
   project does not import deepspeed then.
 - `trainer.zero_stage: 0-3`: DeepSpeed ZeRO (`DeepSpeedUpdater`), one or many processes on one or many nodes,
@@ -10,14 +9,16 @@ see cispo.optim.TorchUpdater):
 
 Who does what in a step (rank r of W):
 - every rank holds the same step's prompts (the prompt stream is replicated, so it resumes the same everywhere);
-  rank r generates and grades a contiguous share of them with its own rollout engine (`shard_range`), and the
-  completions and grades of all ranks are gathered (`gather_rollout`), so advantages and metrics are global;
+  rank r generates and grades a contiguous share of them with its own rollout engine (`Dist.shard_range`), and
+  the completions and grades of all ranks are gathered (cispo.sampling), so advantages and metrics are global;
 - each optimizer mini-batch (whole prompt groups, `cispo.batch.split_groups`) is split between ranks by whole
-  groups, balanced by tokens (`shard_groups`); every rank packs its share into token-budget micro-batches;
-- the aggregation coefficients are computed over the WHOLE mini-batch before it is split (`rank_micro_batches`),
-  so the sum over ranks and micro-batches of `sum_t coef_t * loss_t` is exactly the single-process loss;
-- every rank runs the same number of forward/backward passes (`even`: ranks with fewer micro-batches run empty
-  ones with coefficient 0), because ZeRO-3 gathers parameters in forward and ZeRO-2/3 reduce in backward.
+  groups, balanced by tokens (`Dist.shard_groups`); every rank packs its share into token-budget micro-batches;
+- the aggregation coefficients are computed over the WHOLE mini-batch before it is split
+  (`cispo.batch.micro_batches(..., norm_over=mini)`), so the sum over ranks and micro-batches of
+  `sum_t coef_t * loss_t` is exactly the single-process loss;
+- every rank runs the same number of forward/backward passes (`cispo.batch.even`: ranks with fewer micro-batches
+  run empty ones with coefficient 0), because ZeRO-3 gathers parameters in forward and ZeRO-2/3 reduce in
+  backward.
 
 Loss scaling (so that the gradient equals the single-process one, whatever the world size and micro-batching):
 our micro-batch loss is already a share of the global mini-batch loss (its coefficients carry the global
@@ -37,16 +38,14 @@ import logging
 import os
 import socket
 import sys
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from cispo.batch import MicroBatch, Sample, micro_batches
+from cispo.collective import Dist, launched_world_size
 from cispo.config import ConfigError, TrainerConfig
-from cispo.loss import sequence_coefficients
-from cispo.optim import TorchUpdater, lr_lambda
+from cispo.optim import TorchUpdater
 from cispo.policy import PolicyLogprobs, load_policy
 
 logger = logging.getLogger(__name__)
@@ -58,148 +57,10 @@ _OWNED_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", 
                "managed_gradient_accumulation", "gradient_clipping")
 
 
-# --------------------------------------------------------------------------------------------------------------
-# The process group
-# --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Dist:
-    """This process's place in the data-parallel world, and the few collectives the trainer needs.
-    With one process (the default run) every collective is the identity and torch.distributed is never used."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # the policy's device
-    initialized: bool = False  # torch.distributed is up
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    # ---------------------------------------------------------------------------------------------- collectives
-    def _tensor(self, values, dtype=torch.float64) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, device=self.device)
-
-    def barrier(self) -> None:
-        if self.initialized:
-            torch.distributed.barrier()
-
-    def broadcast_object(self, obj, src: int = 0):
-        if not self.initialized:
-            return obj
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=src)
-        return box[0]
-
-    def all_gather_object(self, obj) -> list:
-        if not self.initialized:
-            return [obj]
-        out = [None] * self.world_size
-        torch.distributed.all_gather_object(out, obj)
-        return out
-
-    def sum(self, values: list[float]) -> list[float]:
-        """Element-wise sum over ranks (float64)."""
-        if not self.initialized or not values:
-            return list(values)
-        t = self._tensor(values)
-        torch.distributed.all_reduce(t)
-        return t.tolist()
-
-    def max(self, value: int) -> int:
-        if not self.initialized:
-            return value
-        t = self._tensor([value], torch.int64)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return int(t.item())
-
-    def cat(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The 1-D tensors of all ranks, concatenated in rank order (lengths may differ)."""
-        if not self.initialized:
-            return tensor
-        local = tensor.detach().reshape(-1)
-        sizes = [int(s) for s in self._all_gather_tensor(self._tensor([local.numel()], torch.int64))]
-        if max(sizes) == 0:
-            return tensor.detach().reshape(-1)
-        padded = torch.zeros(max(sizes), dtype=local.dtype, device=self.device)
-        padded[: local.numel()] = local.to(self.device)
-        parts = self._all_gather_tensor(padded)
-        return torch.cat([p[:n] for p, n in zip(parts.view(self.world_size, -1), sizes)]).to(tensor.device)
-
-    def mean(self, metrics: dict[str, float], weight: float) -> dict[str, float]:
-        """Weighted mean over ranks of per-rank means (e.g. accuracy over each rank's share of the prompts)."""
-        if not self.initialized:
-            return metrics
-        parts = self.all_gather_object((metrics, weight))
-        total = sum(w for _, w in parts)
-        keys = [k for k in parts[0][0] if all(k in m for m, _ in parts)]
-        return {k: sum(m[k] * w for m, w in parts) / total for k in keys}
-
-    def _all_gather_tensor(self, t: torch.Tensor) -> torch.Tensor:
-        out = [torch.empty_like(t) for _ in range(self.world_size)]
-        torch.distributed.all_gather(out, t)
-        return torch.cat(out)
-
-    @contextlib.contextmanager
-    def local_rank0_first(self):
-        """Local rank 0 of each node runs the block first (e.g. fills a per-node cache), then the others."""
-        if self.local_rank != 0:
-            self.barrier()
-        yield
-        if self.local_rank == 0:
-            self.barrier()
-
-    # ------------------------------------------------------------------------------------------ data sharding
-    def shard_range(self, n: int) -> tuple[int, int]:
-        """[lo, hi) of this rank's contiguous share of n items (shares differ by at most one)."""
-        base, extra = divmod(n, self.world_size)
-        lo = self.rank * base + min(self.rank, extra)
-        return lo, lo + base + (self.rank < extra)
-
-    def shard_groups(self, samples: list[Sample], indices: list[int]) -> list[int]:
-        """This rank's share of `indices` (a mini-batch): whole prompt groups, balanced by tokens (longest group
-        first to the least loaded rank; deterministic, so every rank computes the same assignment)."""
-        if self.world_size == 1:
-            return list(indices)
-        tokens: dict[int, int] = {}
-        for i in indices:
-            s = samples[i]
-            tokens[s.group] = tokens.get(s.group, 0) + len(s.prompt_ids) + len(s.response_ids)
-        load = [0] * self.world_size
-        owner = {}
-        for g in sorted(tokens, key=lambda g: (-tokens[g], g)):
-            r = min(range(self.world_size), key=lambda r: (load[r], r))
-            owner[g] = r
-            load[r] += tokens[g]
-        return [i for i in indices if owner[samples[i].group] == self.rank]
-
-    def even(self, mbs: list[MicroBatch]) -> list[MicroBatch]:
-        """Pad this rank's micro-batches with empty ones (coefficient 0, no sample) up to the largest count
-        over ranks: ZeRO-3 gathers parameters in every forward and ZeRO-2/3 reduce in every backward, so all
-        ranks must run the same number of passes."""
-        n = self.max(len(mbs))
-        return mbs + [empty_micro_batch() for _ in range(n - len(mbs))]
-
-    # ------------------------------------------------------------------------------------------------ lifetime
-    def close(self) -> None:
-        if self.initialized and torch.distributed.is_initialized():
-            with contextlib.suppress(Exception):
-                torch.distributed.barrier()
-                torch.distributed.destroy_process_group()
-        self.initialized = False
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def launched_world_size() -> int:
-    """Processes started by the launcher (torchrun / deepspeed set WORLD_SIZE); 1 for plain python."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def init_distributed(cfg: TrainerConfig) -> Dist:
@@ -251,69 +112,6 @@ def _import_deepspeed():
     for name in ("DeepSpeed", "deepspeed"):
         logging.getLogger(name).setLevel(logging.WARNING)
     return deepspeed
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Micro-batches of this rank's share
-# --------------------------------------------------------------------------------------------------------------
-
-
-def empty_micro_batch() -> MicroBatch:
-    """One token, no sample, coefficient 0: a pass that contributes nothing but keeps the collectives aligned."""
-    zero = torch.zeros(1)
-    return MicroBatch(
-        input_ids=torch.zeros(1, 1, dtype=torch.long), position_ids=torch.zeros(1, 1, dtype=torch.long),
-        logit_pos=torch.zeros(1, dtype=torch.long), targets=torch.zeros(1, dtype=torch.long), adv=zero, coef=zero,
-        rollout_logp=zero, old_logp=zero, sample_ids=[], lengths=[],
-    )
-
-
-def rank_micro_batches(samples: list[Sample], mini: list[int], mine: list[int], max_tokens: int,
-                       loss_agg: str) -> list[MicroBatch]:
-    """Token-budget micro-batches of `mine` (this rank's share of mini-batch `mini`), with the aggregation
-    coefficients of the WHOLE mini-batch: summed over all ranks' micro-batches, the losses are the loss of the
-    mini-batch, so the gradient does not depend on the number of ranks or micro-batches."""
-    lengths = torch.tensor([samples[i].loss_len for i in mini])
-    groups = torch.tensor([samples[i].group for i in mini])
-    coef = dict(zip(mini, sequence_coefficients(lengths, groups, loss_agg).tolist()))
-    mbs = micro_batches(samples, mine, max_tokens, None)
-    for mb in mbs:
-        mb.coef = torch.cat([torch.full((samples[i].loss_len,), coef[i], dtype=torch.float32) for i in mb.sample_ids])
-    return mbs
-
-
-def gather_rollout(dist: Dist, rollout, graded, offset: int, rows: list[dict]):
-    """Every rank's completions and grades, in prompt order (ranks hold contiguous shares of the prompts, this
-    one from prompt `offset` on). Reward metrics are recomputed over the whole batch; the rollout's seconds are
-    the slowest rank's."""
-    if dist.world_size == 1:
-        return rollout, graded
-    from rewards.scorer import BatchRewards, batch_metrics
-    from rollout.base import Rollout
-
-    for c in rollout.completions:
-        c.prompt_index += offset
-    parts = dist.all_gather_object((rollout.completions, rollout.seconds, graded.scores, graded.results,
-                                    graded.loss_mask, graded.metrics.get("reward/time_s", 0.0)))
-    completions = [c for p in parts for c in p[0]]
-    scores = [x for p in parts for x in p[2]]
-    results = [x for p in parts for x in p[3]]
-    loss_mask = [x for p in parts for x in p[4]]
-    metrics = batch_metrics(
-        results, [rows[c.prompt_index] for c in completions], scores,
-        [s - r.score for s, r in zip(scores, results)],  # the overlong penalties
-        loss_mask, [c.finish_reason == "length" for c in completions], max(p[5] for p in parts),
-    )
-    return Rollout(completions, max(p[1] for p in parts)), BatchRewards(scores, results, loss_mask, metrics)
-
-
-def to_device(mb: MicroBatch, device: torch.device) -> MicroBatch:
-    if device.type == "cpu":
-        return mb
-    move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-    return replace(mb, **{k: move(getattr(mb, k)) for k in
-                          ("input_ids", "position_ids", "logit_pos", "targets", "adv", "coef", "rollout_logp",
-                           "old_logp")})
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -403,19 +201,19 @@ def _deep_merge(base: dict, extra: dict, owned=(), prefix: str = "") -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def build_policy(model_dir: str, cfg, dist: Dist, total_updates: int):
+def build_policy(model_dir: str, cfg, dist: Dist):
     """(policy, tokenizer, updater) for `cfg` (a cispo.config.Config): TorchUpdater for zero_stage null,
     DeepSpeedUpdater otherwise. Under ZeRO-3 the model is partitioned while it loads (zero.Init)."""
     trainer = cfg.trainer
     if trainer.zero_stage is None:
         policy, tokenizer = load_policy(model_dir, cfg.model)
-        return policy, tokenizer, TorchUpdater(policy, trainer, total_updates)
+        return policy, tokenizer, TorchUpdater(policy, trainer, dist)
     # with trainer.bf16 DeepSpeed casts the working copy to bf16 and keeps fp32 master weights, whatever
     # model.dtype the checkpoint is loaded in
     ds_config = deepspeed_config(trainer, dist.world_size)
     with _zero3_init(ds_config):
         policy, tokenizer = load_policy(model_dir, cfg.model)
-    return policy, tokenizer, DeepSpeedUpdater(policy, trainer, ds_config, dist, total_updates)
+    return policy, tokenizer, DeepSpeedUpdater(policy, trainer, ds_config, dist)
 
 
 @contextlib.contextmanager
@@ -449,7 +247,7 @@ class DeepSpeedUpdater:
     `model` is what micro_batch_logprobs calls (the engine around PolicyLogprobs); `policy` is the HF model
     (parameter names for weight sync and export)."""
 
-    def __init__(self, policy, cfg: TrainerConfig, ds_config: dict, dist: Dist, total_updates: int):
+    def __init__(self, policy, cfg: TrainerConfig, ds_config: dict, dist: Dist):
         deepspeed = _import_deepspeed()
         self.policy, self.dist, self.cfg = policy, dist, cfg
         self.ds_config = ds_config
@@ -467,36 +265,39 @@ class DeepSpeedUpdater:
             adamw = dict(lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
             optimizer = (ClippedAdamW(params, cfg.grad_clip, **adamw) if _optimizer_clips(cfg)
                          else torch.optim.AdamW(params, **adamw))
-        schedule = lr_lambda(cfg, total_updates)
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
+        self.engine, _, _, _ = deepspeed.initialize(
             model=module, model_parameters=params, optimizer=optimizer, config=ds_config, dist_init_required=False,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         )
         self.model = self.engine
         self.device = dist.device
+        self._lr = cfg.lr
 
     # ------------------------------------------------------------------------------------- the update interface
     def backward(self, loss: torch.Tensor) -> None:
         # x world_size: DeepSpeed averages gradients over ranks, our loss shares already sum to the global loss
         self.engine.backward(loss * self.dist.world_size)
 
-    def step(self) -> float:
-        """Reduce, clip (trainer.grad_clip > 0), step, zero the gradients; returns the pre-clip global norm."""
+    def step(self, lr: float) -> float:
+        """Reduce, clip (trainer.grad_clip > 0), step at `lr`, zero the gradients; returns the pre-clip global
+        norm. The rate is set on the client optimizer (DeepSpeed 0.19's `basic_optimizer`), the one a DeepSpeed
+        lr_scheduler would be given: the ZeRO wrappers read their groups' rates from it."""
+        for group in self.engine.basic_optimizer.param_groups:
+            group["lr"] = lr
+        self._lr = lr
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
     @property
     def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+        return self._lr
 
     def state_dict(self) -> dict:
-        """This rank's optimizer partition and the schedule (checkpoints use save/load: DeepSpeed's format)."""
-        return {"optimizer": self.engine.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        """This rank's optimizer partition (checkpoints use save/load: DeepSpeed's format)."""
+        return {"optimizer": self.engine.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.engine.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
 
     # ----------------------------------------------------------------------------------------------- checkpoints
     def save(self, path: Path) -> None:
@@ -506,7 +307,7 @@ class DeepSpeedUpdater:
 
     def load(self, path: Path) -> None:
         loaded, _ = self.engine.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
-                                                load_lr_scheduler_states=True)
+                                                load_lr_scheduler_states=False)
         if loaded is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}/{DS_TAG}")
 
@@ -544,15 +345,3 @@ def consolidate_deepspeed_checkpoint(policy_dir: Path) -> dict[str, torch.Tensor
     state = get_fp32_state_dict_from_zero_checkpoint(str(policy_dir), tag=DS_TAG)
     prefix = "model."  # DeepSpeed wrapped PolicyLogprobs, whose `model` is the HF model
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
-
-
-def sync_weights(engine, updater) -> None:
-    """Push the policy's weights to this rank's rollout engine (every rank has one). Under ZeRO-3 the gathers
-    are collective, so the iterator is drained even if an engine stopped consuming it early (its own error
-    then surfaces instead of a hang on the other ranks)."""
-    weights = updater.named_weights()
-    try:
-        engine.load_weights(weights)
-    finally:
-        for _ in weights:
-            pass

@@ -19,33 +19,31 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
 from cispo.advantages import group_advantages
-from cispo.batch import MicroBatch, Sample, micro_batches, split_groups
+from cispo.batch import MicroBatch, Sample, even, micro_batches, split_groups
 from cispo.checkpoint import (
     Checkpointer, checkpoint_name, checkpoint_step, export_hf, resolve_resume, trim_metrics,
 )
 from cispo.config import AlgoConfig, Config, ConfigError
 from cispo.curriculum import Curriculum
-from cispo.data import PromptStream, encode_prompts, load_splits
-from cispo.distributed import (
-    build_policy, gather_rollout, init_distributed, rank_micro_batches, sync_weights, to_device,
-)
-from cispo.evaluation import grade, greedy_accuracy, sampled_accuracy
+from cispo.data import PromptStream, load_splits
+from cispo.distributed import build_policy, init_distributed
 from cispo.logging import RunLogger
 from cispo.manifest import write_run_manifest
 from cispo.moe import RoutingMeter, RoutingStore, routing
-from cispo.loss import LossOut, logp_grad, loss_metrics, mismatch_metrics, policy_loss, tis_weights
+from cispo.loss import LossOut, logp_grad, loss_knobs, loss_metrics, mismatch_metrics, policy_loss, tis_weights
+from cispo.optim import lr_lambda, update_position
 from cispo.policy import micro_batch_logprobs, model_device
+from cispo.sampling import ColocatedSampler, Sampler
 from cispo.tiny_model import check_cache_dir
 from cispo.warm_start import prepare_model
 from rewards import RewardScorer
 from rollout import build_engine, resolve_engine
-from rollout.base import SamplingParams
 
 
 @dataclass
@@ -90,10 +88,12 @@ def train(cfg: Config) -> TrainResult:
         train_rows, eval_rows = splits
         with dist.local_rank0_first():  # builds / warm-starts the tiny model once per node (a cached file)
             model_dir = prepare_model(cfg, train_rows)
-        _, tokenizer, updater = build_policy(model_dir, cfg, dist, cfg.trainer.steps * cfg.algo.updates_per_step)
         kind = resolve_engine(cfg.rollout.engine, model_dir)
+        cfg.rollout.check_engine(kind)  # a rollout knob the resolved engine cannot honour stops the run here
+        _, tokenizer, updater = build_policy(model_dir, cfg, dist)
         say(f"starting the rollout engine ({kind}) ...")
         engine = build_engine(kind, model_dir, cfg.rollout, cfg.model, cfg.trainer.seed)  # one per rank
+        sampler = ColocatedSampler(cfg, engine, scorer, tokenizer, dist)
         say(f"rollout engine ready ({time.perf_counter() - started:.0f} s since the run started)")
         stream = PromptStream(train_rows, cfg.data.seed)
         curriculum = Curriculum(cfg.curriculum, stream, cfg.rollout.max_tokens)
@@ -102,8 +102,6 @@ def train(cfg: Config) -> TrainResult:
         # here (objects with state_dict() -> JSON-serialisable data, and load_state_dict())
         stateful = {"stream": stream, "run": run, "curriculum": curriculum}
         checkpoints = Checkpointer(run_dir / "checkpoints", cfg.trainer.keep_last, dist)
-        eval_prompts = encode_prompts(tokenizer, eval_rows, cfg.data)
-        evaluate = lambda: evaluate_greedy(engine, eval_prompts, eval_rows, scorer, cfg, dist)  # noqa: E731
         resume = resolve_resume(cfg.trainer.resume, run_dir)
         start = checkpoint_step(resume) if resume else 0
         history = trim_metrics(run_dir / "metrics.jsonl", start) if resume and dist.is_main else []
@@ -112,23 +110,23 @@ def train(cfg: Config) -> TrainResult:
         logger.history = history + logger.history  # the plot covers the steps before a resume too
         if resume:  # last before the loop: the RNG states continue from the moment the checkpoint was taken
             checkpoints.load(resume, updater, stateful)
-            sync_weights(engine, updater)
+            sampler.push_weights(updater)
         try:
             if not resume:
                 say(f"held-out evaluation before RL ({len(eval_rows)} problems) ...")
                 tick = time.perf_counter()
-                run.eval_before = evaluate()
+                run.eval_before = sampler.evaluate(eval_rows)
                 say(f"held-out accuracy before RL: {run.eval_before['eval/accuracy']:.3f}")
                 logger.log(0, run.eval_before | splits.report.metrics() | {"time/eval_s": time.perf_counter() - tick,
                                                                             "time/startup_s": tick - started})
             eval_after = run.eval_before
             for step in range(start + 1, cfg.trainer.steps + 1):
                 tick = time.perf_counter()
-                metrics = rl_step(cfg, step, curriculum, tokenizer, engine, scorer, updater)
+                metrics = rl_step(cfg, step, curriculum, sampler, updater)
                 metrics["time/step_s"] = time.perf_counter() - tick
                 if step == cfg.trainer.steps or due(cfg.trainer.eval_every, step):
                     tick = time.perf_counter()
-                    eval_after = evaluate()
+                    eval_after = sampler.evaluate(eval_rows)
                     metrics |= eval_after | {"time/eval_s": time.perf_counter() - tick}
                 logger.log(step, metrics)
                 if due(cfg.trainer.save_every, step) or (cfg.trainer.save_every and step == cfg.trainer.steps):
@@ -136,65 +134,46 @@ def train(cfg: Config) -> TrainResult:
                 if due(cfg.trainer.export_every, step):
                     export_hf(updater, run_dir / "hf" / checkpoint_name(step), tokenizer)
         finally:
-            engine.close()
+            sampler.close()
             logger.finish()
     final = export_hf(updater, run_dir / "final", tokenizer)
     dist.close()
     return TrainResult(run_dir, final, run.eval_before, eval_after)
 
 
-def rl_step(cfg: Config, step, curriculum, tokenizer, engine, scorer, updater) -> dict:
+def rl_step(cfg: Config, step: int, curriculum: Curriculum, sampler: Sampler, updater) -> dict:
     algo = cfg.algo
-
-    def sample(rows, round_index):
-        prompts = encode_prompts(tokenizer, rows, cfg.data)
-        return prompts, *generate_and_score(cfg, step, rows, prompts, engine, scorer, updater.dist,
-                                            curriculum.max_tokens, round_index)
-
-    filled = curriculum.fill(sample, algo.prompts_per_step, algo.group_size)  # refills zero-variance groups
-    rows, prompts, done, graded = filled.rows, filled.prompts, filled.completions, filled.graded
-    adv = group_advantages(
-        torch.tensor(graded.scores).view(len(rows), algo.group_size), std_norm=algo.adv_std_norm, level=algo.adv_norm
-    )
+    filled = curriculum.fill(sampler, step, algo.prompts_per_step)  # refills zero-variance groups
+    adv = group_advantages(torch.tensor([[e.score for e in group] for group in filled.groups]).view(-1, algo.group_size),
+                           std_norm=algo.adv_std_norm, level=algo.adv_norm)
     samples = [
         Sample(
-            prompt_ids=prompts[c.prompt_index], response_ids=c.token_ids,
-            loss_len=c.loss_tokens if graded.loss_mask[k] else 0,
-            rollout_logp=torch.tensor(c.logprobs[: c.loss_tokens] if graded.loss_mask[k] else [], dtype=torch.float32),
-            adv=float(adv.adv.view(-1)[k]), group=c.prompt_index,
+            prompt_ids=filled.prompts[g], response_ids=e.completion.token_ids,
+            loss_len=e.completion.loss_tokens if e.trainable else 0,
+            rollout_logp=torch.tensor(e.completion.logprobs[: e.completion.loss_tokens] if e.trainable else [],
+                                      dtype=torch.float32),
+            adv=float(adv.adv[g, k]), group=g,
         )
-        for k, c in enumerate(done)
-        if not (algo.drop_zero_variance and adv.zero_variance[c.prompt_index])
+        for g, group in enumerate(filled.groups) if not (algo.drop_zero_variance and adv.zero_variance[g])
+        for k, e in enumerate(group)
     ]
-    engine.sleep()  # colocated GPU engines free their memory for the update (rollout.sleep_level)
-    stats = update_policy(cfg, updater.model, updater, samples)
-    engine.wake()
-    sync_weights(engine, updater)
+    sampler.sleep()  # colocated GPU engines free their memory for the update (rollout.sleep_level)
+    stats = update_policy(cfg, step, updater, samples)
+    sampler.wake()
+    sampler.push_weights(updater)
     return filled.metrics | curriculum.update(filled) | stats | {
         "adv/zero_variance_frac": adv.zero_variance.float().mean().item(),
         "train/samples": len(samples),
     }
 
 
-def generate_and_score(cfg: Config, step, rows, prompts, engine, scorer, dist, max_tokens: int, round_index: int = 0):
-    """(rollout, grades) of the whole step, completions in prompt order. This rank generates and grades its own
-    contiguous share of the prompts; the other ranks' results are gathered."""
-    lo, hi = dist.shard_range(len(prompts))
-    sampling = SamplingParams(
-        n=cfg.algo.group_size, max_tokens=max_tokens, temperature=cfg.rollout.temperature,
-        top_p=cfg.rollout.top_p, seed=(cfg.rollout.seed + step) * dist.world_size + dist.rank + round_index * 1_000_003,
-    )
-    rollout = engine.generate(prompts[lo:hi], sampling)
-    graded = grade(scorer, rollout.completions, rows[lo:hi], max_tokens)
-    return gather_rollout(dist, rollout, graded, lo, rows)
-
-
-def update_policy(cfg: Config, policy, updater, samples: list[Sample]) -> dict:
-    """pi_old for every sample, then `algo.updates_per_step` optimizer steps over mini-batches of prompt groups.
+def update_policy(cfg: Config, step: int, updater, samples: list[Sample]) -> dict:
+    """pi_old for every sample, then up to `algo.updates_per_step` optimizer steps over mini-batches of prompt
+    groups (fewer when fewer groups are left), at the learning rates of RL step `step` (cispo.optim).
 
     Each rank computes pi_old for, and trains on, its share of every mini-batch (updater.dist; all of it in one
     process), with the aggregation coefficients of the whole mini-batch; metrics are over all ranks."""
-    algo, budget, dist = cfg.algo, cfg.trainer.max_tokens_per_micro, updater.dist
+    algo, tokens_per_micro, dist, policy = cfg.algo, cfg.trainer.max_tokens_per_micro, updater.dist, updater.model
     head = dict(temperature=cfg.rollout.temperature, fp32_head=cfg.model.fp32_lm_head)
     device = model_device(policy)
     samples = [s for s in samples if s.loss_len > 0]
@@ -207,21 +186,22 @@ def update_policy(cfg: Config, policy, updater, samples: list[Sample]) -> dict:
     # replayed in the training forwards; a dense model makes every routing() block a no-op
     store, meter = RoutingStore(), RoutingMeter(policy)
     with torch.no_grad():
-        for mb in dist.even(micro_batches(samples, mine, budget, None)):
+        for mb in even(micro_batches(samples, mine, tokens_per_micro, None), dist):
             with routing(policy, mb, store, record=True):
                 logps = micro_batch_logprobs(policy, mb, **head).logp
             for i, logp in zip(mb.sample_ids, mb_split(logps, mb.lengths)):
                 samples[i].old_logp = logp.cpu()
     old = global_cat(dist, [samples[i].old_logp for i in mine])
     metrics = mismatch_metrics(old, global_cat(dist, [samples[i].rollout_logp for i in mine]))
+    schedule = lr_lambda(cfg.trainer, cfg.trainer.steps * algo.updates_per_step)
     outs, losses, norms, entropy = [], [], [], []
-    for mini, share in zip(minis, shares):
+    for j, (mini, share) in enumerate(zip(minis, shares)):
         total = 0.0
         mini_tokens = sum(len(samples[i].prompt_ids) + len(samples[i].response_ids) for i in mini)
-        for mb in dist.even(rank_micro_batches(samples, mini, share, budget, algo.loss_agg)):
+        for mb in even(micro_batches(samples, share, tokens_per_micro, algo.loss_agg, norm_over=mini), dist):
             # backward inside the block: a gradient-checkpointing recompute must see the same routing
             with routing(policy, mb, store, replay=cfg.model.routing_replay) as cap:
-                mb = to_device(mb, device)
+                mb = mb.to(device)
                 # the LM head computes its gradients in the forward pass from the loss's (3 matmuls, not 4)
                 hint = lambda logp, rows: logp_grad(logp, **loss_inputs(mb, algo, rows))  # noqa: E731
                 tl = micro_batch_logprobs(policy, mb, **head, grad_hint=hint)
@@ -236,11 +216,13 @@ def update_policy(cfg: Config, policy, updater, samples: list[Sample]) -> dict:
             if mb.sample_ids:  # not an empty pass that only keeps the ranks in step
                 outs.append(out)
                 entropy.append(tl.entropy)
-        norms.append(updater.step())
+        position = update_position(step, j, len(minis), algo.updates_per_step)  # the schedule runs over RL steps
+        norms.append(updater.step(cfg.trainer.lr * schedule(position)))
         losses.append(total)
     losses = dist.sum(losses)  # each rank's share of each mini-batch loss
-    gathered = LossOut(torch.zeros(()), *(global_cat(dist, [getattr(o, f).float() for o in outs])
-                                          for f in ("ratio", "clipped_high", "clipped_low", "kept")))
+    # every rank's tokens (flags travel as 0/1 floats, which loss_metrics reads)
+    gathered = LossOut(torch.zeros(()), **{f.name: global_cat(dist, [getattr(o, f.name) for o in outs])
+                                           for f in fields(LossOut)[1:]})
     return metrics | loss_metrics([gathered]) | meter.metrics(reduce=dist.sum) | {
         "loss/value": sum(losses) / len(losses),
         "loss/entropy": global_cat(dist, entropy).mean().item(),
@@ -252,23 +234,11 @@ def update_policy(cfg: Config, policy, updater, samples: list[Sample]) -> dict:
 
 
 def loss_inputs(mb: MicroBatch, algo: AlgoConfig, rows: slice = slice(None)) -> dict:
-    """`policy_loss`'s arguments besides logp, for the loss tokens `rows` of a micro-batch."""
+    """`policy_loss`'s arguments besides logp, for the loss tokens `rows` of a micro-batch; the loss's knobs are
+    the algo fields it names (cispo.loss.loss_knobs)."""
     tis = tis_weights(mb.old_logp[rows], mb.rollout_logp[rows], algo.tis_cap) if algo.tis_cap else None
     return dict(old_logp=mb.old_logp[rows], adv=mb.adv[rows], coef=mb.coef[rows], tis_weight=tis, loss=algo.loss,
-                is_weight_max=algo.is_weight_max, is_weight_min=algo.is_weight_min, unified_mask=algo.unified_mask,
-                clip_low=algo.clip_low, clip_high=algo.clip_high)
-
-
-def evaluate_greedy(engine, prompts, rows, scorer, cfg: Config, dist) -> dict:
-    """Held-out greedy accuracy, and avg@k / pass@k of trainer.eval_k samples per prompt (M1's evaluation
-    sampling: temperature 1.0, top_p 0.95) when set; each rank evaluates its share (the metrics are means)."""
-    lo, hi = dist.shard_range(len(prompts))
-    metrics = greedy_accuracy(engine, prompts[lo:hi], rows[lo:hi], scorer, cfg.rollout.max_tokens)
-    if cfg.trainer.eval_k:
-        sampling = SamplingParams(n=cfg.trainer.eval_k, max_tokens=cfg.rollout.max_tokens, temperature=1.0,
-                                  top_p=0.95, seed=cfg.trainer.seed)
-        metrics |= sampled_accuracy(engine, prompts[lo:hi], rows[lo:hi], scorer, sampling)
-    return dist.mean(metrics, weight=hi - lo)
+                **loss_knobs(algo.loss, asdict(algo)))
 
 
 def global_cat(dist, tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -1,8 +1,9 @@
-"""The reward interface: one result type, the per-response protocol, and how a user's function is found.
+"""The reward interface: one result type, the per-response protocol, and how `reward.custom` is found.
 
-A RewardFn grades one response against one data row. The built-in math and code graders run in worker
-pools behind `rewards.scorer.RewardScorer`; a user's function (`reward.custom`) runs in the trainer process
-and is looked up here, either by a registered name or by an import path "pkg.module:fn".
+A RewardFn grades one response against one data row. Which grader scores a row is decided by its source
+(rewards.registry.GRADERS: the built-in math and code graders run in worker pools, user graders registered
+with register_grader in the trainer process). `reward.custom` names one RewardFn for every source with no
+registered grader, looked up here by a registered name or by an import path "pkg.module:fn".
 """
 
 from __future__ import annotations

@@ -22,16 +22,31 @@ Per-test statuses: "pass" | "wrong" | "runtime_error" | "timeout" | "output_limi
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import re
+import statistics
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from rewards.base import Grade
-from rewards.sandbox import RunResult, Sandbox, SandboxLimits, interpreter_binds
+from rewards.base import Grade, RewardResult
+from rewards.math import answer_region
+from rewards.registry import Grader, PoolBacked
+from rewards.sandbox import (RunResult, Sandbox, SandboxLimits, SandboxUnavailable, find_bwrap, interpreter_binds,
+                             uid_in_use)
+
+if TYPE_CHECKING:
+    from rewards.config import RewardConfig
+
+log = logging.getLogger(__name__)
 
 _PYTHON_TAGS = ("python", "python3", "py", "")
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 _TOL = 1e-6
+_STARTUP_SLACK_S = 2.0  # per test, over the test's own limit, for the sandbox and the interpreter
 
 # Runs inside the sandbox as `python -I -c DRIVER <mode>`; the source is the file solution.py.
 DRIVER = r"""
@@ -176,6 +191,56 @@ def prepare_code(region: str, tests, max_tests: int) -> Grade | dict:
     except (ValueError, TypeError) as e:
         return Grade("bad_tests", {"reason": str(e)})
     return {"code": code, "tests": parsed}
+
+
+# ---- the grader: the "code" entry of rewards.registry.GRADERS ---------------------------------------------
+
+
+def prepare_code_row(response: str, row: Mapping[str, Any], cfg: RewardConfig) -> Grade | dict:
+    """prepare_code on the response's answer region and the row's tests; "no_answer" if thinking never ended."""
+    region = answer_region(response, cfg.think_start, cfg.think_end)
+    if region is None:
+        return Grade("no_answer", {"reason": "unclosed think block"})
+    return prepare_code(region, row.get("tests"), cfg.code_max_tests)
+
+
+def code_pool_options(cfg: RewardConfig) -> dict:
+    """make_code_worker's options. Refuses to start without bubblewrap unless reward.unsafe_local_code (then
+    warns loudly), and, as root, refuses spare uids that are in use."""
+    if cfg.unsafe_local_code:
+        message = ("UNSAFE: reward.unsafe_local_code=true runs model-written code WITHOUT bubblewrap: it can "
+                   "read the host's files and reach the network. Use only on a throwaway machine.")
+        log.warning(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+    elif find_bwrap() is None:
+        raise SandboxUnavailable("bubblewrap (bwrap) is not on PATH, so code rows cannot be graded safely. "
+                                 "Install it (apt-get install bubblewrap) or set reward.unsafe_local_code=true.")
+    uid_base = cfg.code_uid_base if os.geteuid() == 0 else None
+    if uid_base is not None:
+        for uid in range(uid_base, uid_base + cfg.num_workers):
+            if uid_in_use(uid):
+                raise ValueError(f"reward.code_uid_base={uid_base}: uid {uid} is in use (a passwd entry or "
+                                 f"running processes); pick a range of {cfg.num_workers} unused uids")
+    return {"uid_base": uid_base, "python": cfg.code_python, "unsafe": cfg.unsafe_local_code,
+            "timeout_s": cfg.code_test_timeout_s, "memory_mb": cfg.code_memory_mb,
+            "max_procs": cfg.code_max_procs, "max_output_bytes": cfg.code_max_output_bytes,
+            "tmpfs_mb": cfg.code_tmpfs_mb}
+
+
+def code_deadline_s(cfg: RewardConfig, task: dict) -> float:
+    """Each test's limit plus start-up slack, times the number of tests, plus 10 s."""
+    return len(task["tests"].inputs) * (cfg.code_test_timeout_s + _STARTUP_SLACK_S) + 10.0
+
+
+def code_metrics(results: list[RewardResult]) -> dict[str, float]:
+    """pass_fraction_mean: the mean fraction of tests passed, over the responses whose tests ran."""
+    fractions = [r.info["pass_fraction"] for r in results if "pass_fraction" in r.info]
+    return {"pass_fraction_mean": statistics.fmean(fractions)} if fractions else {}
+
+
+CODE_GRADER = Grader("code", PoolBacked(prepare_code_row, "rewards.code:make_code_worker", code_pool_options,
+                                        code_deadline_s),
+                     needs=("tests",), metrics=code_metrics)
 
 
 # ---- worker side: runs in rewards._worker processes ------------------------------------------------------

@@ -6,7 +6,7 @@ tests build it directly. `__post_init__` rejects bad values with a message that 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MATH_MODES = ("strict", "lenient")
 TRUNCATED_MODES = ("score", "mask")
@@ -16,11 +16,16 @@ CODE_MODES = ("all", "fraction")
 @dataclass
 class RewardConfig:
     # --- routing -------------------------------------------------------------------------------------------
-    # A user reward for rows whose `source` is neither "math" nor "code": a registered name (see
-    # rewards.base.register_reward_fn) or an import path "pkg.module:fn" to a RewardFn. Math and code rows
-    # always use the built-in graders; a row with another source and no custom fn is an error.
+    # Each row is graded by the grader registered for its `source` (rewards.registry.GRADERS: "math" and
+    # "code" built in). Modules to import before scoring, each registering graders for more sources with
+    # rewards.register_grader / rewards.add_grader, e.g. ["mypkg.graders"].
+    grader_modules: list[str] = field(default_factory=list)
+    # A user reward for every row whose source has no registered grader: a registered name (see
+    # rewards.base.register_reward_fn) or an import path "pkg.module:fn" to a RewardFn. null: such a row is an
+    # error (found when the data is loaded).
     custom: str | None = None
-    # Grader worker processes per pool (one pool for math, one for code; each starts on first use).
+    # Grader worker processes per pool (one pool per pool-backed grader, e.g. math and code; each starts on
+    # first use).
     num_workers: int = 2
 
     # --- math ----------------------------------------------------------------------------------------------
@@ -114,6 +119,9 @@ class RewardConfig:
                              f"got {self.code_uid_base}")
         if self.custom is not None and not self.custom.strip():
             raise ValueError("reward.custom must be null or a name / 'pkg.module:fn', got an empty string")
+        if not all(isinstance(name, str) and name.strip() for name in self.grader_modules):
+            raise ValueError(f"reward.grader_modules must list module names such as 'mypkg.graders', "
+                             f"got {list(self.grader_modules)!r}")
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -28,9 +28,15 @@ finds more answers and more false positives.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from decimal import Decimal
+from typing import TYPE_CHECKING, Any
 
-from rewards.base import Grade
+from rewards.base import Grade, RewardResult
+from rewards.registry import Grader, PoolBacked
+
+if TYPE_CHECKING:
+    from rewards.config import RewardConfig
 
 _BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _PLAIN_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -155,6 +161,41 @@ def prepare_math(response: str, gold: str, *, mode: str, think_start: str, think
     if verdict is not None:
         return Grade("correct" if verdict else "wrong", {"extracted": answer, "fast_path": True})
     return {"gold": gold, "answer": answer}
+
+
+# ---- the grader: the "math" entry of rewards.registry.GRADERS ---------------------------------------------
+
+
+def prepare_math_row(response: str, row: Mapping[str, Any], cfg: RewardConfig) -> Grade | dict:
+    """prepare_math on the row's gold, with the run's settings."""
+    return prepare_math(response, str(row["answer"]), mode=cfg.math_mode, think_start=cfg.think_start,
+                        think_end=cfg.think_end, max_chars=cfg.max_answer_chars, max_depth=cfg.max_brace_depth)
+
+
+def math_pool_options(cfg: RewardConfig) -> dict:
+    """make_math_worker's options: the workers' address-space limit, and math-verify's own alarms at half the
+    hard deadline (at least 1 s)."""
+    return {"memory_mb": cfg.math_memory_mb, "alarm_s": max(1, int(cfg.timeout_s // 2))}
+
+
+def math_deadline_s(cfg: RewardConfig, task: dict) -> float:
+    """Every math task gets reward.timeout_s."""
+    return cfg.timeout_s
+
+
+def boxed_gold(row: Mapping[str, Any]) -> str:
+    """The response that must grade correct against its own row: the gold, boxed."""
+    return f"\\boxed{{{row['answer']}}}"
+
+
+def math_metrics(results: list[RewardResult]) -> dict[str, float]:
+    """fast_path_frac: the fraction of math responses decided without math-verify."""
+    return {"fast_path_frac": sum(bool(r.info.get("fast_path")) for r in results) / len(results)}
+
+
+MATH_GRADER = Grader("math", PoolBacked(prepare_math_row, "rewards.math:make_math_worker", math_pool_options,
+                                        math_deadline_s),
+                     needs=("answer",), reference=boxed_gold, metrics=math_metrics)
 
 
 # ---- worker side: runs in rewards._worker processes ------------------------------------------------------

@@ -1,23 +1,24 @@
 """The batch entry point the trainer calls once per step: routing, worker pools, length shaping, metrics.
 
-Rows are routed by `row["source"]`: "math" (also when missing) -> the math grader (`row["answer"]` is the
-gold), "code" -> the code grader (`row["tests"]`, format in rewards.code), anything else -> the user's
-function named by `reward.custom`. The math and code pools start on first use and live until close(),
-so worker start-up happens once per scorer, not per step. Math tasks run before code tasks.
+Rows are routed by `row["source"]` (rewards.registry.row_source: "math" when missing) to the grader
+registered for it in rewards.registry.GRADERS ("math": `row["answer"]` is the gold; "code": `row["tests"]`,
+format in rewards.code; more from reward.grader_modules), and rows of a source with no grader to the user's
+function named by `reward.custom`. A source with neither is an error before anything is graded. A pool-backed
+grader's pool starts on first use and lives until close(), so worker start-up happens once per scorer, not per
+step; the pools run one after another.
 
-Scores: a result's score is correct_score / wrong_score / no_answer_score by status (code in "fraction"
-mode interpolates by the pass fraction), plus format_score when the answer was extracted and graded.
-BatchRewards.scores add the overlong penalty on top. Rows whose gold or tests cannot be used
-("gold_unparseable", "bad_tests") carry no signal about the response and get loss_mask False.
+Scores: a built-in grade's score is correct_score / wrong_score / no_answer_score by status (code in "fraction"
+mode interpolates by the pass fraction), plus format_score when the answer was extracted and graded; a user
+function's result keeps its own score. BatchRewards.scores add the overlong penalty on top. Rows whose gold
+or tests cannot be used ("gold_unparseable", "bad_tests") carry no signal about the response and get loss_mask
+False.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import statistics
 import time
-import warnings
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,11 +27,9 @@ from typing import Any
 from tqdm import tqdm
 
 from rewards.base import Grade, RewardResult, resolve_reward_fn
-from rewards.code import prepare_code
 from rewards.config import RewardConfig
-from rewards.math import answer_region, prepare_math
 from rewards.pool import TaskOutcome, WorkerPool
-from rewards.sandbox import SandboxUnavailable, find_bwrap, uid_in_use
+from rewards.registry import GRADERS, Grader, PoolBacked, find_grader, import_grader_modules, row_source
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +37,6 @@ log = logging.getLogger(__name__)
 STATUSES = ("correct", "wrong", "no_answer", "rejected", "timeout", "gold_unparseable", "bad_tests", "error")
 UNGRADABLE = ("gold_unparseable", "bad_tests")
 GRADED = ("correct", "wrong")  # the answer was extracted and compared: these earn format_score
-_CODE_STARTUP_SLACK_S = 2.0  # per test, over the test's own limit, for the sandbox and the interpreter
 
 
 @dataclass
@@ -49,16 +47,19 @@ class BatchRewards:
     results: the grade of each response.
     loss_mask: False = leave this response out of the loss (truncated with reward.truncated="mask", or a
         row that cannot be graded).
+    penalties: the overlong penalty in each score (<= 0; 0 without reward.overlong_buffer).
     metrics: "reward/mean", "reward/std", "reward/accuracy" (fraction "correct"), "reward/status/<status>"
         (fraction of the batch; the built-in statuses always present), "reward/overlong_penalty_mean"
         (mean penalty added, <= 0), "reward/overlong_frac", "reward/masked_frac", "reward/truncated_frac"
-        (when flags were given), "reward/<source>/mean" per source, "reward/math/fast_path_frac" (math
-        responses decided without math-verify), "reward/code/pass_fraction_mean", "reward/time_s".
+        (when flags were given), "reward/<source>/mean" per source, "reward/<source>/<key>" for the metrics
+        of the source's registered grader (Grader.metrics: "reward/math/fast_path_frac", the math responses
+        decided without math-verify; "reward/code/pass_fraction_mean"), "reward/time_s".
     """
 
     scores: list[float]
     results: list[RewardResult]
     loss_mask: list[bool]
+    penalties: list[float]
     metrics: dict[str, float]
 
 
@@ -93,42 +94,23 @@ class RewardScorer:
 
     def __init__(self, cfg: RewardConfig):
         self.cfg = cfg
-        self._custom = resolve_reward_fn(cfg.custom, cfg) if cfg.custom else None
+        import_grader_modules(cfg.grader_modules)
+        self._fallback = custom_grader(cfg)
         self._pools: dict[str, WorkerPool] = {}
-        self._custom_error_logged = False
+        self._errors_logged: set[str] = set()
+
+    def grader(self, source: str) -> Grader:
+        """The grader of rows with this source: the registered one, else reward.custom; UnknownSource if none."""
+        return find_grader(source, self._fallback)
 
     # ---- pools -------------------------------------------------------------------------------------------
 
-    def _pool(self, kind: str) -> WorkerPool:
-        if kind not in self._pools:
-            if kind == "math":
-                options = {"memory_mb": self.cfg.math_memory_mb, "alarm_s": max(1, int(self.cfg.timeout_s // 2))}
-                self._pools[kind] = WorkerPool("rewards.math:make_math_worker", self.cfg.num_workers, options)
-            else:
-                self._pools[kind] = WorkerPool("rewards.code:make_code_worker", self.cfg.num_workers,
-                                               self._code_options())
-        return self._pools[kind]
-
-    def _code_options(self) -> dict:
-        cfg = self.cfg
-        if cfg.unsafe_local_code:
-            message = ("UNSAFE: reward.unsafe_local_code=true runs model-written code WITHOUT bubblewrap: it can "
-                       "read the host's files and reach the network. Use only on a throwaway machine.")
-            log.warning(message)
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
-        elif find_bwrap() is None:
-            raise SandboxUnavailable("bubblewrap (bwrap) is not on PATH, so code rows cannot be graded safely. "
-                                     "Install it (apt-get install bubblewrap) or set reward.unsafe_local_code=true.")
-        uid_base = cfg.code_uid_base if os.geteuid() == 0 else None
-        if uid_base is not None:
-            for uid in range(uid_base, uid_base + cfg.num_workers):
-                if uid_in_use(uid):
-                    raise ValueError(f"reward.code_uid_base={uid_base}: uid {uid} is in use (a passwd entry or "
-                                     f"running processes); pick a range of {cfg.num_workers} unused uids")
-        return {"uid_base": uid_base, "python": cfg.code_python, "unsafe": cfg.unsafe_local_code,
-                "timeout_s": cfg.code_test_timeout_s, "memory_mb": cfg.code_memory_mb,
-                "max_procs": cfg.code_max_procs, "max_output_bytes": cfg.code_max_output_bytes,
-                "tmpfs_mb": cfg.code_tmpfs_mb}
+    def _pool(self, source: str) -> WorkerPool:
+        """The worker pool of a pool-backed grader's source, started on first use."""
+        if source not in self._pools:
+            pooled = self.grader(source).grade
+            self._pools[source] = WorkerPool(pooled.factory, self.cfg.num_workers, pooled.options(self.cfg))
+        return self._pools[source]
 
     def close(self) -> None:
         for pool in self._pools.values():
@@ -148,33 +130,21 @@ class RewardScorer:
               progress: bool = False) -> BatchRewards:
         """Grade `responses[i]` against `rows[i]`. response_lengths (tokens) and max_tokens are needed when
         reward.overlong_buffer > 0; truncated (hit max_tokens) when reward.truncated == "mask"."""
-        cfg, n, start = self.cfg, len(responses), time.monotonic()
+        n, start = len(responses), time.monotonic()
         self._check_inputs(n, rows, response_lengths, max_tokens, truncated)
+        graders = [self.grader(row_source(row)) for row in rows]
         results: list[RewardResult | None] = [None] * n
-        tasks: dict[str, list[tuple[int, Any]]] = {"math": [], "code": []}
+        tasks: dict[str, list[tuple[int, Any]]] = {}
         bar = tqdm(total=n, desc="rewards", unit="resp", disable=not progress, leave=False)
-        for i, (response, row) in enumerate(zip(responses, rows, strict=True)):
-            source = row.get("source") or "math"
-            if source == "math":
-                prep = prepare_math(response, str(row["answer"]), mode=cfg.math_mode, think_start=cfg.think_start,
-                                    think_end=cfg.think_end, max_chars=cfg.max_answer_chars,
-                                    max_depth=cfg.max_brace_depth)
-            elif source == "code":
-                region = answer_region(response, cfg.think_start, cfg.think_end)
-                prep = (Grade("no_answer", {"reason": "unclosed think block"}) if region is None
-                        else prepare_code(region, row.get("tests"), cfg.code_max_tests))
-            else:
-                results[i] = self._call_custom(source, response, row)
-                bar.update()
-                continue
-            if isinstance(prep, Grade):
-                results[i] = self._result(prep)
+        for i, (response, row, grader) in enumerate(zip(responses, rows, graders, strict=True)):
+            here = self._grade_here(grader, response, row)
+            if isinstance(here, RewardResult):
+                results[i] = here
                 bar.update()
             else:
-                tasks[source].append((i, prep))
-        for kind, items in tasks.items():
-            if items:
-                self._run_pool(kind, items, results, bar)
+                tasks.setdefault(grader.source, []).append((i, here))
+        for source, items in tasks.items():
+            self._run_pool(source, items, results, bar)
         bar.close()
         return self._finish(results, rows, response_lengths, max_tokens, truncated, time.monotonic() - start)
 
@@ -193,35 +163,34 @@ class RewardScorer:
         if self.cfg.truncated == "mask" and truncated is None:
             raise ValueError("reward.truncated='mask' needs the truncated flags in score()")
 
-    def _call_custom(self, source: str, response: str, row: Mapping) -> RewardResult:
-        if self._custom is None:
-            raise ValueError(f"row source {source!r} is neither 'math' nor 'code' and reward.custom is not set; "
-                             f"set reward.custom to a registered name or 'pkg.module:fn'")
-        try:
-            out = self._custom(response, row)
-        except Exception as e:  # a user function failing on odd model output must not stop training
-            if not self._custom_error_logged:
-                log.exception("reward.custom raised; such responses get status 'error' (logged once)")
-                self._custom_error_logged = True
-            return RewardResult(self.cfg.wrong_score, "error", {"reason": repr(e)[:500]})
-        if isinstance(out, RewardResult):
-            return out
-        if isinstance(out, (int, float)) and not isinstance(out, bool):
-            return RewardResult(float(out), "custom", {})
-        raise TypeError(f"reward.custom returned {type(out).__name__}; return a RewardResult or a number")
+    def _grade_here(self, grader: Grader, response: str, row: Mapping) -> RewardResult | Any:
+        """The result, when it is decided in this process; otherwise the worker task of a pool-backed grader."""
+        if not isinstance(grader.grade, PoolBacked):
+            return self._call_fn(grader, response, row)
+        prep = grader.grade.prepare(response, row, self.cfg)
+        return self._result(prep) if isinstance(prep, Grade) else prep
 
-    def _run_pool(self, kind: str, items: list[tuple[int, Any]], results: list, bar: tqdm) -> None:
-        if kind == "math":
-            deadlines: float | list[float] = self.cfg.timeout_s
-        else:
-            per_test = self.cfg.code_test_timeout_s + _CODE_STARTUP_SLACK_S
-            deadlines = [len(task["tests"].inputs) * per_test + 10.0 for _, task in items]
+    def _call_fn(self, grader: Grader, response: str, row: Mapping) -> RewardResult:
+        """Run an in-process grader's function; an exception is status "error" (logged once per grader)."""
+        try:
+            out = grader.grade(response, row)
+        except Exception as e:  # a user function failing on odd model output must not stop training
+            if grader.source not in self._errors_logged:
+                log.exception("grader %r raised; such responses get status 'error' (logged once)", grader.source)
+                self._errors_logged.add(grader.source)
+            return RewardResult(self.cfg.wrong_score, "error", {"reason": repr(e)[:500]})
+        return as_result(grader.source, out)
+
+    def _run_pool(self, source: str, items: list[tuple[int, Any]], results: list, bar: tqdm) -> None:
+        """Grade the tasks [(response index, task)] of a pool-backed source in its pool, into `results`."""
+        deadline_s = self.grader(source).grade.deadline_s
+        deadlines = [deadline_s(self.cfg, task) for _, task in items]
 
         def done(j: int, outcome: TaskOutcome) -> None:
             results[items[j][0]] = self._result(_outcome_grade(outcome))
             bar.update()
 
-        self._pool(kind).map([task for _, task in items], deadlines, done)
+        self._pool(source).map([task for _, task in items], deadlines, done)
 
     def _result(self, grade: Grade) -> RewardResult:
         return RewardResult(grade_score(self.cfg, grade.status, grade.info), grade.status, grade.info)
@@ -234,8 +203,22 @@ class RewardScorer:
         mask_truncated = cfg.truncated == "mask"
         loss_mask = [r.status not in UNGRADABLE and not (mask_truncated and truncated[i])
                      for i, r in enumerate(results)]
-        return BatchRewards(scores, results, loss_mask,
+        return BatchRewards(scores, results, loss_mask, penalties,
                             batch_metrics(results, rows, scores, penalties, loss_mask, truncated, elapsed))
+
+
+def custom_grader(cfg: RewardConfig) -> Grader | None:
+    """reward.custom as the grader of every source that has no registered one; None when it is not set."""
+    return Grader(f"reward.custom={cfg.custom}", resolve_reward_fn(cfg.custom, cfg)) if cfg.custom else None
+
+
+def as_result(source: str, out: Any) -> RewardResult:
+    """A user function's return as a RewardResult: itself, or a number as the score (status "custom")."""
+    if isinstance(out, RewardResult):
+        return out
+    if isinstance(out, (int, float)) and not isinstance(out, bool):
+        return RewardResult(float(out), "custom", {})
+    raise TypeError(f"grader {source!r} returned {type(out).__name__}; return a RewardResult or a number")
 
 
 def _outcome_grade(outcome: TaskOutcome) -> Grade:
@@ -266,14 +249,15 @@ def batch_metrics(results: list[RewardResult], rows: list[Mapping], scores: list
         m["reward/truncated_frac"] = sum(map(bool, truncated)) / n
     by_source: dict[str, list[int]] = {}
     for i, row in enumerate(rows):
-        by_source.setdefault(row.get("source") or "math", []).append(i)
+        by_source.setdefault(row_source(row), []).append(i)
     for source, idx in by_source.items():
         m[f"reward/{source}/mean"] = statistics.fmean(scores[i] for i in idx)
-    if "math" in by_source:
-        fast = sum(bool(results[i].info.get("fast_path")) for i in by_source["math"])
-        m["reward/math/fast_path_frac"] = fast / len(by_source["math"])
-    code_infos = [results[i].info for i in by_source.get("code", [])]
-    fractions = [info["pass_fraction"] for info in code_infos if "pass_fraction" in info]
-    if fractions:
-        m["reward/code/pass_fraction_mean"] = statistics.fmean(fractions)
+        extra = source_metrics(source, [results[i] for i in idx])
+        m |= {f"reward/{source}/{key}": value for key, value in extra.items()}
     return m
+
+
+def source_metrics(source: str, results: list[RewardResult]) -> dict[str, float]:
+    """The registered grader's own metrics over its results; none for a source graded by reward.custom."""
+    grader = GRADERS.get(source)
+    return {} if grader is None else grader.metrics(results)

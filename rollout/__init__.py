@@ -1,4 +1,8 @@
-"""Rollout engines behind one protocol (rollout.base.RolloutEngine)."""
+"""Rollout engines behind one protocol (rollout.base.RolloutEngine), built from the table in rollout.registry.
+
+The built-in rows are registered here with import-path builders, so importing `rollout` imports neither vllm nor
+transformers; an engine module is imported when its engine is first built.
+"""
 
 from __future__ import annotations
 
@@ -6,28 +10,63 @@ import importlib.util
 import json
 from pathlib import Path
 
+from rollout.registry import (
+    COMMON_KNOBS,
+    ENGINES,
+    EngineConfigError,
+    EngineSpec,
+    check_engine_knobs,
+    check_protocol,
+    engine_spec,
+    register_engine,
+)
+
+__all__ = ["COMMON_KNOBS", "ENGINES", "EngineConfigError", "EngineSpec", "build_engine", "check_engine_knobs",
+           "register_engine", "resolve_engine"]
+
 VLLM_UNSUPPORTED = {"minimax"}  # vLLM 0.32 dropped MiniMax's lightning attention (README: which release serves M1)
+
+# Engine knobs (RolloutConfig fields beyond registry.COMMON_KNOBS) each built-in engine acts on:
+# max_model_len: prompts longer than max_model_len - max_tokens are refused before anything is generated;
+# early_stop_k / early_stop_p: M1's repetition early stop (rollout.early_stop).
+register_engine("vllm", "rollout.vllm_engine:build", honours={
+    "max_model_len", "early_stop_k", "early_stop_p",
+    "kv_cache_gb",  # vLLM-CPU's KV cache; on GPUs gpu_memory_utilization sizes it
+    "gpu_memory_utilization", "tensor_parallel_size", "enforce_eager", "sleep_level",  # GPU only (module docstring)
+})
+register_engine("hf", "rollout.hf_engine:build", honours={"max_model_len", "early_stop_k", "early_stop_p"})
+
+
+def model_type(model_dir: str) -> str | None:
+    """config.json's model_type of a local directory or of a hub repo (downloaded or cached); None when unknown."""
+    config = Path(model_dir) / "config.json"
+    if not config.exists():
+        config = _hub_config(model_dir)
+    return json.loads(config.read_text()).get("model_type") if config else None
+
+
+def _hub_config(repo_id: str) -> Path | None:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo_id, "config.json"))
+    except (OSError, ValueError, EntryNotFoundError):  # not a repo id, no such repo, offline without a cached copy
+        return None
 
 
 def resolve_engine(choice: str, model_dir: str) -> str:
-    """'auto' -> 'vllm' when vllm is importable and can load the architecture, else 'hf'."""
+    """'auto' -> 'vllm' when vllm is importable and can load the architecture, else 'hf'. Any other choice (a
+    registered name or an import path) is returned as it is."""
     if choice != "auto":
         return choice
-    config = Path(model_dir) / "config.json"
-    model_type = json.loads(config.read_text()).get("model_type") if config.exists() else None
-    if model_type in VLLM_UNSUPPORTED or importlib.util.find_spec("vllm") is None:
+    if importlib.util.find_spec("vllm") is None or model_type(model_dir) in VLLM_UNSUPPORTED:
         return "hf"
     return "vllm"
 
 
 def build_engine(kind: str, model_dir: str, rollout_cfg, model_cfg, seed: int = 0):
-    """An engine of `kind` ('vllm' | 'hf', see resolve_engine) loaded from `model_dir`."""
-    if kind == "vllm":
-        from rollout.vllm_engine import VLLMEngine
-
-        return VLLMEngine(model_dir, rollout_cfg, dtype=model_cfg.dtype, fp32_lm_head=model_cfg.fp32_lm_head, seed=seed)
-    from rollout.hf_engine import HFEngine
-
-    return HFEngine.from_pretrained(
-        model_dir, dtype=model_cfg.dtype, fp32_lm_head=model_cfg.fp32_lm_head, trust_remote_code=model_cfg.trust_remote_code
-    )
+    """The engine `kind` (what resolve_engine answered) loaded from `model_dir`. A rollout knob it cannot honour
+    raises EngineConfigError first, before any weights load."""
+    check_engine_knobs(kind, rollout_cfg)
+    return check_protocol(engine_spec(kind).build(model_dir, rollout_cfg, model_cfg, seed), kind)

@@ -7,6 +7,10 @@ Reach-in (written against transformers 5.19): MiniMaxCache takes the attention-m
 lightning layer whose key/value slot stays empty, so in every decode step the softmax layers get a 1-wide mask
 and attend to the left padding of shorter prompts (on the tiny model: sampling logprobs off by up to ~0.01 from
 a forward of the same tokens). `generation_cache` returns a cache that sizes the mask from a softmax layer.
+
+M1's repetition early stop (rollout.early_stop) runs as a transformers logits processor (`HFRepetitionEarlyStop`)
+with the vLLM engine's semantics: same trigger, forced EOS with log-probability 0, finish_reason "early_stop".
+Honoured knobs: rollout.max_model_len, early_stop_k, early_stop_p (rollout/__init__.py).
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ import time
 from typing import Iterable
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor
 from transformers.models.minimax.modeling_minimax import MiniMaxCache
 
 from rollout.base import Completion, Rollout, SamplingParams
+from rollout.checks import check_request
+from rollout.early_stop import EarlyStopRule, force_eos, top_token
 
 
 def upcast_lm_head(model) -> None:
@@ -54,23 +60,70 @@ def generation_cache(model) -> MiniMaxCache | None:
     return MaskedMiniMaxCache(full[0]) if full else None
 
 
+class HFRepetitionEarlyStop(LogitsProcessor):
+    """`rule` (rollout.early_stop) for one `generate()` call on a batch left-padded to `prompt_width` columns.
+
+    Passed as `generate(logits_processor=[...])`, it runs before transformers' temperature and top-p warpers, so
+    it sees the raw logits. Each step stores every row's argmax and its probability; at the next step the token
+    sampled from that distribution is `input_ids[:, -1]`, a hit when it is that argmax and the probability was
+    > p. A row with k hits in a row gets only its EOS allowed; `forced_at` keeps the output position of the
+    first EOS forced in each row (-1: none)."""
+
+    def __init__(self, rule: EarlyStopRule, prompt_width: int, rows: int, device: torch.device):
+        self.rule = rule
+        self.width = prompt_width
+        self.run = torch.zeros(rows, dtype=torch.long, device=device)  # consecutive hits so far
+        self.forced_at = torch.full((rows,), -1, dtype=torch.long, device=device)
+        self._top: tuple[torch.Tensor, torch.Tensor] | None = None  # last step's (argmax, its probability)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self._top is not None:
+            top_tok, top_p = self._top
+            hit = (input_ids[:, -1] == top_tok) & (top_p > self.rule.p)
+            self.run = torch.where(hit, self.run + 1, 0)
+        self._top = top_token(scores)
+        force = self.run >= self.rule.k
+        if force.any():
+            step = input_ids.shape[1] - self.width
+            self.forced_at = torch.where(force & (self.forced_at < 0), step, self.forced_at)
+            force_eos(scores, force.nonzero().squeeze(1), self.rule.eos)
+        return scores
+
+    def forced(self, row: int, eos_position: int) -> bool:
+        """Whether the EOS at output position `eos_position` of `row` is the one this processor forced."""
+        return int(self.forced_at[row]) == eos_position
+
+
 class HFEngine:
-    def __init__(self, model, tokenizer, *, fp32_lm_head: bool = False, batch_size: int = 256):
+    """rollout.base.RolloutEngine on transformers `generate()`.
+
+    `early_stop`: M1's repetition early stop (None = off). `max_model_len`: prompt + max_tokens limit checked
+    before generating (None = unchecked). `batch_size`: sequences per generate() call (bounds the KV cache)."""
+
+    def __init__(self, model, tokenizer, *, fp32_lm_head: bool = False, batch_size: int = 256,
+                 early_stop: EarlyStopRule | None = None, max_model_len: int | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.batch_size = batch_size  # sequences per generate() call: bounds the KV cache
+        self.batch_size = batch_size
+        self.early_stop = early_stop
+        self.max_model_len = max_model_len
         if fp32_lm_head:
             upcast_lm_head(self.model)
 
     @classmethod
     def from_pretrained(cls, path: str, *, dtype: str = "float32", fp32_lm_head: bool = False,
-                        trust_remote_code: bool = False) -> "HFEngine":
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+                        trust_remote_code: bool = False, early_stop_k: int = 0, early_stop_p: float = 0.99,
+                        max_model_len: int | None = None) -> "HFEngine":
+        """Tokenizer and early-stop rule first: a rule that cannot run fails before the weights load."""
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        return cls(model, tokenizer, fp32_lm_head=fp32_lm_head)
+        early_stop = EarlyStopRule.from_settings(early_stop_k, early_stop_p, tokenizer.eos_token_id)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+        return cls(model, tokenizer, fp32_lm_head=fp32_lm_head, early_stop=early_stop, max_model_len=max_model_len)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> Rollout:
+        if self.max_model_len is not None:
+            check_request(prompts, sampling, self.max_model_len)
         start = time.perf_counter()
         rows = [(i, p) for i, p in enumerate(prompts) for _ in range(sampling.n)]
         rng = torch.random.fork_rng() if sampling.seed is not None else contextlib.nullcontext()
@@ -89,6 +142,9 @@ class HFEngine:
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for _, p in rows])
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for _, p in rows])
         greedy = sampling.temperature == 0
+        early_stop = None
+        if self.early_stop:
+            early_stop = HFRepetitionEarlyStop(self.early_stop, width, len(rows), self.model.device)
         out = self.model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -100,6 +156,7 @@ class HFEngine:
             pad_token_id=pad,
             eos_token_id=eos,
             past_key_values=generation_cache(self.model),  # None except for MiniMax
+            logits_processor=[early_stop] if early_stop else None,
             return_dict_in_generate=True,
             output_scores=True,
         )
@@ -112,12 +169,13 @@ class HFEngine:
             ids = new_tokens[b].tolist()
             stop = ids.index(eos) + 1 if eos in ids else None
             ids = ids[:stop] if stop else ids
+            reason = "length" if not stop else "early_stop" if early_stop and early_stop.forced(b, stop - 1) else "stop"
             completions.append(
                 Completion(
                     prompt_index=prompt_index,
                     token_ids=ids,
-                    logprobs=token_logp[b, : len(ids)].tolist(),
-                    finish_reason="stop" if stop else "length",
+                    logprobs=token_logp[b, : len(ids)].tolist(),  # a forced EOS: 0.0, as in the vLLM engine
+                    finish_reason=reason,
                     text=self.tokenizer.decode(ids, skip_special_tokens=True),
                 )
             )
@@ -139,3 +197,13 @@ class HFEngine:
 
     def close(self) -> None:
         self.model = None
+
+
+def build(model_dir: str, rollout_cfg, model_cfg, seed: int = 0) -> HFEngine:
+    """The builder of rollout.engine=hf (rollout/__init__.py). `seed` is not used: unseeded requests draw from
+    torch's global generator, which the trainer seeds."""
+    return HFEngine.from_pretrained(
+        model_dir, dtype=model_cfg.dtype, fp32_lm_head=model_cfg.fp32_lm_head,
+        trust_remote_code=model_cfg.trust_remote_code, early_stop_k=rollout_cfg.early_stop_k,
+        early_stop_p=rollout_cfg.early_stop_p, max_model_len=rollout_cfg.max_model_len,
+    )

@@ -13,9 +13,12 @@ build of vLLM 0.32 on GPUs. What it provides (rollout.base.RolloutEngine):
   vLLM's FlashInfer sampler cannot return processed logprobs, so vLLM falls back to its PyTorch sampler.
 - seeds: prompt i's j-th sample uses seed `seed * 2**24 + i * n + j` (vLLM gives child j of a request
   `seed + j`), so every sample of a call has its own stream; `seed=None` leaves sampling unseeded.
-- budgets: `prompt length + max_tokens <= rollout.max_model_len` is checked before anything is generated.
-- weight sync without a restart (`load_weights`), streamed: see below.
-- M1's repetition early stop (§3.2) as a logits processor (`RepetitionEarlyStop`), finish_reason="early_stop".
+- budgets: `prompt length + max_tokens <= rollout.max_model_len` is checked before anything is generated
+  (rollout.checks).
+- weight sync without a restart (`load_weights`), streamed: see below (the streams themselves, engine-independent,
+  are rollout.weights).
+- M1's repetition early stop (§3.2) as a logits processor (`RepetitionEarlyStop`, the rule in rollout.early_stop),
+  finish_reason="early_stop".
 - M1's fp32 LM head: `fp32_lm_head=True` passes `hf_overrides={"head_dtype": "float32"}` (vLLM PR #48390,
   present in 0.32: `ModelConfig.head_dtype`, honoured by `LogitsProcessor._apply_head` for generation models).
   The head weight stays in the model dtype (bf16 weights are not re-stored in fp32); the hidden state and the
@@ -31,14 +34,14 @@ set in `_configure_vllm_env` with the reason for each.
 
 Reaches into vLLM beyond `LLM.generate` (each checked against 0.32.0; re-check on upgrade):
 
-1. `LLM.collective_rpc("reload_weights", kwargs={"weights_iterator": ...})`: the worker's in-place reload
+1. `LLM.collective_rpc("cispo_reload_weights", kwargs={"weights_iterator": ...})` -> the worker's in-place reload
    (`vllm.model_executor.model_loader.reload.inplace.reload_weights`). Calling the model's `load_weights`
    directly after start-up fails on CPU (linear weights are prepacked for oneDNN and the original parameters
    emptied); `reload_weights` restores the checkpoint layout layer by layer, loads, and re-packs. It consumes an
    iterator, so the weights are streamed. When the worker does not live in this process (tensor_parallel_size > 1
    or multiprocessing switched back on), tensors cannot be passed through the RPC (they arrive as lists); the
    weights are then staged as safetensors shards (in /dev/shm when present) and reloaded with
-   `collective_rpc("reload_weights", kwargs={"weights_path": dir})`.
+   `collective_rpc("cispo_reload_weights", kwargs={"weights_path": dir})`. See 7 for what the worker adds.
 2. The V1 logits-processor interface (`vllm.v1.sample.logits_processor.LogitsProcessor`, `BatchUpdate`,
    `MoveDirectionality`), registered with `LLM(logits_processors=[RepetitionEarlyStop])` and switched on per
    request through `SamplingParams.extra_args`. vLLM 0.32 also has a "model runner V2" (the default on CUDA
@@ -60,6 +63,21 @@ Reaches into vLLM beyond `LLM.generate` (each checked against 0.32.0; re-check o
    before close()": the engine closes in the trainer's `finally`, and a rule about ordering would be broken by
    the next collective someone adds.
 
+7. Tied LM heads (`tie_word_embeddings`, e.g. SmolLM2, Qwen2.5-0.5B, Llama-3.2-1B). vLLM's model skips
+   `lm_head.*` when loading (`ParallelLMHead.tie_weights` makes the head's weight the embedding's Parameter), so
+   `reload_weights` never processes the head: it logs "ParallelLMHead: Failed to load weights" and puts the old
+   Parameter back, which shares the embedding's storage and so holds the new values. But on CPU,
+   `UnquantizedEmbeddingMethod.process_weights_after_loading` built the head's GEMM from a *prepacked copy* of
+   that weight (`dispatch_cpu_unquantized_gemm`, oneDNN/SGL) at start-up; nothing rebuilt it, so after a sync
+   the engine sampled from the new body and the start-up head (tests/test_real_model.py caught it on
+   SmolLM2-135M: logprobs 1.15 off the new policy, 3e-5 off "new body, old head"). The worker method
+   `cispo_reload_weights` (VLLMWorkerExtension) therefore re-runs that processing for every ParallelLMHead whose
+   weight is another module's Parameter after the reload (on GPU it is a no-op: the head reads the weight).
+   It also keeps vLLM's "<Layer>: Failed to load weights" warnings for layers with nothing to load from a
+   checkpoint quiet: tied heads (above) and rotary embeddings (their only tensor is the cos/sin cache, a
+   non-persistent buffer computed from the config, which vLLM puts back unchanged). Any other layer reported
+   unloaded is still logged as a warning.
+
 Not available here: sleep/wake (vLLM-CPU ignores it); MiniMax-Text-01/M1 (lightning attention) models, which
 vLLM 0.32 cannot load (rollout.resolve_engine falls back to the HF engine for them).
 """
@@ -68,15 +86,12 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import glob
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -88,6 +103,9 @@ from vllm import SamplingParams as VLLMSamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from rollout.base import Completion, Rollout, SamplingParams
+from rollout.checks import check_request
+from rollout.early_stop import EarlyStopRule, check_early_stop, force_eos, top_token
+from rollout.weights import Meter, checkpoint_names, iter_named_tensors, staged_safetensors
 
 if TYPE_CHECKING:
     from cispo.config import RolloutConfig  # only read (duck-typed), so rollout/ does not import cispo/ at run time
@@ -97,7 +115,6 @@ logger = logging.getLogger(__name__)
 VLLM_VERSION_WRITTEN_AGAINST = "0.32.0"
 EARLY_STOP_KEY = "cispo_early_stop"  # SamplingParams.extra_args key that switches the processor on for a request
 _SEED_STRIDE = 2**24  # samples per call that get distinct seeds (see the module docstring)
-_STAGE_SHARD_BYTES = 1 << 30  # shard size when weights are staged on disk for an out-of-process worker
 
 
 def _configure_vllm_env(on_cpu: bool) -> None:
@@ -150,22 +167,21 @@ class _Track:
 
 
 class RepetitionEarlyStop(LogitsProcessor):
-    """Halt a sequence once `k` consecutive sampled tokens each had probability > `p` (M1: k=3000, p=0.99):
-    from then on every token but EOS is masked, so the next token is EOS. The engine reports that completion
-    with finish_reason="early_stop"; its EOS was not sampled from the policy, so the trainer masks it out of
-    the loss (Completion.loss_tokens).
+    """rollout.early_stop's rule as a vLLM V1 logits processor: halt a sequence once `k` consecutive sampled
+    tokens each had probability > `p` (M1: k=3000, p=0.99): from then on every token but EOS is masked, so the
+    next token is EOS. The engine reports that completion with finish_reason="early_stop"; its EOS was not
+    sampled from the policy, so the trainer masks it out of the loss (Completion.loss_tokens).
 
     Probability = of the sampled token under the model's raw next-token distribution (softmax of the logits
     before temperature and top-p; this processor changes the argmax, so vLLM runs it before temperature). It is
     therefore a property of the policy, independent of the sampling temperature, and equal to the sampling
     distribution at temperature 1 and top_p 1 (the M1 presets).
 
-    How: at each step `apply` stores, per tracked request, the argmax token and its probability; at the next step
-    the token that was actually sampled is in vLLM's live output list. Since p >= 0.5, "the sampled token had
-    probability > p" is exactly "it was the argmax and the argmax had probability > p", so only two numbers per
-    request and step are kept (never a vocabulary-sized row), and the device-to-host copy of the previous step's
-    numbers is asynchronous. A request preempted and resumed by the scheduler restarts its count (it can only
-    stop later than M1's rule, never earlier).
+    How: at each step `apply` stores, per tracked request, the argmax token and its probability (`top_token`); at
+    the next step the token that was actually sampled is in vLLM's live output list. Only two numbers per request
+    and step are kept (rollout.early_stop), and the device-to-host copy of the previous step's numbers is
+    asynchronous. A request preempted and resumed by the scheduler restarts its count (it can only stop later
+    than M1's rule, never earlier).
 
     Switched on per request with `SamplingParams(extra_args={EARLY_STOP_KEY: {"k", "p", "eos", "tag"}})`.
     """
@@ -250,8 +266,7 @@ class RepetitionEarlyStop(LogitsProcessor):
                 sub = logits
             else:
                 sub = logits.index_select(0, torch.tensor(rows, device=logits.device))
-            top_logit, top_tok = sub.max(dim=-1)
-            top_p = torch.exp(top_logit - torch.logsumexp(sub, dim=-1))
+            top_tok, top_p = top_token(sub)
             event = None
             if logits.device.type == "cuda":
                 top_tok_h = torch.empty(top_tok.shape, dtype=top_tok.dtype, pin_memory=self._pin)
@@ -267,9 +282,52 @@ class RepetitionEarlyStop(LogitsProcessor):
         if forced:
             idx = torch.tensor([r for r, _ in forced], device=logits.device)
             eos = torch.tensor([e for _, e in forced], device=logits.device)
-            logits.index_fill_(0, idx, float("-inf"))
-            logits[idx, eos] = 0.0
+            force_eos(logits, idx, eos)
         return logits
+
+
+class _CollectUnloaded(logging.Filter):
+    """Takes vLLM's "<Layer>: Failed to load weights" records (reload/layerwise.py) out of the log, keeping the
+    layer class names, so that the expected ones can be told apart (reach-in 7)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == "%s: Failed to load weights" and record.args:
+            self.layers.append(str(record.args[0]))
+            return False
+        return True
+
+
+def _refresh_tied_heads(model: torch.nn.Module) -> tuple[list[str], set[str]]:
+    """Re-run the weight processing of every ParallelLMHead that shares its weight with another module (reach-in
+    7). Returns (the heads refreshed, the layer classes with nothing of their own to load: tied heads, and layers
+    whose tensors are all non-persistent buffers such as rotary cos/sin caches)."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, UnquantizedEmbeddingMethod
+
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None:
+                owners[id(p)] = owners.get(id(p), 0) + 1
+    refreshed, nothing_to_load = [], set()
+    for name, module in model.named_modules():
+        params = [p for p in module._parameters.values() if p is not None]
+        buffers = {n for n, b in module._buffers.items() if b is not None}
+        if not params and buffers and buffers <= module._non_persistent_buffers_set:
+            nothing_to_load.add(type(module).__name__)
+        if isinstance(module, ParallelLMHead) and params and all(owners[id(p)] > 1 for p in params):
+            nothing_to_load.add(type(module).__name__)
+            method = getattr(module, "quant_method", None)
+            if isinstance(method, UnquantizedEmbeddingMethod):
+                method.process_weights_after_loading(module)
+                refreshed.append(name)
+            else:
+                logger.warning("tied LM head %s uses %s: its derived state is not rebuilt after a weight sync and "
+                               "may be stale (rollout/vllm_engine.py, reach-in 7)", name, type(method).__name__)
+    return refreshed, nothing_to_load
 
 
 class VLLMWorkerExtension:
@@ -278,79 +336,22 @@ class VLLMWorkerExtension:
     def cispo_pop_early_stops(self, prefix: str) -> dict[str, list[tuple[int, int]]]:
         return _pop_forced_stops(prefix)
 
-
-# --------------------------------------------------------------------------------------------------------------
-# Weight streams
-# --------------------------------------------------------------------------------------------------------------
-
-
-def iter_named_tensors(named_tensors) -> Iterator[tuple[str, torch.Tensor]]:
-    """Flatten what a trainer hands over into (HF name, tensor) pairs, lazily.
-
-    Accepted: a mapping (state_dict), or an iterable whose items are (name, tensor) pairs or buckets of them
-    (a mapping or a list of pairs), e.g. a generator over a ZeRO-3 model that gathers one bucket at a time."""
-    if isinstance(named_tensors, Mapping):
-        named_tensors = named_tensors.items()
-    for item in named_tensors:
-        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
-            yield item
-        elif isinstance(item, Mapping):
-            yield from item.items()
-        else:
-            for pair in item:
-                if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)):
-                    raise TypeError(f"load_weights: expected (name, tensor) pairs or buckets of them, got {type(pair)}")
-                yield pair
-
-
-class _Meter:
-    """Counts what streams through it (tensors, bytes, names) and checks that each item is a tensor."""
-
-    def __init__(self, pairs: Iterator[tuple[str, torch.Tensor]]):
-        self.pairs, self.names, self.bytes = pairs, set(), 0
-
-    def __iter__(self):
-        for name, tensor in self.pairs:
-            if not isinstance(tensor, torch.Tensor):
-                raise TypeError(f"load_weights: {name!r} is a {type(tensor).__name__}, not a torch.Tensor")
-            self.names.add(name)
-            self.bytes += tensor.numel() * tensor.element_size()
-            yield name, tensor
-
-
-def _checkpoint_names(model_dir: str) -> set[str] | None:
-    """Tensor names of a local safetensors checkpoint (headers only); None when not a local safetensors dir."""
-    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
-    if not files:
-        return None
-    from safetensors import safe_open
-
-    names: set[str] = set()
-    for f in files:
-        with safe_open(f, framework="pt") as st:
-            names.update(st.keys())
-    return names
-
-
-def _stage_safetensors(pairs: Iterable[tuple[str, torch.Tensor]], out_dir: str) -> None:
-    """Write the stream as safetensors shards of about _STAGE_SHARD_BYTES, holding one shard at a time."""
-    from safetensors.torch import save_file
-
-    shard: dict[str, torch.Tensor] = {}
-    size, index = 0, 0
-
-    def flush():
-        nonlocal shard, size, index
-        if shard:
-            save_file(shard, os.path.join(out_dir, f"model-{index:05d}.safetensors"))
-            shard, size, index = {}, 0, index + 1
-
-    for name, tensor in pairs:
-        shard[name] = tensor.detach().to("cpu", copy=True).contiguous()  # own storage: safetensors rejects shared
-        size += tensor.numel() * tensor.element_size()
-        if size >= _STAGE_SHARD_BYTES:
-            flush()
-    flush()
+    def cispo_reload_weights(self, weights_iterator=None, weights_path: str | None = None) -> dict:
+        """The worker's `reload_weights` (reach-in 1), then the tied heads' processing again (reach-in 7).
+        Returns {"refreshed": tied heads re-processed, "expected_unloaded": layer classes vLLM reported unloaded
+        that have nothing to load}; other layers it reports are logged as warnings, as vLLM would."""
+        collect = _CollectUnloaded()
+        vllm_log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+        vllm_log.addFilter(collect)
+        try:
+            self.reload_weights(weights_iterator=weights_iterator, weights_path=weights_path)
+        finally:
+            vllm_log.removeFilter(collect)
+        refreshed, nothing_to_load = _refresh_tied_heads(self.model_runner.get_model())
+        unexpected = [layer for layer in collect.layers if layer not in nothing_to_load]
+        for layer in unexpected:
+            logger.warning("weight sync: vLLM loaded no weights into a %s layer (it keeps its previous weights)", layer)
+        return {"refreshed": refreshed, "expected_unloaded": sorted(set(collect.layers) - set(unexpected))}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -383,7 +384,8 @@ class VLLMEngine:
 
     `model_dir`: HF directory (weights + tokenizer). `dtype`: parameters in the engine (float32 | bfloat16).
     `fp32_lm_head`: M1's fp32 LM head. `seed`: the engine's global seed (used by unseeded requests).
-    `last_sync`: seconds, bytes, tensors, bytes_per_s and path ("direct" | "staged") of the last load_weights.
+    `last_sync`: seconds, bytes, tensors, bytes_per_s, path ("direct" | "staged") and tied_heads_refreshed (module
+    names, reach-in 7) of the last load_weights.
     """
 
     def __init__(
@@ -391,13 +393,7 @@ class VLLMEngine:
     ):
         from vllm.platforms import current_platform
 
-        if cfg.early_stop_k < 0:
-            raise ValueError(f"rollout.early_stop_k must be >= 0 (0 = off), got {cfg.early_stop_k}")
-        if cfg.early_stop_k and not 0.5 <= cfg.early_stop_p < 1.0:
-            raise ValueError(
-                f"rollout.early_stop_p must be in [0.5, 1) (M1: 0.99), got {cfg.early_stop_p}: "
-                "the processor relies on a token with p > 0.5 being the argmax"
-            )
+        check_early_stop(cfg.early_stop_k, cfg.early_stop_p)
         if not vllm.__version__.startswith(VLLM_VERSION_WRITTEN_AGAINST.rsplit(".", 1)[0] + "."):
             logger.warning(
                 "rollout.vllm_engine was written against vLLM %s, found %s: re-check the reaches into vLLM listed "
@@ -469,21 +465,23 @@ class VLLMEngine:
                 torch.set_num_threads(threads)
         self.start_seconds = time.perf_counter() - start
 
-        tokenizer = self._llm.get_tokenizer()
-        self.eos_token_id = tokenizer.eos_token_id
-        if self.eos_token_id is None and cfg.early_stop_k:
+        self.eos_token_id = self._llm.get_tokenizer().eos_token_id
+        try:
+            self.early_stop = EarlyStopRule.from_settings(cfg.early_stop_k, cfg.early_stop_p, self.eos_token_id)
+        except ValueError:
             self.close()
-            raise ValueError("rollout.early_stop_k > 0 needs a tokenizer with an eos_token_id")
+            raise
         self.head_dtype = self._llm.llm_engine.model_config.head_dtype
         engine_core = self._llm.llm_engine.engine_core
         executor = getattr(getattr(engine_core, "engine_core", None), "model_executor", None)
         from vllm.v1.executor.uniproc_executor import UniProcExecutor
 
         self.in_process = isinstance(executor, UniProcExecutor)  # the worker lives here: tensors pass directly
-        self._checkpoint_names = _checkpoint_names(self.model_dir)
+        self._checkpoint_names = checkpoint_names(self.model_dir)
         self._uid = uuid.uuid4().hex[:8]
         self._calls = 0
         self.last_sync: dict | None = None
+        self._explained_unloaded = False
         logger.info(
             "vLLM %s engine up in %.1fs (dtype %s, head %s, %s worker, early stop k=%d p=%s)",
             vllm.__version__, self.start_seconds, dtype, self.head_dtype,
@@ -492,40 +490,24 @@ class VLLMEngine:
 
     # ---------------------------------------------------------------------------------------------- generate
     def _check_prompts(self, prompts: list[list[int]], sampling: SamplingParams) -> None:
-        if sampling.n < 1:
-            raise ValueError(f"SamplingParams.n must be >= 1, got {sampling.n}")
-        if sampling.max_tokens < 1:
-            raise ValueError(f"SamplingParams.max_tokens must be >= 1, got {sampling.max_tokens}")
-        if sampling.seed is not None and sampling.seed < 0:
-            raise ValueError(f"SamplingParams.seed must be >= 0 or None, got {sampling.seed}")
+        check_request(prompts, sampling, self.cfg.max_model_len)
         if sampling.seed is not None and len(prompts) * sampling.n > _SEED_STRIDE:
             raise ValueError(f"at most {_SEED_STRIDE} samples per generate() call get distinct seeds")
-        limit = self.cfg.max_model_len
-        for i, prompt in enumerate(prompts):
-            if len(prompt) == 0:
-                raise ValueError(f"prompt {i} is empty")
-            if len(prompt) + sampling.max_tokens > limit:
-                raise ValueError(
-                    f"prompt {i} has {len(prompt)} tokens; with max_tokens={sampling.max_tokens} it needs "
-                    f"{len(prompt) + sampling.max_tokens} > rollout.max_model_len={limit}. Raise "
-                    f"rollout.max_model_len, lower rollout.max_tokens, or filter long prompts."
-                )
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> Rollout:
         prompts = [list(map(int, p)) for p in prompts]
         self._check_prompts(prompts, sampling)
         self._calls += 1
         call_tag = f"{self._uid}:{self._calls}:"
-        early_stop = self.cfg.early_stop_k > 0
+        rule = self.early_stop
         # vLLM refuses n > 1 with greedy sampling (temperature < 1e-5, its threshold); greedy samples are
         # identical, so one is generated and repeated
         n_req = 1 if sampling.temperature < 1e-5 else sampling.n
         params = []
         for i in range(len(prompts)):
             extra = None
-            if early_stop:
-                extra = {EARLY_STOP_KEY: {"k": int(self.cfg.early_stop_k), "p": float(self.cfg.early_stop_p),
-                                          "eos": int(self.eos_token_id), "tag": f"{call_tag}{i}"}}
+            if rule:
+                extra = {EARLY_STOP_KEY: {"k": rule.k, "p": rule.p, "eos": rule.eos, "tag": f"{call_tag}{i}"}}
             params.append(
                 VLLMSamplingParams(
                     n=n_req,
@@ -543,7 +525,7 @@ class VLLMEngine:
             [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False
         )
         forced = {}
-        if early_stop:
+        if rule:
             forced = self._llm.collective_rpc("cispo_pop_early_stops", args=(call_tag,))[0]
         seconds = time.perf_counter() - start
 
@@ -596,14 +578,14 @@ class VLLMEngine:
         In-process worker: the iterator is handed to the worker's `reload_weights` (no copies beyond the
         loaders' own). Otherwise: staged on disk as safetensors shards and reloaded from there.
         """
-        meter = _Meter(iter_named_tensors(named_tensors))
+        meter = Meter(iter_named_tensors(named_tensors))
         start = time.perf_counter()
         if self.in_process:
             path = "direct"
-            self._llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(meter)})
+            report = self._llm.collective_rpc("cispo_reload_weights", kwargs={"weights_iterator": iter(meter)})[0]
         else:
             path = "staged"
-            self._reload_staged(meter)
+            report = self._reload_staged(meter)
         self._llm.reset_prefix_cache()  # cached KV was computed with the old weights
         seconds = time.perf_counter() - start
         if not meter.names:
@@ -614,8 +596,13 @@ class VLLMEngine:
             "tensors": len(meter.names),
             "bytes_per_s": meter.bytes / seconds if seconds > 0 else math.inf,
             "path": path,
+            "tied_heads_refreshed": report["refreshed"],
         }
         logger.info("weight sync (%s): %d tensors, %.1f MB in %.3fs", path, len(meter.names), meter.bytes / 1e6, seconds)
+        if report["expected_unloaded"] and not self._explained_unloaded:
+            self._explained_unloaded = True
+            logger.info("weight sync: %s have no weights of their own to load (tied heads: rebuilt from the embedding; "
+                        "rotary caches: computed from the config), expected", ", ".join(report["expected_unloaded"]))
         if self._checkpoint_names is not None:
             missing = self._checkpoint_names - meter.names
             if missing:
@@ -625,14 +612,9 @@ class VLLMEngine:
                     "inconsistent: send every tensor"
                 )
 
-    def _reload_staged(self, pairs: Iterable[tuple[str, torch.Tensor]]) -> None:
-        base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-        stage = tempfile.mkdtemp(prefix="cispo-weights-", dir=base)
-        try:
-            _stage_safetensors(pairs, stage)
-            self._llm.collective_rpc("reload_weights", kwargs={"weights_path": stage})
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
+    def _reload_staged(self, pairs: Iterable[tuple[str, torch.Tensor]]) -> dict:
+        with staged_safetensors(pairs) as stage:
+            return self._llm.collective_rpc("cispo_reload_weights", kwargs={"weights_path": stage})[0]
 
     # ------------------------------------------------------------------------------------------------ sleep
     def sleep(self) -> None:
@@ -669,3 +651,8 @@ class VLLMEngine:
             self.close()
         except Exception:
             pass
+
+
+def build(model_dir: str, rollout_cfg: RolloutConfig, model_cfg, seed: int = 0) -> VLLMEngine:
+    """The builder of rollout.engine=vllm (rollout/__init__.py); `model_cfg`: a cispo.config.ModelConfig."""
+    return VLLMEngine(model_dir, rollout_cfg, dtype=model_cfg.dtype, fp32_lm_head=model_cfg.fp32_lm_head, seed=seed)

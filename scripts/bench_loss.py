@@ -15,13 +15,17 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cispo.loss import policy_loss  # noqa: E402
+from cispo.config import AlgoConfig  # noqa: E402
+from cispo.loss import loss_knobs, policy_loss  # noqa: E402
+
+KNOBS = loss_knobs("cispo", asdict(AlgoConfig(is_weight_max=5.0)))  # clip(r, max=5), no floor, no mask
 
 
 def bare(logp, old, adv, coef):
@@ -30,7 +34,7 @@ def bare(logp, old, adv, coef):
 
 
 def ours(logp, old, adv, coef):
-    return policy_loss(logp, old, adv, coef, loss="cispo", is_weight_max=5.0).loss
+    return policy_loss(logp, old, adv, coef, loss="cispo", **KNOBS).loss
 
 
 def main() -> None:

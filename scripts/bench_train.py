@@ -43,6 +43,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -50,9 +51,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cispo.batch import MicroBatch, Sample, micro_batches  # noqa: E402
 from cispo.logprobs import token_logprobs  # noqa: E402
-from cispo.loss import logp_grad, policy_loss, sequence_coefficients  # noqa: E402
+from cispo.config import AlgoConfig  # noqa: E402
+from cispo.loss import logp_grad, loss_knobs, policy_loss, sequence_coefficients  # noqa: E402
 from cispo.policy import PACKED_ATTENTION, _register_packed_attention, micro_batch_logprobs  # noqa: E402
 
+CISPO = dict(loss="cispo", **loss_knobs("cispo", asdict(AlgoConfig())))  # the default run's loss
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
                "B200": 2250.0}  # dense bf16 tensor-core peaks (SXM); pass --peak-tflops for anything else
 
@@ -132,9 +135,9 @@ def step_packed(model, optimizer, mbs: list[MicroBatch], device: str) -> None:
     for mb in mbs:
         old, adv, coef = (t.to(device) for t in (mb.old_logp, mb.adv, mb.coef))
         # the head's gradients in its forward pass, as the trainer does
-        hint = lambda logp, rows: logp_grad(logp, old[rows], adv[rows], coef[rows])  # noqa: E731
+        hint = lambda logp, rows: logp_grad(logp, old[rows], adv[rows], coef[rows], **CISPO)  # noqa: E731
         tl = micro_batch_logprobs(model, mb, temperature=1.0, fp32_head=True, grad_hint=hint)
-        policy_loss(tl.logp, old, adv, coef).loss.backward()
+        policy_loss(tl.logp, old, adv, coef, **CISPO).loss.backward()
     _optimizer_step(model, optimizer)
 
 
@@ -144,9 +147,10 @@ def step_padded(model, optimizer, mbs: list[dict], device: str) -> None:
         d = {k: v.to(device) if torch.is_tensor(v) else v for k, v in mb.items()}
         hidden = model.base_model(input_ids=d["input_ids"], attention_mask=d["attention_mask"], use_cache=False)
         hidden = hidden.last_hidden_state[d["rows"], d["cols"]]
-        hint = lambda logp, rows, d=d: logp_grad(logp, d["old_logp"][rows], d["adv"][rows], d["coef"][rows])  # noqa: E731
+        hint = lambda logp, rows, d=d: logp_grad(logp, d["old_logp"][rows], d["adv"][rows], d["coef"][rows],  # noqa: E731
+                                                 **CISPO)
         tl = token_logprobs(hidden, head, d["targets"], temperature=1.0, fp32_head=True, grad_hint=hint)
-        policy_loss(tl.logp, d["old_logp"], d["adv"], d["coef"]).loss.backward()
+        policy_loss(tl.logp, d["old_logp"], d["adv"], d["coef"], **CISPO).loss.backward()
     _optimizer_step(model, optimizer)
 
 

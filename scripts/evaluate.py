@@ -34,7 +34,7 @@ from omegaconf import DictConfig  # noqa: E402
 from cispo.config import ConfigError, EvalRunConfig, register_configs  # noqa: E402
 from cispo.data import load_splits, prompt_messages  # noqa: E402
 from cispo.evaluation import length_stats, sampled_metrics  # noqa: E402
-from rewards import RewardScorer  # noqa: E402
+from rewards import RewardScorer, row_source  # noqa: E402
 from rollout.openai_client import ChatRequest, EndpointError, OpenAIClient  # noqa: E402
 
 register_configs()
@@ -89,8 +89,9 @@ def resolve_target(cfg: EvalRunConfig, train_rows: list[dict]) -> dict:
     from rollout import resolve_engine
 
     model_dir = prepare_model(cfg, train_rows)
-    return {"checkpoint": model_dir, "files": checkpoint_fingerprint(model_dir),
-            "engine": resolve_engine(cfg.rollout.engine, model_dir), "dtype": cfg.model.dtype,
+    kind = resolve_engine(cfg.rollout.engine, model_dir)
+    cfg.rollout.check_engine(kind)  # a rollout knob this engine cannot honour stops here, before any sampling
+    return {"checkpoint": model_dir, "files": checkpoint_fingerprint(model_dir), "engine": kind, "dtype": cfg.model.dtype,
             "fp32_lm_head": cfg.model.fp32_lm_head}
 
 
@@ -231,7 +232,7 @@ def summarize(cfg: EvalRunConfig, rows: list[dict], answers: list[list[Answer]],
     metrics = sampled_metrics(correct)
     by_source: dict[str, list[int]] = defaultdict(list)
     for i, row in enumerate(rows):
-        by_source[row.get("source") or "math"].append(i)
+        by_source[row_source(row)].append(i)
     for source, idx in sorted(by_source.items()):
         metrics[f"eval/{source}/prompts"] = len(idx)
         metrics |= sampled_metrics([correct[i] for i in idx], prefix=f"eval/{source}/")
@@ -250,7 +251,7 @@ def summarize(cfg: EvalRunConfig, rows: list[dict], answers: list[list[Answer]],
     reported = [a.cost for a in flat if a.cost is not None]
     if reported:
         metrics["eval/cost_reported_usd"] = sum(reported)
-    per_prompt = [{"id": row["id"], "source": row.get("source") or "math", "correct": sum(c), "k": k}
+    per_prompt = [{"id": row["id"], "source": row_source(row), "correct": sum(c), "k": k}
                   for row, c in zip(rows, correct)]
     return {"metrics": metrics, "per_prompt": per_prompt}
 
@@ -295,15 +296,15 @@ def format_table(report: dict) -> str:
 def evaluate(cfg: EvalRunConfig) -> EvalResult:
     """Sample what the cache lacks, grade everything, write the report; prints the table."""
     start = time.monotonic()
-    train_rows, rows = load_splits(cfg.data)
-    rows = rows[: cfg.eval.limit] if cfg.eval.limit else rows
-    ids = [row["id"] for row in rows]
-    if len(set(ids)) != len(ids):
-        raise ConfigError("data: the held-out rows' ids are not unique; the answer cache is keyed by them")
-    messages = [prompt_messages(row, cfg.data) for row in rows]
-    shas = [short_hash(m) for m in messages]
-    out_dir = Path(cfg.eval.output_dir)
     with RewardScorer(cfg.reward) as scorer:
+        train_rows, rows = load_splits(cfg.data, scorer)  # rows checked against their graders before any sampling
+        rows = rows[: cfg.eval.limit] if cfg.eval.limit else rows
+        ids = [row["id"] for row in rows]
+        if len(set(ids)) != len(ids):
+            raise ConfigError("data: the held-out rows' ids are not unique; the answer cache is keyed by them")
+        messages = [prompt_messages(row, cfg.data) for row in rows]
+        shas = [short_hash(m) for m in messages]
+        out_dir = Path(cfg.eval.output_dir)
         target = resolve_target(cfg, train_rows)
         settings = answer_settings(cfg, target)
         cache = AnswerCache(out_dir / "answers.jsonl", short_hash(settings))

@@ -78,8 +78,9 @@ def sample_pass_counts(cfg: Config, rows: list[dict], k: int, batch_prompts: int
     from rollout.base import SamplingParams
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
-    engine = build_engine(resolve_engine(cfg.rollout.engine, model_dir), model_dir, cfg.rollout, cfg.model,
-                          cfg.trainer.seed)
+    kind = resolve_engine(cfg.rollout.engine, model_dir)
+    cfg.rollout.check_engine(kind)
+    engine = build_engine(kind, model_dir, cfg.rollout, cfg.model, cfg.trainer.seed)
     correct = [0] * len(rows)
     try:
         for lo in tqdm(range(0, len(rows), batch_prompts), desc="sampling", unit="batch"):

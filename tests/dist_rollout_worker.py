@@ -41,6 +41,7 @@ def main() -> None:
     from cispo.curriculum import Curriculum
     from cispo.data import PromptStream, encode_prompts
     from cispo.distributed import build_policy, init_distributed
+    from cispo.sampling import ColocatedSampler
     from cispo.trainer import rl_step
     from rewards import RewardScorer
     from rewards.config import RewardConfig
@@ -50,7 +51,8 @@ def main() -> None:
     cfg = Config(
         model=ModelConfig(path=args.model),
         algo=AlgoConfig(group_size=4, prompts_per_step=4, updates_per_step=1),
-        rollout=RolloutConfig(engine=args.engine, max_tokens=8, max_model_len=96, kv_cache_gb=0.1),
+        rollout=RolloutConfig(engine=args.engine, max_tokens=8, max_model_len=96,
+                              **({"kv_cache_gb": 0.1} if args.engine == "vllm" else {})),
         reward=RewardConfig(custom="dist_rollout_worker:length_reward", num_workers=1),
         data=DataConfig(),
         trainer=TrainerConfig(lr=5e-2, grad_clip=1.0, zero_stage=3, optimizer_impl="torch", threads=1,
@@ -59,7 +61,7 @@ def main() -> None:
     )
     dist = init_distributed(cfg.trainer)
     torch.manual_seed(0)
-    policy, tokenizer, updater = build_policy(args.model, cfg, dist, 1)
+    policy, tokenizer, updater = build_policy(args.model, cfg, dist)
     engine = build_engine(args.engine, args.model, cfg.rollout, cfg.model, seed=0)
     probes = encode_prompts(tokenizer, [{"prompt": p} for p in PROBES], cfg.data)
     greedy = SamplingParams(n=1, max_tokens=8, temperature=0.0)
@@ -67,7 +69,7 @@ def main() -> None:
     rows = [{"prompt": f"Tell me about {i}.", "answer": "", "source": "length", "id": i} for i in range(16)]
     with RewardScorer(cfg.reward) as scorer:
         curriculum = Curriculum(cfg.curriculum, PromptStream(rows, 0), cfg.rollout.max_tokens)
-        metrics = rl_step(cfg, 1, curriculum, tokenizer, engine, scorer, updater)
+        metrics = rl_step(cfg, 1, curriculum, ColocatedSampler(cfg, engine, scorer, tokenizer, dist), updater)
     after = [c.token_ids for c in engine.generate(probes, greedy).completions]
     weights = {name: t.to("cpu", copy=True) for name, t in updater.named_weights()}  # collective under ZeRO-3
     seen = dist.all_gather_object({"rank": dist.rank, "before": before, "after": after,

@@ -71,28 +71,28 @@ def case_config(model_dir: str, zero_stage, *, budget: int, gradient_checkpointi
 def run_case(cfg: Config, dist, variant: str = "ok") -> dict:
     """update_policy for STEPS batches from the model's initial weights; metrics, grad norms, final weights."""
     import cispo.trainer as trainer
-    from cispo.distributed import build_policy, rank_micro_batches
+    from cispo.distributed import build_policy
 
     torch.manual_seed(0)
-    policy, _, updater = build_policy(cfg.model.path, cfg, dist, STEPS * UPDATES)
-    trainer.rank_micro_batches = rank_micro_batches
+    policy, _, updater = build_policy(cfg.model.path, cfg, dist)
+    trainer.micro_batches = micro_batches
     if variant == "rank_mean":  # the bug the tests must catch: each rank normalises over its own share
-        trainer.rank_micro_batches = lambda samples, mini, mine, budget, agg: micro_batches(samples, mine, budget, agg)
+        trainer.micro_batches = lambda samples, mine, budget, agg, norm_over=None: micro_batches(samples, mine, budget, agg)
     if variant == "no_world_scale":
         updater.backward = lambda loss: updater.engine.backward(loss)
     norms, step = [], updater.step
-    updater.step = lambda: norms.append(step()) or norms[-1]
+    updater.step = lambda lr: norms.append(step(lr)) or norms[-1]
     metrics, micro = [], []
     vocab = policy.config.vocab_size
     for k in range(STEPS):
         samples = make_samples(k, vocab)
         kept = [s for s in samples if s.loss_len > 0]
         for mini in split_groups(kept, UPDATES):  # this rank's micro-batches (gradient accumulation steps)
-            micro.append(len(rank_micro_batches(kept, mini, dist.shard_groups(kept, mini), cfg.trainer.max_tokens_per_micro,
-                                                cfg.algo.loss_agg)))
-        metrics.append(trainer.update_policy(cfg, updater.model, updater, samples))
+            micro.append(len(micro_batches(kept, dist.shard_groups(kept, mini), cfg.trainer.max_tokens_per_micro,
+                                           cfg.algo.loss_agg, norm_over=mini)))
+        metrics.append(trainer.update_policy(cfg, k + 1, updater, samples))
     weights = {name: t.detach().to("cpu", copy=True) for name, t in updater.named_weights()}
-    trainer.rank_micro_batches = rank_micro_batches
+    trainer.micro_batches = micro_batches
     return {"metrics": metrics, "norms": norms, "weights": weights, "micro_batches": micro,
             "updater": updater, "policy": policy}
 

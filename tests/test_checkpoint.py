@@ -20,7 +20,7 @@ import torch
 
 from cispo.checkpoint import Checkpointer, list_checkpoints, resolve_resume, trim_metrics
 from cispo.config import ConfigError, TrainerConfig
-from cispo.distributed import Dist
+from cispo.collective import Dist
 from cispo.optim import TorchUpdater
 
 REPO = Path(__file__).resolve().parents[1]
@@ -165,12 +165,12 @@ def updater():
     cfg = Qwen2Config(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1,
                       intermediate_size=32, tie_word_embeddings=True)
     torch.manual_seed(0)
-    return TorchUpdater(Qwen2ForCausalLM(cfg), TrainerConfig(lr=1e-2, warmup_steps=3), total_updates=10)
+    return TorchUpdater(Qwen2ForCausalLM(cfg), TrainerConfig(lr=1e-2))
 
 
 def train_one(updater):
     updater.backward(updater.policy(torch.tensor([[1, 2, 3]])).logits.square().mean())
-    return updater.step()
+    return updater.step(1e-2)
 
 
 def test_save_load_round_trip_restores_everything(updater, tmp_path):
@@ -180,7 +180,6 @@ def test_save_load_round_trip_restores_everything(updater, tmp_path):
     counter.n = 7
     path = ckpt.save(1, updater, {"counter": counter})
     expected_next = train_one(updater), {k: v.clone() for k, v in updater.policy.state_dict().items()}, torch.rand(3)
-    lr_after = updater.lr
 
     counter.n = 0
     for p in updater.policy.parameters():
@@ -189,7 +188,7 @@ def test_save_load_round_trip_restores_everything(updater, tmp_path):
     assert ckpt.load(path, updater, {"counter": counter}) == 1
     assert counter.n == 7
     norm = train_one(updater)
-    assert norm == expected_next[0] and updater.lr == lr_after
+    assert norm == expected_next[0]
     assert all(torch.equal(v, expected_next[1][k]) for k, v in updater.policy.state_dict().items())
     assert torch.equal(torch.rand(3), expected_next[2])  # the RNG continues where the checkpoint was taken
 

@@ -11,8 +11,9 @@ import pytest
 from cispo.config import ConfigError, CurriculumConfig
 from cispo.curriculum import Curriculum, GroupOutcome, OutputWindow, PassRateTracker, fill_batch
 from cispo.data import PromptStream
+from cispo.sampling import Episode, SampledBatch
 from rewards import RewardConfig, RewardScorer
-from rollout.base import Completion, Rollout
+from rollout.base import Completion
 
 M1_WINDOWS = [40000, 48000, 56000, 64000, 72000, 80000]
 
@@ -124,25 +125,34 @@ def problems(correct: list[int]) -> list[dict]:
     return [{"id": f"p{i}", "prompt": f"q{i}", "answer": "7", "source": "math", "k": k} for i, k in enumerate(correct)]
 
 
-def make_sample(scorer, calls: list):
-    """sample(rows, round) as the trainer's: token ids, a Rollout of G completions per prompt, their grades."""
-    def sample(rows, round_index):
-        calls.append((round_index, [r["id"] for r in rows]))
+class ScriptedSampler:
+    """A cispo.sampling.Sampler whose k-th completion of a row is right when k < row["k"], graded for real."""
+
+    def __init__(self, scorer, calls: list, group_size: int = G):
+        self.scorer, self.calls, self.group_size = scorer, calls, group_size
+
+    def sample(self, rows, *, step, round_index, max_tokens) -> SampledBatch:
+        self.calls.append((round_index, [r["id"] for r in rows]))
         done = []
         for i, row in enumerate(rows):
             for j in range(G):
                 text = "\\boxed{7}" if j < row["k"] else "\\boxed{8}"
                 done.append(Completion(i, [1] * (3 + i + j), [-0.1] * (3 + i + j), "stop", text))
-        graded = scorer.score([c.text for c in done], [rows[c.prompt_index] for c in done])
-        return [[100 + i] for i in range(len(rows))], Rollout(done, seconds=0.5), graded
-    return sample
+        graded = self.scorer.score([c.text for c in done], [rows[c.prompt_index] for c in done])
+        episodes = [Episode(c, r, s, 0.0, m) for c, r, s, m in zip(done, graded.results, graded.scores, graded.loss_mask)]
+        return SampledBatch([[100 + i] for i in range(len(rows))], episodes, self.group_size, 0.5, 0.0)
+
+
+def fill(stream, sampler, **kwargs):
+    return fill_batch(stream.take, sampler, step=1, max_tokens=16, **kwargs)
 
 
 def test_one_round_keeps_every_group_like_a_plain_step(scorer):
     stream, calls = PromptStream(problems([0, 2, 4, 1]), seed=0), []
-    filled = fill_batch(stream.take, make_sample(scorer, calls), target=4, group_size=G, max_rounds=1)
+    filled = fill(stream, ScriptedSampler(scorer, calls), target=4, max_rounds=1)
     assert len(calls) == 1 and len(filled.rows) == 4  # zero-variance groups included: the trainer drops them
-    assert [c.prompt_index for c in filled.completions] == [0] * G + [1] * G + [2] * G + [3] * G
+    assert [len(g) for g in filled.groups] == [G] * 4
+    assert [r["k"] for r in filled.rows] == [sum(e.result.status == "correct" for e in g) for g in filled.groups]
     assert filled.metrics["sampling/informative_frac"] == 0.5 and filled.metrics["sampling/filled"] == 1.0
 
 
@@ -152,30 +162,32 @@ def test_refill_until_the_batch_holds_target_informative_groups(scorer):
     served = [1, 2, 3, 0, 1, 4, 2, 0, 4, 3, 2, 1, 0, 0]  # correct answers of the i-th prompt served (of G = 4)
     k = {pid: c for pid, c in zip(order, served)}
     stream, calls = PromptStream([r | {"k": k[r["id"]]} for r in problems([0] * n)], seed=0), []
-    filled = fill_batch(stream.take, make_sample(scorer, calls), target=6, group_size=G, max_rounds=5)
+    filled = fill(stream, ScriptedSampler(scorer, calls), target=6, max_rounds=5)
     # round 1: 6 prompts, 4 informative (k = 0 and k = 4 are not); 2 missing at a rate of 4/6 -> ask for 3;
     # round 2: 1 informative of 3; 1 missing at 5/9 -> ask for 2; round 3: both informative, the first one fills it
     assert [(r, len(ids)) for r, ids in calls] == [(0, 6), (1, 3), (2, 2)]
     assert [r["id"] for r in filled.rows] == [order[i] for i in (0, 1, 2, 4, 6, 9)]
-    # the layout is what one generate call would give: grouped, prompt_index into rows, grades aligned
-    assert [c.prompt_index for c in filled.completions] == [p for p in range(6) for _ in range(G)]
-    for c, result, score in zip(filled.completions, filled.graded.results, filled.graded.scores):
-        assert (result.status == "correct") == (c.text == "\\boxed{7}") and score == (c.text == "\\boxed{7}")
-        assert filled.prompts[c.prompt_index][0] >= 100 and 0 < filled.rows[c.prompt_index]["k"] < G
-    assert len(filled.graded.scores) == len(filled.graded.loss_mask) == 6 * G
+    # each kept group is its row's, with its grades
+    assert [len(g) for g in filled.groups] == [G] * 6
+    for row, prompt, group in zip(filled.rows, filled.prompts, filled.groups):
+        assert prompt[0] >= 100 and 0 < row["k"] < G
+        assert sum(e.result.status == "correct" for e in group) == row["k"]
+        for e in group:
+            assert (e.result.status == "correct") == (e.completion.text == "\\boxed{7}")
+            assert e.score == (e.completion.text == "\\boxed{7}")
     # metrics describe everything generated (11 prompts), not the kept subset
     assert filled.metrics["sampling/prompts"] == 11 and filled.metrics["sampling/rounds"] == 3
     assert filled.metrics["sampling/informative_frac"] == pytest.approx(7 / 11)
     assert filled.metrics["sampling/kept"] == 6 and filled.metrics["sampling/filled"] == 1.0
     assert filled.metrics["reward/accuracy"] == pytest.approx(sum(served[:11]) / (11 * G))
-    assert [(g.id, g.correct, g.total) for g in filled.groups] == [(order[i], served[i], G) for i in range(11)]
+    assert [(g.id, g.correct, g.total) for g in filled.outcomes] == [(order[i], served[i], G) for i in range(11)]
 
 
 def test_refill_gives_up_after_max_rounds(scorer):
     stream, calls = PromptStream(problems([0, 4, 0, 4, 0, 4]), seed=0), []
-    filled = fill_batch(stream.take, make_sample(scorer, calls), target=3, group_size=G, max_rounds=3)
+    filled = fill(stream, ScriptedSampler(scorer, calls), target=3, max_rounds=3)
     assert len(calls) == 3 and [len(ids) for _, ids in calls] == [3, 3, 3]  # no informative group: full requests
-    assert filled.rows == [] and filled.completions == [] and filled.graded.scores == []
+    assert filled.rows == [] and filled.groups == [] and filled.prompts == []
     assert filled.metrics["sampling/filled"] == 0.0 and filled.metrics["sampling/informative_frac"] == 0.0
     assert filled.metrics["rollout/len_mean"] > 0  # the lengths of what was generated are still reported
 
@@ -183,7 +195,7 @@ def test_refill_gives_up_after_max_rounds(scorer):
 def test_refill_checks_the_group_size(scorer):
     stream = PromptStream(problems([1, 2]), seed=0)
     with pytest.raises(ValueError, match="expected 3"):
-        fill_batch(stream.take, make_sample(scorer, []), target=2, group_size=3, max_rounds=1)
+        fill(stream, ScriptedSampler(scorer, [], group_size=3), target=2, max_rounds=1)
 
 
 # ---- all together ----------------------------------------------------------------------------------------------
@@ -194,12 +206,12 @@ def test_curriculum_update_retires_solved_prompts_and_resumes(scorer):
     cfg = CurriculumConfig(windows=[8, 16], window_threshold=0.9, sample_rounds=2, retire_pass_rate=0.9)
     stream = PromptStream(problems(pattern), seed=1)
     cur = Curriculum(cfg, stream, max_tokens=16)
-    sample = make_sample(scorer, [])
-    filled = cur.fill(sample, target=3, group_size=G)
+    sampler = ScriptedSampler(scorer, [])
+    filled = cur.fill(sampler, 1, target=3)
     metrics = cur.update(filled)
     assert metrics["curriculum/window"] == 8.0  # the window this step used; lengths up to 3 + 2 + 3 = 8 -> advance
     assert metrics["curriculum/window_advanced"] == 1.0 and cur.max_tokens == 16
-    solved = {g.id for g in filled.groups if g.correct == G}
+    solved = {g.id for g in filled.outcomes if g.correct == G}
     assert stream.retired == solved and metrics["curriculum/retired"] == len(solved)
     # resume: a fresh stream and curriculum from the saved states continue identically
     state, stream_state = roundtrip(cur.state_dict()), roundtrip(stream.state_dict())
@@ -208,7 +220,7 @@ def test_curriculum_update_retires_solved_prompts_and_resumes(scorer):
     cur2 = Curriculum(cfg, stream2, max_tokens=16)
     cur2.load_state_dict(state)
     for _ in range(3):
-        a, b = cur.fill(sample, 3, G), cur2.fill(sample, 3, G)
+        a, b = cur.fill(sampler, 2, 3), cur2.fill(sampler, 2, 3)
         assert [r["id"] for r in a.rows] == [r["id"] for r in b.rows]
         assert cur.update(a) == cur2.update(b)
     assert stream.retired == stream2.retired == {"p0", "p2"}
@@ -219,5 +231,5 @@ def _filled(p99: float):
     """A FilledBatch stand-in carrying only what Curriculum.update reads."""
     class Filled:
         metrics = {"rollout/len_p99": p99}
-        groups: list = []
+        outcomes: list = []
     return Filled()

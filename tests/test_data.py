@@ -89,6 +89,61 @@ def test_source_field_and_map_route_rows_to_graders(tmp_path, scorer):
     assert (bad.row, bad.field) == (4, "source") and "reward.custom" in bad.reason
 
 
+@pytest.fixture(scope="module")
+def plugin_scorer():
+    """A scorer whose run registers the graders of tests/grader_plugin.py: "echo" needs the answer, "countdown"
+    the answer and the kept column "nums"."""
+    with RewardScorer(RewardConfig(num_workers=1, grader_modules=["tests.grader_plugin"])) as s:
+        yield s
+
+
+PLUGIN_ROWS = [
+    {"id": "a", "prompt": "2+2?", "answer": "4", "source": "math"},
+    {"id": "b", "prompt": "Say hi.", "answer": "hi", "source": "echo"},
+    {"id": "c", "prompt": "Make 24.", "answer": "24", "nums": [4, 6, 1], "source": "countdown"},
+    {"id": "d", "prompt": "Say yo.", "source": "echo"},  # no answer
+    {"id": "e", "prompt": "Make 10.", "answer": "10", "source": "countdown"},  # no nums
+    {"id": "f", "prompt": "A haiku.", "source": "poetry"},  # no grader
+    {"id": "g", "prompt": "3+3?", "answer": "6", "source": "math"},
+]
+
+
+def test_rows_need_the_fields_their_grader_declares(tmp_path, plugin_scorer):
+    path = tmp_path / "plugins.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in PLUGIN_ROWS))
+    data = cfg(path, eval_size=1, source_field="source", keep_fields=["nums"], on_bad_row="skip")
+    splits = load_splits(data, plugin_scorer)
+    kept = {r["id"]: r for r in splits.train + splits.eval}
+    assert sorted(kept) == ["a", "b", "c", "g"]
+    assert kept["c"] == {"prompt": "Make 24.", "answer": "24", "tests": None, "source": "countdown", "id": "c",
+                         "nums": [4, 6, 1]}
+    bad = {b.row: b for b in splits.report.skipped}
+    assert {row: b.field for row, b in bad.items()} == {4: "answer", 5: "nums", 6: "source"}
+    assert bad[4].reason == "missing (column 'answer')" and bad[5].reason == "missing (column 'nums')"
+    registered = set(bad[6].reason.split("(registered: ")[1].split(")")[0].split(", "))
+    assert "'poetry' has no grader" in bad[6].reason and {"code", "countdown", "echo", "math"} <= registered
+    assert "register_grader('poetry'" in bad[6].reason
+    # a needed field that is not mapped at all: the fix is data.keep_fields
+    splits = load_splits(replace(data, keep_fields=[]), plugin_scorer)
+    assert {b.row: b.field for b in splits.report.skipped} == {3: "nums", 4: "answer", 5: "nums", 6: "source"}
+    assert "list its column in data.keep_fields" in splits.report.skipped[0].reason
+
+
+def test_a_registered_grader_serves_as_default_source(tmp_path, plugin_scorer):
+    path = tmp_path / "echo.jsonl"
+    path.write_text("".join(json.dumps({"id": f"e{i}", "prompt": "Say hi.", "hint": "hi"}) + "\n" for i in range(3)))
+    with pytest.raises(ConfigError, match="no column for answer"):  # echo needs the answer: every row would lack it
+        load_splits(cfg(path, eval_size=1, default_source="echo"), plugin_scorer)
+    splits = load_splits(cfg(path, eval_size=1, default_source="echo", answer_field=["hint"]), plugin_scorer)
+    assert {r["source"] for r in splits.train + splits.eval} == {"echo"}
+
+
+def test_a_default_source_without_a_grader_stops_before_any_row_is_read(scorer):
+    with pytest.raises(ConfigError, match="data.default_source: row source 'poetry' has no grader"):
+        load_splits(cfg(DATA / "math.jsonl", default_source="poetry"), scorer)
+    assert len(load_splits(cfg(DATA / "math.jsonl", default_source="poetry", eval_size=2)).train) == 4  # unchecked
+
+
 # ---- unreadable sources and missing columns --------------------------------------------------------------------
 
 

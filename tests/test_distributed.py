@@ -25,8 +25,9 @@ import torch
 
 from cispo.batch import Sample, micro_batches
 from cispo.config import ConfigError, TinyModelConfig, TrainerConfig
-from cispo.distributed import Dist, deepspeed_config, init_distributed, rank_micro_batches
-from cispo.optim import lr_lambda
+from cispo.collective import Dist
+from cispo.distributed import deepspeed_config, init_distributed
+from cispo.optim import lr_lambda, update_position
 from cispo.tiny_model import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -209,7 +210,7 @@ def test_default_run_does_not_import_deepspeed(model_dir):
 import sys
 sys.path.insert(0, {str(REPO / 'tests')!r})
 import dist_worker
-from cispo.distributed import Dist, init_distributed
+from cispo.distributed import init_distributed
 cfg = dist_worker.case_config({model_dir!r}, None, budget=64)
 dist = init_distributed(cfg.trainer)
 result = dist_worker.run_case(cfg, dist)
@@ -259,7 +260,7 @@ def test_rank_coefficients_are_those_of_the_whole_mini_batch(agg):
     split, wrong = {}, {}
     for r in range(2):
         share = Dist(rank=r, world_size=2).shard_groups(samples, mini)
-        split |= per_sample(rank_micro_batches(samples, mini, share, 16, agg))
+        split |= per_sample(micro_batches(samples, share, 16, agg, norm_over=mini))
         wrong |= per_sample(micro_batches(samples, share, 16, agg))
     assert split == pytest.approx(single, rel=1e-6)
     assert sum(split.values()) == pytest.approx(sum(single.values()))
@@ -282,3 +283,14 @@ def test_lr_schedules():
     assert cos(7) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the decay
     assert cos(4.5) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + 2 ** -0.5))  # a quarter of the way: cosine, not linear
     assert cos(12) == pytest.approx(0.1) and cos(50) == pytest.approx(0.1)
+
+
+def test_the_lr_schedule_runs_over_rl_steps_whatever_the_updates_made():
+    """Dropped zero-variance groups leave a step fewer mini-batches than algo.updates_per_step; the schedule's
+    horizon is the RL steps, so the last step still sits at the end of a cosine (counting only the updates made
+    would leave it near the start)."""
+    assert [update_position(s, j, 4, 4) for s in (1, 2, 3) for j in range(4)] == list(range(12))
+    assert [update_position(3, j, 2, 4) for j in range(2)] == [8, 10]
+    cos = lr_lambda(TrainerConfig(lr_schedule="cosine", min_lr_ratio=0.1), 40)
+    last = cos(update_position(10, 0, 1, 4))  # the last of 10 steps, one update made
+    assert last == pytest.approx(cos(36)) and last < 0.2

@@ -1,12 +1,15 @@
 """cispo.logprobs.token_logprobs against a float64 log_softmax on the same input values."""
 
+from dataclasses import asdict
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from cispo.config import AlgoConfig
 from cispo.logprobs import CPU_CHUNK, default_chunk_size, token_logprobs
-from cispo.loss import logp_grad, policy_loss
+from cispo.loss import logp_grad, loss_knobs, policy_loss
 
 aten = torch.ops.aten
 
@@ -329,7 +332,7 @@ def test_policy_loss_hint_is_exact_and_skips_the_recompute(loss, options):
         old = token_logprobs(hidden, weight, targets).logp + 0.2 * torch.randn(T, generator=gen)
     coef, tis = torch.rand(T, generator=gen), torch.rand(T, generator=gen) + 0.5
     inputs = lambda rows: dict(old_logp=old[rows], adv=adv[rows], coef=coef[rows], tis_weight=tis[rows],  # noqa: E731
-                               loss=loss, **options)
+                               loss=loss, **loss_knobs(loss, asdict(AlgoConfig(loss=loss, **options))))
     grads = []
     for hint in (None, lambda logp, rows: logp_grad(logp, **inputs(rows))):
         hidden.grad = weight.grad = None

@@ -185,7 +185,7 @@ def test_routing_metrics_by_hand():
 
 
 def test_meter_and_empty_micro_batch(tokenizer):
-    from cispo.distributed import empty_micro_batch
+    from cispo.batch import empty_micro_batch
 
     model = _model(tokenizer)
     meter = RoutingMeter(model)
@@ -223,9 +223,11 @@ def test_old_new_mismatch_with_and_without_replay(tokenizer):
     then AdamW steps of the CISPO loss trained under replay (as with model.routing_replay=true); after them,
     log pi_new under fresh routing and under pi_old's routing, each against log pi_old."""
     import copy
+    from dataclasses import asdict
 
     from cispo.arithmetic import arithmetic_rows
-    from cispo.loss import policy_loss
+    from cispo.config import AlgoConfig
+    from cispo.loss import loss_knobs, policy_loss
 
     rows = arithmetic_rows(2, 16, 0)[0]
     model = _model(tokenizer).train()
@@ -256,7 +258,8 @@ def test_old_new_mismatch_with_and_without_replay(tokenizer):
         for step in range(1, 5):
             for mb in micro_batches(samples, idx, 256, "token_group"):
                 logp, _ = _logp(policy, mb, store, replay=True)
-                policy_loss(logp, mb.old_logp, mb.adv, mb.coef, loss="cispo").loss.backward()
+                policy_loss(logp, mb.old_logp, mb.adv, mb.coef, loss="cispo",
+                            **loss_knobs("cispo", asdict(AlgoConfig()))).loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             if step not in (1, 4):

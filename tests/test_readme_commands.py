@@ -202,3 +202,33 @@ def test_a_local_server_and_its_evaluation(cache, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+def test_the_extension_examples_register_what_they_say():
+    """The README's ```python block (a loss, a grader, an engine) runs as written, and each lands in its table and
+    works: the loss through policy_loss, the grader through the scorer, the engine's knobs through the config."""
+    (block,) = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    check = """
+import torch
+from cispo.config import ConfigError, RolloutConfig
+from cispo.loss import policy_loss
+from rewards import RewardConfig, RewardScorer
+
+out = policy_loss(torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -2.0]), torch.tensor([1.0, -1.0]),
+                  torch.tensor([0.5, 0.5]), loss="capped_reinforce", clip_high=0.2)
+assert abs(out.loss.item() - (-0.5 * 1.2 * -1.0 + 0.5 * 1.0 * -2.0)) < 1e-6, out.loss
+with RewardScorer(RewardConfig(num_workers=1)) as scorer:
+    graded = scorer.score(["42", "41"], [{"source": "echo", "answer": "42"}] * 2)
+assert [r.status for r in graded.results] == ["correct", "wrong"], graded.results
+RolloutConfig(engine="myengine", max_model_len=64, max_tokens=8).check_engine("myengine")
+try:
+    RolloutConfig(engine="myengine", max_model_len=64, max_tokens=8, kv_cache_gb=0.25).check_engine("myengine")
+except ConfigError as err:
+    assert "rollout.kv_cache_gb" in str(err), err
+else:
+    raise AssertionError("a knob myengine does not honour was accepted")
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", block + check], cwd=REPO, capture_output=True, text=True,
+                         timeout=120, env=env())
+    assert out.returncode == 0 and out.stdout.split()[-1:] == ["ok"], out.stderr[-3000:]

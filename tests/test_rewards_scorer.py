@@ -1,5 +1,6 @@
-"""RewardScorer: routing by source, user functions (import path and registry), score shaping (format bonus,
-DAPO overlong penalty), truncation masking, metrics, config validation.
+"""RewardScorer: routing by source through the grader table (built-in, plugin and reward.custom graders in one
+batch), user functions (import path and registry), score shaping (format bonus, DAPO overlong penalty), truncation
+masking, metrics, config validation.
 
 Run: PYTHONPATH=. .venv/bin/python -m pytest tests/test_rewards_scorer.py -q
 """
@@ -14,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from rewards import RewardConfig, RewardResult, RewardScorer, register_reward_fn, resolve_reward_fn
+from rewards import (GRADERS, Grader, RewardConfig, RewardResult, RewardScorer, add_grader, register_grader,
+                     register_reward_fn, resolve_reward_fn, row_source)
 from rewards.scorer import STATUSES, overlong_penalty
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,9 +148,75 @@ def test_a_custom_fn_returning_the_wrong_type_is_an_error():
             scorer.score(["a"], [{"source": "qa"}])
 
 
-def test_unknown_source_without_custom_fn_is_an_error():
-    with RewardScorer(RewardConfig()) as scorer, pytest.raises(ValueError, match="reward.custom"):
+def test_unknown_source_without_custom_fn_is_an_error_naming_the_graders():
+    with RewardScorer(RewardConfig()) as scorer, pytest.raises(ValueError) as err:
         scorer.score(["a"], [{"source": "qa"}])
+    message = str(err.value)
+    assert "row source 'qa' has no grader" in message and {"code", "math"} <= registered_names(message)
+    assert "register_grader('qa'" in message and "reward.grader_modules" in message and "reward.custom" in message
+
+
+def registered_names(message: str) -> set[str]:
+    """The sources an unknown-source error lists as registered."""
+    return set(message.split("(registered: ")[1].split(")")[0].split(", "))
+
+
+# ---- the grader table: plugins registered from outside the package -------------------------------------------
+
+PLUGIN = "tests.grader_plugin"  # registers "echo" (in this process) and "countdown" (in the worker pool)
+
+
+def test_math_and_two_plugin_graders_in_one_batch():
+    cfg = RewardConfig(grader_modules=[PLUGIN], custom=f"{__name__}:length_reward", num_workers=1)
+    countdown = {"source": "countdown", "answer": "24", "nums": [4, 6, 1]}
+    rows = [{"answer": "4"}, {"source": "echo", "answer": "hi"}, countdown, {"source": "echo", "answer": "hi"},
+            countdown, countdown, {"source": "chat"}]
+    responses = ["\\boxed{4}", " hi ", "\\boxed{(4 * 6) * 1}", "bye", "\\boxed{4 + 6 + 1}", "24", "x" * 5]
+    with RewardScorer(cfg) as scorer:
+        batch = scorer.score(responses, rows)
+        assert set(scorer._pools) == {"countdown"}  # the math row took the fast path; echo runs here
+    assert [r.status for r in batch.results] == ["correct", "correct", "correct", "wrong", "wrong", "no_answer",
+                                                 "scored"]
+    assert batch.results[2].info == {"value": 24} and batch.results[4].info == {"value": 11}  # worker grades
+    m = batch.metrics
+    assert (m["reward/math/mean"], m["reward/echo/mean"], m["reward/countdown/mean"], m["reward/chat/mean"]) == \
+        (1.0, 0.5, pytest.approx(1 / 3), 0.5)
+    assert m["reward/countdown/no_answer_frac"] == pytest.approx(1 / 3)  # the plugin's own metric
+    assert m["reward/math/fast_path_frac"] == 1.0
+    assert "reward/echo/no_answer_frac" not in m and "reward/math/no_answer_frac" not in m
+
+
+def test_a_bad_grader_module_is_named():
+    with pytest.raises(ValueError, match="reward.grader_modules: cannot import 'no_such_plugin_xyz'"):
+        RewardScorer(RewardConfig(grader_modules=["no_such_plugin_xyz"]))
+
+
+def test_register_grader_refuses_a_taken_source():
+    import tests.grader_plugin as plugin
+
+    register_grader("echo", plugin.echo, needs=("answer",))  # the same entry again (a module imported twice): fine
+    with pytest.raises(ValueError, match="source 'math' already has a grader"):
+        register_grader("math", length_reward)
+    with pytest.raises(ValueError, match="source 'echo' already has a grader"):
+        add_grader(Grader("echo", length_reward, needs=("answer",)))
+    assert GRADERS["echo"].grade is plugin.echo and GRADERS["math"].needs == ("answer",)
+
+
+def test_register_grader_as_a_decorator_and_needs_as_a_tuple():
+    @register_grader("test_decorated", needs=("answer", "hint"))
+    def decorated(response, row):
+        return 1.0
+
+    assert GRADERS.pop("test_decorated") == Grader("test_decorated", decorated, ("answer", "hint"))
+    with pytest.raises(TypeError, match="tuple of field names"):
+        register_grader("test_str_needs", decorated, needs="answer")
+    assert "test_str_needs" not in GRADERS
+
+
+@pytest.mark.parametrize("row, source", [({}, "math"), ({"source": None}, "math"), ({"source": ""}, "math"),
+                                         ({"source": "code"}, "code"), ({"source": "echo"}, "echo")])
+def test_row_source_defaults_to_math(row, source):
+    assert row_source(row) == source
 
 
 @pytest.mark.parametrize("spec, match", [
@@ -220,6 +288,7 @@ def test_mismatched_lengths_are_rejected():
     ({"code_uid_base": 0}, "reward.code_uid_base must be an unused uid >= 1000"),
     ({"code_max_procs": 2}, "reward.code_max_procs must be >= 4"),
     ({"custom": " "}, "reward.custom must be null"),
+    ({"grader_modules": ["mypkg.graders", ""]}, "reward.grader_modules must list module names"),
 ])
 def test_config_validation_names_the_field(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):

@@ -20,8 +20,11 @@ except Exception as exc:  # ImportError, or the OSError a CUDA-built torchvision
 
 from cispo.config import RolloutConfig, TinyModelConfig
 from cispo.tiny_model import make_tiny_model
+from engine_kit import first_run_end, repetition_weights
 from rollout.base import SamplingParams
-from rollout.vllm_engine import VLLMEngine, iter_named_tensors
+from rollout.early_stop import EarlyStopRule
+from rollout.vllm_engine import VLLMEngine
+from rollout.weights import iter_named_tensors
 
 K, P = 8, 0.99  # early stop in the shared engine: small K so it can fire within a short budget
 MAX_MODEL_LEN = 256
@@ -72,28 +75,6 @@ def reference_logprobs(model, prompt: list[int], ids: list[int], temperature: fl
         logits = model(x).logits[0, len(prompt) - 1 : -1].float()
     t = temperature if temperature > 0 else 1.0
     return (logits / t).log_softmax(-1).gather(1, torch.tensor(ids)[:, None]).squeeze(1)
-
-
-def repetition_weights(originals: dict, scale: float) -> dict:
-    """A model that repeats its last token: blocks write nothing (o_proj, down_proj = 0), so the final hidden state
-    is norm(embedding of the current token), and lm_head = scale * embeddings scores that same token highest.
-    On the tiny model, P(repeat the prompt's last token) is about 0.996 at scale 5 and 0.96 at scale 4."""
-    w = dict(originals)
-    for name, t in originals.items():
-        if name.endswith(("o_proj.weight", "down_proj.weight")):
-            w[name] = torch.zeros_like(t)
-    w["lm_head.weight"] = scale * originals["model.embed_tokens.weight"]
-    return w
-
-
-def first_run_end(probs: list[float], k: int, p: float) -> int | None:
-    """Index just after the first k consecutive tokens with probability > p (None if there is no such run)."""
-    run = 0
-    for i, q in enumerate(probs):
-        run = run + 1 if q > p else 0
-        if run == k:
-            return i + 1
-    return None
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -244,6 +225,38 @@ def test_repetition_early_stop(engine, originals, prompts, scale):
         assert reasons.count("early_stop") >= len(reasons) // 2, reasons
     if scale is None:
         assert "early_stop" not in reasons
+
+
+@pytest.mark.parametrize("scale, temperature, expected", [
+    (20.0, 0.0, (K + 1, "early_stop", K)),  # scale 20: every step's argmax has p > 1 - 1e-15
+    (20.0, 1.0, (K + 1, "early_stop", K)),  # ... so sampling picks it too
+    (4.0, 0.0, (32, "length", 32)),  # scale 4: the argmax has p ~ 0.96 < P, so no stop
+], ids=["greedy", "sampled", "greedy-below-p"])
+def test_early_stop_is_the_same_on_the_hf_engine(engine, originals, prompts, model_dir, scale, temperature, expected):
+    """One near-deterministic repetitive model on both engines: the same tokens, the same stops right after K
+    confident tokens with the forced EOS (logprob 0, out of the loss), the same logprobs."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rollout.hf_engine import HFEngine
+
+    weights = repetition_weights(originals, scale)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.load_state_dict(weights)
+    hf = HFEngine(model, AutoTokenizer.from_pretrained(model_dir), early_stop=EarlyStopRule(K, P, engine.eos_token_id))
+    sampling = SamplingParams(n=2, max_tokens=32, temperature=temperature, seed=5)
+    engine.load_weights(weights)
+    try:
+        ours = engine.generate(prompts, sampling).completions
+    finally:
+        engine.load_weights(originals)
+    theirs = hf.generate(prompts, sampling).completions
+    assert [(len(c.token_ids), c.finish_reason, c.loss_tokens) for c in ours] == [expected] * 6
+    assert [(c.token_ids, c.finish_reason, c.loss_tokens) for c in theirs] == \
+        [(c.token_ids, c.finish_reason, c.loss_tokens) for c in ours]
+    for a, b in zip(ours, theirs):
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
+        if a.finish_reason == "early_stop":
+            assert a.logprobs[-1] == b.logprobs[-1] == 0.0
 
 
 def test_fp32_lm_head_engine(model_dir, prompts):
