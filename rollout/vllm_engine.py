@@ -69,8 +69,9 @@ Reaches into vLLM beyond `LLM.generate` (each checked against 0.32.0; re-check o
    Parameter back, which shares the embedding's storage and so holds the new values. But on CPU,
    `UnquantizedEmbeddingMethod.process_weights_after_loading` built the head's GEMM from a *prepacked copy* of
    that weight (`dispatch_cpu_unquantized_gemm`, oneDNN/SGL) at start-up; nothing rebuilt it, so after a sync
-   the engine sampled from the new body and the start-up head (tests/test_real_model.py caught it on
-   SmolLM2-135M: logprobs 1.15 off the new policy, 3e-5 off "new body, old head"). The worker method
+   the engine sampled from the new body and the start-up head (found on SmolLM2-135M: after a sync of perturbed
+   embeddings its logprobs were 1.15 off the new policy and 3e-5 off "new body, old head";
+   tests/test_real_model.py checks it after an optimizer step). The worker method
    `cispo_reload_weights` (VLLMWorkerExtension) therefore re-runs that processing for every ParallelLMHead whose
    weight is another module's Parameter after the reload (on GPU it is a no-op: the head reads the weight).
    It also keeps vLLM's "<Layer>: Failed to load weights" warnings for layers with nothing to load from a

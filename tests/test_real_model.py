@@ -50,11 +50,9 @@ def prompts(export):
 
     tok = AutoTokenizer.from_pretrained(export.out_dir)
     texts = ["What is 12+7?", "Name a prime number larger than 10.", "Write one sentence about the sea."]
-    return [
-        tok.encode(tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False),
-                   add_special_tokens=False)
-        for t in texts
-    ]
+    chats = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False)
+             for t in texts]
+    return [tok.encode(chat, add_special_tokens=False) for chat in chats]
 
 
 @pytest.fixture(scope="module")
@@ -198,18 +196,20 @@ def test_weight_sync_serves_the_updated_tied_head(engine, policy, prompts):
     originals = {k: v.detach().clone() for k, v in policy.state_dict().items()}
     old_head = originals["model.embed_tokens.weight"]
     records = _Records()
-    watched = [logging.getLogger("vllm.model_executor.model_loader.reload.layerwise"), logging.getLogger("rollout.vllm_engine")]
+    watched = [logging.getLogger(name) for name in ("vllm.model_executor.model_loader.reload.layerwise",
+                                                     "rollout.vllm_engine")]
     for log in watched:
         log.addHandler(records)
     try:
         # one policy-gradient-like step (advantage 1 on the engine's own samples), as the trainer would take
-        rollout = engine.generate(prompts, sampling)
+        batch = engine.generate(prompts, sampling)
         opt = torch.optim.AdamW(policy.parameters(), lr=1e-3, weight_decay=0.0)
-        loss = torch.stack([
-            -policy(torch.tensor([prompts[c.prompt_index] + c.token_ids])).logits[0, len(prompts[c.prompt_index]) - 1 : -1]
-            .log_softmax(-1).gather(1, torch.tensor(c.token_ids)[:, None]).mean()
-            for c in rollout.completions
-        ]).mean()
+        losses = []
+        for c in batch.completions:
+            prompt = prompts[c.prompt_index]
+            logits = policy(torch.tensor([prompt + c.token_ids])).logits[0, len(prompt) - 1 : -1]
+            losses.append(-logits.log_softmax(-1).gather(1, torch.tensor(c.token_ids)[:, None]).mean())
+        loss = torch.stack(losses).mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -245,4 +245,5 @@ def test_weight_sync_serves_the_updated_tied_head(engine, policy, prompts):
         policy.load_state_dict(originals)
         policy.zero_grad(set_to_none=True)
     # vLLM's "ParallelLMHead/RotaryEmbedding: Failed to load weights" are expected here and kept out of the log
-    assert not [m for m in records.messages if "Failed to load weights" in m or "loaded no weights" in m], records.messages
+    unloaded = [m for m in records.messages if "Failed to load weights" in m or "loaded no weights" in m]
+    assert not unloaded, unloaded
