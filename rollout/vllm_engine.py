@@ -114,6 +114,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 VLLM_VERSION_WRITTEN_AGAINST = "0.32.0"
+# vLLM 0.32 loggers that print an INFO line at every weight sync ("Reloading and processing weights took",
+# "Successfully reset prefix cache"); the engine's own first-sync line says what they say
+PER_SYNC_LOGGERS = ("vllm.model_executor.model_loader.reload.inplace", "vllm.v1.core.block_pool")
 EARLY_STOP_KEY = "cispo_early_stop"  # SamplingParams.extra_args key that switches the processor on for a request
 _SEED_STRIDE = 2**24  # samples per call that get distinct seeds (see the module docstring)
 
@@ -465,6 +468,8 @@ class VLLMEngine:
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
         self.start_seconds = time.perf_counter() - start
+        for name in PER_SYNC_LOGGERS:  # in this process (the in-process worker): one INFO line each per step
+            logging.getLogger(name).setLevel(logging.WARNING)
 
         self.eos_token_id = self._llm.get_tokenizer().eos_token_id
         try:
@@ -591,6 +596,7 @@ class VLLMEngine:
         seconds = time.perf_counter() - start
         if not meter.names:
             raise ValueError("load_weights: no tensors were given")
+        level = logging.INFO if self.last_sync is None else logging.DEBUG  # the first sync, then once a step: quiet
         self.last_sync = {
             "seconds": seconds,
             "bytes": meter.bytes,
@@ -599,7 +605,8 @@ class VLLMEngine:
             "path": path,
             "tied_heads_refreshed": report["refreshed"],
         }
-        logger.info("weight sync (%s): %d tensors, %.1f MB in %.3fs", path, len(meter.names), meter.bytes / 1e6, seconds)
+        logger.log(level, "weight sync (%s): %d tensors, %.1f MB in %.3fs", path, len(meter.names), meter.bytes / 1e6,
+                   seconds)
         if report["expected_unloaded"] and not self._explained_unloaded:
             self._explained_unloaded = True
             logger.info("weight sync: %s have no weights of their own to load (tied heads: rebuilt from the embedding; "
