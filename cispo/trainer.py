@@ -194,6 +194,7 @@ def update_policy(cfg: Config, step: int, updater, samples: list[Sample]) -> dic
     old = global_cat(dist, [samples[i].old_logp for i in mine])
     metrics = mismatch_metrics(old, global_cat(dist, [samples[i].rollout_logp for i in mine]))
     schedule = lr_lambda(cfg.trainer, cfg.trainer.steps * algo.updates_per_step)
+    knobs = loss_knobs(algo.loss, asdict(algo))  # the algo fields the loss names, read once per step
     outs, losses, norms, entropy = [], [], [], []
     for j, (mini, share) in enumerate(zip(minis, shares)):
         total = 0.0
@@ -203,9 +204,9 @@ def update_policy(cfg: Config, step: int, updater, samples: list[Sample]) -> dic
             with routing(policy, mb, store, replay=cfg.model.routing_replay) as cap:
                 mb = mb.to(device)
                 # the LM head computes its gradients in the forward pass from the loss's (3 matmuls, not 4)
-                hint = lambda logp, rows: logp_grad(logp, **loss_inputs(mb, algo, rows))  # noqa: E731
+                hint = lambda logp, rows: logp_grad(logp, **loss_inputs(mb, algo, knobs, rows))  # noqa: E731
                 tl = micro_batch_logprobs(policy, mb, **head, grad_hint=hint)
-                out = policy_loss(tl.logp, **loss_inputs(mb, algo))
+                out = policy_loss(tl.logp, **loss_inputs(mb, algo, knobs))
                 loss = out.loss
                 if cfg.model.moe_aux_loss_coef and mb.sample_ids:  # token share of the mini-batch's aux loss
                     aux = cap.aux_loss().to(loss.device)
@@ -233,12 +234,12 @@ def update_policy(cfg: Config, step: int, updater, samples: list[Sample]) -> dic
     }
 
 
-def loss_inputs(mb: MicroBatch, algo: AlgoConfig, rows: slice = slice(None)) -> dict:
-    """`policy_loss`'s arguments besides logp, for the loss tokens `rows` of a micro-batch; the loss's knobs are
-    the algo fields it names (cispo.loss.loss_knobs)."""
+def loss_inputs(mb: MicroBatch, algo: AlgoConfig, knobs: dict, rows: slice = slice(None)) -> dict:
+    """`policy_loss`'s arguments besides logp, for the loss tokens `rows` of a micro-batch; `knobs` are the algo
+    fields the loss names (cispo.loss.loss_knobs)."""
     tis = tis_weights(mb.old_logp[rows], mb.rollout_logp[rows], algo.tis_cap) if algo.tis_cap else None
     return dict(old_logp=mb.old_logp[rows], adv=mb.adv[rows], coef=mb.coef[rows], tis_weight=tis, loss=algo.loss,
-                **loss_knobs(algo.loss, asdict(algo)))
+                **knobs)
 
 
 def global_cat(dist, tensors: list[torch.Tensor]) -> torch.Tensor:
