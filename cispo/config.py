@@ -183,9 +183,36 @@ class RolloutConfig:
     # 0 = off | 1 = weights to CPU memory, KV cache dropped | 2 = weights and KV cache dropped (the weight sync
     # after every update refills them). vLLM-CPU has no sleep mode: ignored there.
     sleep_level: int = 0
+    # where rollouts run: colocated (one in-process engine per trainer rank, the default) | server (a fleet of
+    # vLLM OpenAI servers, rollout/fleet.py; generation may overlap the update, cispo/pipeline.py)
+    mode: str = "colocated"
+    # server mode: the trainer starts `servers` processes on localhost ports server_port, server_port + 1, ...,
+    # or connects to server_urls started elsewhere (README: "Rollout servers")
+    servers: int = 1
+    server_urls: list[str] = field(default_factory=list)
+    server_port: int = 8200
+    server_cpus: list[str] = field(default_factory=list)  # CPU set of each server started here, e.g. ["0", "2-3"]
+    server_args: list[str] = field(default_factory=list)  # more `vllm serve` arguments, e.g. ["--data-parallel-size", "2"]
+    server_timeout_s: float = 600.0  # start-up, and the longest a request may wait for a healthy server
+    weight_dir: str | None = None  # where weight syncs are written for the servers; null: /dev/shm (or the temp dir)
+    # server mode: generation of step s may use the policy of step s - 1 - max_staleness (0 = synchronous); the
+    # stale samples are corrected by the algo.tis_cap weight (cispo/pipeline.py)
+    max_staleness: int = 0
 
     def __post_init__(self):
         _one_of("rollout.sleep_level", self.sleep_level, {0, 1, 2})
+        _one_of("rollout.mode", self.mode, {"colocated", "server"})
+        if self.max_staleness < 0:
+            raise ConfigError(f"rollout.max_staleness must be >= 0 (0 = synchronous), got {self.max_staleness}")
+        if self.mode == "server":
+            if self.engine not in ("auto", "vllm-server"):
+                raise ConfigError(f"rollout.mode=server runs vLLM servers, but rollout.engine={self.engine!r}: "
+                                  "leave rollout.engine at auto")
+            if not self.server_urls and self.servers < 1:
+                raise ConfigError("rollout.mode=server needs rollout.servers >= 1 or rollout.server_urls")
+            if self.server_cpus and len(self.server_cpus) != self.servers:
+                raise ConfigError(f"rollout.server_cpus has {len(self.server_cpus)} entries for rollout.servers="
+                                  f"{self.servers}: give one CPU set per server, e.g. [\"0\", \"1\"]")
         _positive("rollout.max_tokens", self.max_tokens)
         if self.max_tokens >= self.max_model_len:
             raise ConfigError(
@@ -407,6 +434,15 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+
+    def __post_init__(self):
+        if self.rollout.max_staleness and self.rollout.mode != "server":
+            raise ConfigError("rollout.max_staleness > 0 overlaps generation with the update, which needs "
+                              "rollout.mode=server (a colocated engine shares the trainer's devices)")
+        if self.rollout.max_staleness and not self.algo.tis_cap:
+            raise ConfigError(f"rollout.max_staleness={self.rollout.max_staleness} trains on samples of older "
+                              "policies: set algo.tis_cap (e.g. 2.0), the capped weight that corrects for them "
+                              "(cispo/pipeline.py)")
 
 
 def register_configs() -> None:

