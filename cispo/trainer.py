@@ -211,6 +211,11 @@ def update_policy(cfg: Config, step: int, updater, samples: list[Sample]) -> dic
     """pi_old for every sample, then up to `algo.updates_per_step` optimizer steps over mini-batches of prompt
     groups (fewer when fewer groups are left), at the learning rates of RL step `step` (cispo.optim).
 
+    The first mini-batch trains on the weights pi_old is taken from, so its pi_old is its own training forward's
+    logp, detached, and only the other mini-batches get a forward-only pi_old pass (one forward fewer per step
+    for 1 / updates_per_step of the tokens; the gradient is today's up to float rounding: the CISPO weight of
+    those tokens is exactly 1 instead of 1 +- 1e-7).
+
     Each rank computes pi_old for, and trains on, its share of every mini-batch (updater.dist; all of it in one
     process), with the aggregation coefficients of the whole mini-batch; metrics are over all ranks."""
     algo, tokens_per_micro, dist, policy = cfg.algo, cfg.trainer.max_tokens_per_micro, updater.dist, updater.model
@@ -225,14 +230,13 @@ def update_policy(cfg: Config, step: int, updater, samples: list[Sample]) -> dic
     # MoE: the experts of the pi_old pass are recorded (routing-drift metrics) and, with model.routing_replay,
     # replayed in the training forwards; a dense model makes every routing() block a no-op
     store, meter = RoutingStore(), RoutingMeter(policy)
+    first = set(shares[0])
     with torch.no_grad():
-        for mb in even(micro_batches(samples, mine, tokens_per_micro, None), dist):
+        for mb in even(micro_batches(samples, [i for i in mine if i not in first], tokens_per_micro, None), dist):
             with routing(policy, mb, store, record=True):
                 logps = micro_batch_logprobs(policy, mb, **head).logp
             for i, logp in zip(mb.sample_ids, mb_split(logps, mb.lengths)):
                 samples[i].old_logp = logp.cpu()
-    old = global_cat(dist, [samples[i].old_logp for i in mine])
-    metrics = mismatch_metrics(old, global_cat(dist, [samples[i].rollout_logp for i in mine]))
     schedule = lr_lambda(cfg.trainer, cfg.trainer.steps * algo.updates_per_step)
     knobs = loss_knobs(algo.loss, asdict(algo))  # the algo fields the loss names, read once per step
     outs, losses, norms, entropy = [], [], [], []
@@ -240,12 +244,24 @@ def update_policy(cfg: Config, step: int, updater, samples: list[Sample]) -> dic
         total = 0.0
         mini_tokens = sum(len(samples[i].prompt_ids) + len(samples[i].response_ids) for i in mini)
         for mb in even(micro_batches(samples, share, tokens_per_micro, algo.loss_agg, norm_over=mini), dist):
+            own_old = j == 0  # pi_old is this forward's logp (see the docstring); its routing is recorded here
             # backward inside the block: a gradient-checkpointing recompute must see the same routing
-            with routing(policy, mb, store, replay=cfg.model.routing_replay) as cap:
+            with routing(policy, mb, store, record=own_old, replay=cfg.model.routing_replay and not own_old) as cap:
                 mb = mb.to(device)
-                # the LM head computes its gradients in the forward pass from the loss's (3 matmuls, not 4)
-                hint = lambda logp, rows: logp_grad(logp, **loss_inputs(mb, algo, knobs, rows))  # noqa: E731
+                if own_old:
+                    mb.old_logp = torch.zeros_like(mb.rollout_logp)
+
+                def hint(logp, rows, mb=mb, own_old=own_old):
+                    # the LM head computes its gradients in the forward pass from the loss's (3 matmuls, not 4)
+                    if own_old:
+                        mb.old_logp[rows] = logp.detach()
+                    return logp_grad(logp, **loss_inputs(mb, algo, knobs, rows))
+
                 tl = micro_batch_logprobs(policy, mb, **head, grad_hint=hint)
+                if own_old:
+                    mb.old_logp = tl.logp.detach().clone()
+                    for i, logp in zip(mb.sample_ids, mb_split(mb.old_logp, mb.lengths)):
+                        samples[i].old_logp = logp.cpu()
                 out = policy_loss(tl.logp, **loss_inputs(mb, algo, knobs))
                 loss = out.loss
                 if cfg.model.moe_aux_loss_coef and mb.sample_ids:  # token share of the mini-batch's aux loss
@@ -261,6 +277,8 @@ def update_policy(cfg: Config, step: int, updater, samples: list[Sample]) -> dic
         norms.append(updater.step(cfg.trainer.lr * schedule(position)))
         losses.append(total)
     losses = dist.sum(losses)  # each rank's share of each mini-batch loss
+    old = global_cat(dist, [samples[i].old_logp for i in mine])
+    metrics = mismatch_metrics(old, global_cat(dist, [samples[i].rollout_logp for i in mine]))
     # every rank's tokens (flags travel as 0/1 floats, which loss_metrics reads)
     gathered = LossOut(torch.zeros(()), **{f.name: global_cat(dist, [getattr(o, f.name) for o in outs])
                                            for f in fields(LossOut)[1:]})

@@ -1,0 +1,69 @@
+"""update_policy takes the first mini-batch's pi_old from its own training forward (no second forward pass).
+
+That is today's update exactly when the training forward's logp equals a forward-only pass's, bit for bit: then
+the loss sees the same pi_old either way. Checked on the trainer's own batches (tests/dist_worker.py): variable
+lengths, several micro-batches, a masked and a truncated response.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import torch
+
+from cispo.batch import micro_batches
+from cispo.collective import Dist
+from cispo.config import TinyModelConfig
+from cispo.policy import micro_batch_logprobs
+from cispo.tiny_model import make_tiny_model
+from dist_worker import case_config, make_samples
+
+
+def test_the_first_mini_batch_pi_old_is_a_forward_only_pass_bit_for_bit(tmp_path):
+    import cispo.trainer as trainer
+    from cispo.distributed import build_policy
+
+    model_dir = str(make_tiny_model(TinyModelConfig(), tmp_path))
+    cfg = case_config(model_dir, None, budget=64)
+    torch.manual_seed(0)
+    policy, _, updater = build_policy(model_dir, cfg, Dist())
+    samples = [s for s in make_samples(0, policy.config.vocab_size) if s.loss_len > 0]
+    with torch.no_grad():  # pi_old as a separate forward-only pass computes it, before any update
+        reference = {}
+        for mb in micro_batches(samples, list(range(len(samples))), 64, None):
+            logp = micro_batch_logprobs(policy, mb, temperature=1.0, fp32_head=False).logp
+            reference |= dict(zip(mb.sample_ids, logp.split(mb.lengths)))
+    first_grads, step = [], updater.step
+
+    def capture(lr):  # the gradients of the first optimizer step, before it is taken
+        if not first_grads:
+            first_grads.extend(p.grad.clone() for p in policy.parameters())
+        return step(lr)
+
+    updater.step = capture
+    stats = trainer.update_policy(cfg, 1, updater, samples)
+    assert stats["train/updates"] == cfg.algo.updates_per_step
+    first = trainer.split_groups(samples, cfg.algo.updates_per_step)[0]
+    assert first and len(first) < len(samples)
+    for i, s in enumerate(samples):  # the training forward's pi_old (first mini-batch) and the pass's (others)
+        assert torch.equal(s.old_logp, reference[i]), i
+    assert all(torch.equal(a, b) for a, b in zip(first_grads, reference_grads(cfg, model_dir, samples, first,
+                                                                               reference)))
+
+
+def reference_grads(cfg, model_dir, samples, mini, reference) -> list[torch.Tensor]:
+    """The first optimizer step's gradients as the trainer computed them with a separate pi_old pass."""
+    import cispo.trainer as trainer
+    from cispo.distributed import build_policy
+    from cispo.loss import logp_grad, loss_knobs, policy_loss
+
+    torch.manual_seed(0)
+    policy, _, updater = build_policy(model_dir, cfg, Dist())
+    for i in mini:
+        samples[i].old_logp = reference[i]
+    knobs = loss_knobs(cfg.algo.loss, asdict(cfg.algo))
+    for mb in micro_batches(samples, mini, 64, cfg.algo.loss_agg):
+        hint = lambda logp, rows, mb=mb: logp_grad(logp, **trainer.loss_inputs(mb, cfg.algo, knobs, rows))  # noqa: E731
+        tl = micro_batch_logprobs(policy, mb, temperature=1.0, fp32_head=False, grad_hint=hint)
+        updater.backward(policy_loss(tl.logp, **trainer.loss_inputs(mb, cfg.algo, knobs)).loss)
+    return [p.grad.clone() for p in policy.parameters()]
