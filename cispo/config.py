@@ -464,9 +464,9 @@ class EndpointConfig:
     api_key_env: str | None = None  # e.g. OPENROUTER_API_KEY; None = send no key (a local server)
     concurrency: int = 8  # requests in flight
     timeout_s: float = 600.0  # per request: a long reasoning answer takes minutes
-    max_retries: int = 6  # retries of one request on 429, 5xx, timeouts and dropped connections
-    backoff_s: float = 1.0  # first retry delay; doubles each retry, with jitter
-    backoff_max_s: float = 60.0  # longest single wait; a Retry-After above it fails the run instead of stalling it
+    # retries of one request on 408, 409, 429, 5xx, timeouts and dropped connections (the openai SDK's backoff:
+    # 0.5 s doubling to 8 s with jitter; a Retry-After above two minutes fails the request instead of stalling)
+    max_retries: int = 6
     price_in_per_m: float | None = None  # USD per 1M prompt tokens, for the cost estimate; None = not priced
     price_out_per_m: float | None = None  # USD per 1M completion tokens (reasoning tokens are completion tokens)
     extra_body: dict = field(default_factory=dict)  # merged into every request, e.g. {reasoning: {effort: high}}
@@ -482,9 +482,8 @@ class EndpointConfig:
                               "not the key itself")
         _positive("endpoint.concurrency", self.concurrency)
         _positive("endpoint.timeout_s", self.timeout_s)
-        _positive("endpoint.backoff_max_s", self.backoff_max_s)
-        if self.max_retries < 0 or self.backoff_s < 0:
-            raise ConfigError("endpoint.max_retries and endpoint.backoff_s must be >= 0")
+        if self.max_retries < 0:
+            raise ConfigError(f"endpoint.max_retries must be >= 0, got {self.max_retries}")
         for name in ("price_in_per_m", "price_out_per_m"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ConfigError(f"endpoint.{name} must be >= 0 or null")

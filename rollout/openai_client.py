@@ -1,37 +1,51 @@
 """Chat completions against any OpenAI-compatible endpoint (a `vllm serve`, OpenRouter), for evaluation.
 
-Built on httpx rather than the openai SDK, for four reasons: the retry policy (which statuses, exponential
-backoff with jitter, Retry-After honoured or refused when too long) is ours and tested, not the SDK's; the raw
-JSON keeps the fields the SDK types do not have (`reasoning` / `reasoning_content`, OpenRouter's `usage.cost`,
-OpenRouter's errors inside a 200 response); the key lives in one header built here, so it can be kept out of
-every message we raise; and it needs nothing beyond httpx, which the stack already installs.
+Built on the `openai` SDK (`AsyncOpenAI`): it is the client most users of these endpoints already run, and it owns
+the transport policy, so none of it is written here: retries of 408, 409, 429, 5xx, timeouts and dropped
+connections (`endpoint.max_retries`), exponential backoff with jitter (0.5 s doubling up to 8 s), Retry-After
+honoured up to two minutes (a longer one fails at once instead of stalling the run), and the per-request timeout
+(`endpoint.timeout_s`). What stays here is what the SDK does not know about evaluation:
 
-The API is synchronous (`complete`, `complete_all`); inside, one asyncio loop keeps up to `concurrency`
-requests in flight and hands each result to a callback as soon as it arrives, so a caller can persist answers
+- the reasoning is kept apart from the answer: `message.reasoning` (OpenRouter, vLLM >= 0.11) or
+  `message.reasoning_content` (older vLLM), read from the SDK objects' extra fields (`model_extra`), as is
+  OpenRouter's billed `usage.cost`;
+- OpenRouter reports an error raised mid-generation inside a 200 response, its real status in `error.code`: a
+  response hook gives such a response that status before the SDK looks at it, so it is retried (or raised) by the
+  SDK like any other;
+- failures become one `EndpointError` that says what to fix (`ModelNotFound` naming `endpoint.model`, a wrong
+  base URL, a rejected key naming its variable);
+- the key: read from the environment variable the config names, handed to the SDK and to nothing else, and
+  replaced by "***" in any text an error carries (a server that echoes it back cannot leak it into logs). The
+  SDK's own environment fallbacks (`OPENAI_API_KEY`, `OPENAI_ORG_ID`, `OPENAI_PROJECT_ID`) are shut off: an
+  endpoint is sent the key its config names, or none.
+
+The API is synchronous (`complete`, `complete_all`); inside, one asyncio loop keeps up to `concurrency` requests
+in flight (a semaphore) and hands each result to a callback as soon as it arrives, so a caller can persist answers
 one by one and an interrupted run loses only the requests in flight.
-
-The key is read from the environment variable the config names, kept in the request headers only, and
-replaced by "***" in any text an error carries (a server that echoes it back cannot leak it into logs).
 """
 
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import logging
 import os
-import random
 import re
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
-import httpx
+import openai
+from openai import AsyncOpenAI
+
+if TYPE_CHECKING:
+    import httpx2  # the SDK's HTTP client, installed with it
 
 log = logging.getLogger(__name__)
 
-# 408 request timeout, 409 conflict (vLLM under load), 425 too early, 429 rate limit; every 5xx is retried too.
-RETRY_STATUSES = frozenset({408, 409, 425, 429})
+# what the SDK retries besides timeouts and dropped connections (openai._base_client: _should_retry)
+RETRY_STATUSES = frozenset({408, 409, 429})
+# the longest Retry-After the SDK waits for (openai._constants.MAX_RETRY_AFTER_DELAY); above it, it gives up
+MAX_RETRY_AFTER_S = 120.0
 _MODEL_MISSING = re.compile(
     r"not found|does not exist|not a valid model|invalid model|unknown model|no endpoints found", re.IGNORECASE
 )
@@ -83,51 +97,23 @@ def read_api_key(env_name: str | None, base_url: str) -> str | None:
     return key
 
 
-def retry_after_seconds(headers: httpx.Headers, now: float | None = None) -> float | None:
-    """Seconds a Retry-After header asks to wait (delta-seconds or an HTTP date); None when absent or unreadable."""
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value).timestamp()
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when - (time.time() if now is None else now))
-
-
-def backoff_delay(attempt: int, base_s: float, max_s: float, rng: random.Random) -> float:
-    """Exponential backoff with "equal jitter": half of base * 2^attempt fixed, half random, capped at max_s.
-    Concurrent requests rejected together then come back spread out instead of in one burst."""
-    step = min(max_s, base_s * 2**attempt)
-    return step / 2 + rng.uniform(0, step / 2)
-
-
 class OpenAIClient:
-    """Chat completions at `base_url` (ending in /v1) for `model`, with bounded concurrency and retries."""
+    """Chat completions at `base_url` (ending in /v1) for `model`, with bounded concurrency; retries by the SDK."""
 
     def __init__(self, base_url: str, model: str, *, api_key: str | None, api_key_env: str | None, concurrency: int,
-                 timeout_s: float, max_retries: int, backoff_s: float, backoff_max_s: float,
-                 extra_body: dict | None = None):
+                 timeout_s: float, max_retries: int, extra_body: dict | None = None):
         self.base_url, self.model = base_url.rstrip("/"), model
-        self.api_key_env = api_key_env  # named in error messages; the key itself only goes into _headers
-        self.concurrency, self.timeout_s = concurrency, timeout_s
-        self.max_retries, self.backoff_s, self.backoff_max_s = max_retries, backoff_s, backoff_max_s
+        self.api_key_env = api_key_env  # named in error messages; the key itself only goes to the SDK
+        self.concurrency, self.timeout_s, self.max_retries = concurrency, timeout_s, max_retries
         self.extra_body = dict(extra_body or {})
         self._key = api_key
-        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._rng = random.Random()
 
     @classmethod
     def from_config(cls, cfg) -> "OpenAIClient":
         """From an EndpointConfig (cispo.config); the key is read from the environment here, or fails fast."""
         key = read_api_key(cfg.api_key_env, cfg.base_url)
         return cls(cfg.base_url, cfg.model, api_key=key, api_key_env=cfg.api_key_env, concurrency=cfg.concurrency,
-                   timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, backoff_s=cfg.backoff_s,
-                   backoff_max_s=cfg.backoff_max_s, extra_body=dict(cfg.extra_body))
+                   timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, extra_body=dict(cfg.extra_body))
 
     def __repr__(self) -> str:
         key = f"${self.api_key_env}" if self.api_key_env else "none"
@@ -148,18 +134,42 @@ class OpenAIClient:
 
     # ---- inside the event loop ------------------------------------------------------------------------
 
+    def _sdk(self) -> AsyncOpenAI:
+        """An AsyncOpenAI for one event loop (its connections belong to the loop that opened them)."""
+        # The semaphore (_complete_all), not the connection pool, bounds the requests in flight: a request queued
+        # for a pooled connection would count the wait against its timeout, and a long evaluation queues
+        # thousands. The SDK's pool (openai.DEFAULT_CONNECTION_LIMITS, 1000) is far above any concurrency used.
+        timeout = openai.Timeout(self.timeout_s, connect=min(30.0, self.timeout_s))
+        http = openai.DefaultAsyncHttpxClient(event_hooks={"response": [self._on_response]})
+        # No key configured: each request omits the Authorization header (see _complete), and a placeholder key
+        # keeps the SDK from reading $OPENAI_API_KEY at all. Organization and project headers are omitted too:
+        # nothing of the environment's OPENAI_* reaches a third-party endpoint.
+        headers = {"OpenAI-Organization": openai.omit, "OpenAI-Project": openai.omit}
+        return AsyncOpenAI(api_key=self._key or "no-key", base_url=self.base_url, timeout=timeout,
+                           max_retries=self.max_retries, default_headers=headers, http_client=http)
+
+    async def _on_response(self, response: httpx2.Response) -> None:
+        """Runs on every response before the SDK reads it: an error inside a 200 takes the status in its
+        error.code (502 when it has none), and a failure the SDK may retry is logged with its reason."""
+        if response.status_code == 200:
+            await response.aread()
+            if b'"error"' in response.content:  # cheap test first: answers are long, errors rare
+                data = _json(response)
+                error = data.get("error") if isinstance(data, dict) else None
+                if error:
+                    response.status_code = _error_code(error, default=502)
+        if response.status_code in RETRY_STATUSES or response.status_code >= 500:
+            await response.aread()
+            log.warning("%s: HTTP %d: %s", self.base_url, response.status_code,
+                        self._redact(_error_message(_json(response), response.text)))
+
     async def _complete_all(self, requests, on_result) -> None:
-        # The semaphore, not the connection pool, bounds the requests in flight: a request queued for a pooled
-        # connection would count the wait against its timeout, and a long evaluation queues thousands.
         slots = asyncio.Semaphore(self.concurrency)
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=self.concurrency)
-        timeout = httpx.Timeout(self.timeout_s, connect=min(30.0, self.timeout_s))
-        async with httpx.AsyncClient(base_url=self.base_url, headers=self._headers, timeout=timeout,
-                                     limits=limits) as http:
+        async with self._sdk() as sdk:
 
             async def one(i: int, request: ChatRequest) -> None:
                 async with slots:
-                    result = await self._complete(http, request)
+                    result = await self._complete(sdk, request)
                 on_result(i, result)
 
             tasks = [asyncio.create_task(one(i, r)) for i, r in enumerate(requests)]
@@ -173,43 +183,37 @@ class OpenAIClient:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _complete(self, http: httpx.AsyncClient, request: ChatRequest) -> ChatResult:
-        body = {"model": self.model, "messages": request.messages, "max_tokens": request.max_tokens,
-                "temperature": request.temperature, "top_p": request.top_p, **self.extra_body}
-        if request.seed is not None:
-            body["seed"] = request.seed
+    async def _complete(self, sdk: AsyncOpenAI, request: ChatRequest) -> ChatResult:
         start = time.monotonic()
-        for attempt in range(self.max_retries + 1):
-            retry_after = None
-            try:
-                response = await http.post("/chat/completions", json=body)
-            except httpx.TransportError as err:  # timeouts, refused / dropped connections
-                failure = self._redact(f"{type(err).__name__}: {err}")
-            else:
-                data = _json(response)
-                error = data.get("error") if isinstance(data, dict) else None
-                if response.status_code == 200 and not error:
-                    return self._result(data, attempt + 1, time.monotonic() - start)
-                # OpenRouter reports errors raised mid-generation inside a 200, with the real status as error.code
-                status = response.status_code if response.status_code != 200 else _error_code(error, default=502)
-                message = self._redact(_error_message(data, response.text))
-                if not (status in RETRY_STATUSES or status >= 500):
-                    raise self._fatal(status, error, message)
-                failure, retry_after = f"HTTP {status}: {message}", retry_after_seconds(response.headers)
-            if attempt == self.max_retries:
-                break
-            if retry_after is not None and retry_after > self.backoff_max_s:
-                raise EndpointError(
-                    f"{self.base_url} asks to retry after {retry_after:.0f} s, more than endpoint.backoff_max_s="
-                    f"{self.backoff_max_s:g} (a quota or a long outage?): {failure}")
-            # Retry-After is honoured as a lower bound; the jitter spreads out requests that were refused together
-            delay = backoff_delay(attempt, self.backoff_s, self.backoff_max_s, self._rng)
-            delay = max(delay, retry_after) if retry_after is not None else delay
-            log.warning("%s: %s; retry %d/%d in %.1f s", self.base_url, failure, attempt + 1, self.max_retries, delay)
-            await asyncio.sleep(delay)
-        raise EndpointError(f"{self.base_url}: gave up after {self.max_retries + 1} attempts: {failure}")
+        seed = {} if request.seed is None else {"seed": request.seed}
+        no_key = {"Authorization": openai.omit} if self._key is None else None
+        try:
+            raw = await sdk.chat.completions.with_raw_response.create(
+                model=self.model, messages=request.messages, max_tokens=request.max_tokens,
+                temperature=request.temperature, top_p=request.top_p, extra_body=self.extra_body or None,
+                extra_headers=no_key, **seed)
+            completion = raw.parse()
+        except openai.APIStatusError as err:
+            raise self._status_error(err) from None  # `from None`: the SDK's message quotes the body unredacted
+        except openai.APIConnectionError as err:  # timeouts (APITimeoutError), refused or dropped connections
+            cause = err.__cause__ or err
+            what = f"no response within endpoint.timeout_s={self.timeout_s:g} s ({type(cause).__name__})" \
+                if isinstance(err, openai.APITimeoutError) else self._redact(f"{type(cause).__name__}: {cause}")
+            raise EndpointError(f"{self.base_url}: gave up after {_attempts(err.request)} attempts: {what}") from None
+        return self._result(completion, _attempts(raw.http_request), time.monotonic() - start)
 
-    def _fatal(self, status: int, error, message: str) -> EndpointError:
+    def _status_error(self, err: openai.APIStatusError) -> EndpointError:
+        response, status = err.response, err.status_code
+        data = _json(response)
+        error = data.get("error") if isinstance(data, dict) else None
+        message = self._redact(_error_message(data, response.text))
+        if status in RETRY_STATUSES or status >= 500:
+            attempts, wait = _attempts(response.request), _retry_after(response.headers)
+            if attempts <= self.max_retries and wait is not None:  # the SDK stopped early: too long a wait
+                return EndpointError(f"{self.base_url} asks to retry after {wait}, more than the "
+                                     f"{MAX_RETRY_AFTER_S:.0f} s the openai SDK waits (a quota or a long outage?): "
+                                     f"HTTP {status}: {message}")
+            return EndpointError(f"{self.base_url}: gave up after {attempts} attempts: HTTP {status}: {message}")
         if status in (400, 404) and _is_model_missing(error, message, self.model):
             return ModelNotFound(f"endpoint.model={self.model!r} is not served at {self.base_url} "
                                  f"(HTTP {status}: {message})")
@@ -221,21 +225,21 @@ class OpenAIClient:
                                  f"endpoint.base_url usually ends in /v1")
         return EndpointError(f"{self.base_url}: HTTP {status}: {message}")
 
-    def _result(self, data: dict, attempts: int, seconds: float) -> ChatResult:
-        try:
-            choice = data["choices"][0]
-            message = choice["message"]
-        except (KeyError, IndexError, TypeError):
+    def _result(self, completion, attempts: int, seconds: float) -> ChatResult:
+        # the SDK builds response objects without validating them: a field the server left out is just missing
+        choices = getattr(completion, "choices", None)
+        message = getattr(choices[0], "message", None) if choices else None
+        if message is None:
             raise EndpointError(f"{self.base_url}: a 200 response without choices[0].message: "
-                                f"{self._redact(str(data))[:300]}") from None
-        usage = data.get("usage") or {}
+                                f"{self._redact(str(completion.to_dict()))[:300]}")
+        usage = getattr(completion, "usage", None)
         return ChatResult(
-            answer=message.get("content") or "",
-            reasoning=message.get("reasoning") or message.get("reasoning_content"),
-            finish_reason=choice.get("finish_reason") or "unknown",
-            prompt_tokens=usage.get("prompt_tokens"),
-            completion_tokens=usage.get("completion_tokens"),
-            cost=usage.get("cost"),
+            answer=message.content or "",
+            reasoning=_extra(message, "reasoning") or _extra(message, "reasoning_content"),
+            finish_reason=getattr(choices[0], "finish_reason", None) or "unknown",
+            prompt_tokens=getattr(usage, "prompt_tokens", None),
+            completion_tokens=getattr(usage, "completion_tokens", None),
+            cost=_extra(usage, "cost") if usage is not None else None,
             attempts=attempts,
             seconds=seconds,
         )
@@ -244,7 +248,33 @@ class OpenAIClient:
         return text.replace(self._key, "***") if self._key else text
 
 
-def _json(response: httpx.Response):
+def _extra(obj, name: str):
+    """A field the SDK's types do not declare (`reasoning`, `reasoning_content`, `cost`), kept in model_extra."""
+    return (getattr(obj, "model_extra", None) or {}).get(name)
+
+
+def _attempts(request: httpx2.Request | None) -> int:
+    """1 + the retries behind a request: the SDK numbers each attempt in the x-stainless-retry-count header."""
+    try:
+        return int(request.headers.get("x-stainless-retry-count", 0)) + 1
+    except (AttributeError, ValueError):
+        return 1
+
+
+def _retry_after(headers: httpx2.Headers) -> str | None:
+    """A Retry-After-Ms / Retry-After the SDK will not wait for, as text ("3600 s", or the HTTP date); else None."""
+    for name, scale in (("retry-after-ms", 1000), ("retry-after", 1)):
+        value = headers.get(name)
+        if value is not None:
+            try:
+                seconds = float(value) / scale
+            except ValueError:
+                return value
+            return f"{seconds:.0f} s" if seconds > MAX_RETRY_AFTER_S else None
+    return None
+
+
+def _json(response: httpx2.Response):
     try:
         return response.json()
     except ValueError:

@@ -338,7 +338,7 @@ def evaluate(cfg: EvalRunConfig) -> EvalResult:
 def main(cfg: DictConfig) -> None:
     from cispo.cli import to_config
 
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
+    logging.getLogger("httpx2").setLevel(logging.WARNING)  # the openai SDK's HTTP client: one INFO line per request
     config = to_config(cfg)
     try:
         evaluate(config)

@@ -109,7 +109,7 @@ def endpoint_cfg(out: Path, url: str, model: str = SERVED, k: int = 4, limit: in
         reward=RewardConfig(num_workers=1),
         rollout=RolloutConfig(max_tokens=16, max_model_len=128),
         eval=EvalConfig(k=k, limit=limit, output_dir=str(out)),
-        endpoint=EndpointConfig(**({"base_url": url, "model": model, "concurrency": 2, "backoff_s": 0.01} | endpoint)),
+        endpoint=EndpointConfig(**({"base_url": url, "model": model, "concurrency": 2} | endpoint)),
     )
 
 
@@ -197,7 +197,7 @@ def test_missing_key_fails_before_any_request(tmp_path, monkeypatch):
 def run_script(out: Path, url: str, env: dict) -> subprocess.CompletedProcess:
     args = [sys.executable, str(ROOT / "scripts/evaluate.py"), f"endpoint.base_url={url}", f"endpoint.model={SERVED}",
             "endpoint.api_key_env=CISPO_EVAL_TEST_KEY", f"eval.output_dir={out}", "eval.limit=3", "eval.k=2",
-            "data.eval_size=50", "reward.num_workers=1", "endpoint.backoff_s=0.01", "endpoint.max_retries=1"]
+            "data.eval_size=50", "reward.num_workers=1", "endpoint.max_retries=1"]
     return subprocess.run(args, capture_output=True, text=True, timeout=120, env=os.environ | env, cwd=out.parent)
 
 

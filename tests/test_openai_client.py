@@ -1,5 +1,6 @@
-"""rollout/openai_client.py against real HTTP servers on 127.0.0.1: retries (429 with Retry-After, 5xx,
-timeouts), giving up, a missing key, an unknown model, the concurrency limit, the key kept out of errors.
+"""rollout/openai_client.py (on the openai SDK) against real HTTP servers on 127.0.0.1: retries (429 with
+Retry-After, 5xx, an error inside a 200, timeouts), giving up, a missing key, an unknown model, the concurrency
+limit, the key kept out of errors, and nothing of the environment's OPENAI_* variables sent.
 
 `ChatServer` is a real stdlib HTTP server speaking just enough of /v1/chat/completions; tests script the failures
 it answers with (the only way to provoke a 429 or a 500 on purpose). tests/test_evaluate.py reuses it, and
@@ -9,20 +10,17 @@ runs vLLM's own OpenAI server for the end-to-end check.
 from __future__ import annotations
 
 import json
-import random
 import re
 import threading
 import time
 from dataclasses import dataclass, field
-from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import httpx
 import pytest
 
 from cispo.config import EndpointConfig
 from rollout.openai_client import (
-    ChatRequest, EndpointError, MissingAPIKey, ModelNotFound, OpenAIClient, backoff_delay, retry_after_seconds,
+    ChatRequest, EndpointError, MissingAPIKey, ModelNotFound, OpenAIClient,
 )
 
 SERVED = "fake-model"
@@ -132,8 +130,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def client(url: str, **kw) -> OpenAIClient:
-    options = dict(api_key=None, api_key_env=None, concurrency=4, timeout_s=10.0, max_retries=3, backoff_s=0.01,
-                   backoff_max_s=5.0)
+    options = dict(api_key=None, api_key_env=None, concurrency=4, timeout_s=10.0, max_retries=3)
     return OpenAIClient(url, SERVED, **(options | kw))
 
 
@@ -159,7 +156,7 @@ def test_429_then_200_waits_as_long_as_retry_after_says():
         result = client(server.url).complete(question())
         waited = time.monotonic() - start
     assert result.answer.endswith("\\boxed{46}.") and result.attempts == 2 and len(server.requests) == 2
-    assert waited >= 1.0  # the backoff alone would have waited ~0.01 s
+    assert waited >= 1.0  # the SDK's first backoff alone would have waited 0.375-0.5 s
 
 
 def test_500_then_200_is_retried():
@@ -181,6 +178,13 @@ def test_a_timeout_is_retried():
     assert result.attempts == 2 and result.answer.endswith("\\boxed{46}.")
 
 
+def test_timeouts_give_up_naming_the_timeout():
+    with ChatServer([Reply(200, {"choices": []}, sleep_s=1.5)] * 2) as server:
+        with pytest.raises(EndpointError, match=r"after 2 attempts: no response within endpoint.timeout_s=0.5 s"):
+            client(server.url, timeout_s=0.5, max_retries=1).complete(question())
+    assert len(server.requests) == 2
+
+
 def test_gives_up_after_max_retries():
     with ChatServer([Reply(503, {"error": {"message": "no provider available", "code": 503}})] * 3) as server:
         with pytest.raises(EndpointError, match=r"gave up after 3 attempts: HTTP 503: no provider available"):
@@ -188,7 +192,7 @@ def test_gives_up_after_max_retries():
     assert len(server.requests) == 3
 
 
-def test_a_retry_after_longer_than_backoff_max_fails_instead_of_stalling():
+def test_a_retry_after_longer_than_the_sdk_waits_fails_instead_of_stalling():
     script = [Reply(429, {"error": {"message": "daily quota", "code": 429}}, headers={"retry-after": "3600"})]
     outcome: list[BaseException | None] = []
 
@@ -205,7 +209,39 @@ def test_a_retry_after_longer_than_backoff_max_fails_instead_of_stalling():
         worker.join(timeout=10)
     assert outcome, "the client is still waiting for the Retry-After of an hour"
     assert isinstance(outcome[0], EndpointError)
-    assert "retry after 3600 s, more than endpoint.backoff_max_s=5" in str(outcome[0]) and len(server.requests) == 1
+    assert "asks to retry after 3600 s, more than the 120 s the openai SDK waits" in str(outcome[0])
+    assert "HTTP 429: daily quota" in str(outcome[0]) and len(server.requests) == 1
+
+
+def test_an_error_inside_every_200_gives_up_with_its_status_and_message():
+    script = [Reply(200, {"error": {"message": "provider returned error", "code": 503}})] * 3
+    with ChatServer(script) as server:
+        with pytest.raises(EndpointError, match=r"gave up after 3 attempts: HTTP 503: provider returned error"):
+            client(server.url, max_retries=2).complete(question())
+    assert len(server.requests) == 3
+
+
+def test_a_refused_connection_is_retried_then_reported():
+    with ChatServer() as server:
+        url = server.url
+    # the server is closed: nothing listens on its port any more
+    with pytest.raises(EndpointError, match=r"127\.0\.0\.1:\d+/v1: gave up after 2 attempts: \w*Connect"):
+        client(url, max_retries=1).complete(question())
+
+
+def test_a_200_without_choices_is_an_error_and_missing_usage_is_none():
+    def bare(body, nth):
+        return {"role": "assistant", "content": None}
+
+    script = [Reply(200, {"id": "x", "choices": []})]
+    with ChatServer(script) as server:
+        with pytest.raises(EndpointError, match=r"a 200 response without choices\[0\]\.message"):
+            client(server.url).complete(question())
+    no_usage = [Reply(200, {"choices": [{"index": 0, "message": bare({}, 0), "finish_reason": "length"}]})]
+    with ChatServer(no_usage) as server:
+        result = client(server.url).complete(question())
+    assert (result.answer, result.reasoning, result.finish_reason) == ("", None, "length")
+    assert (result.prompt_tokens, result.completion_tokens, result.cost) == (None, None, None)
 
 
 def test_other_4xx_are_not_retried():
@@ -218,7 +254,7 @@ def test_other_4xx_are_not_retried():
 def test_unknown_model_is_one_clear_error_naming_endpoint_model():
     with ChatServer() as server:
         c = OpenAIClient(server.url, "minimax/nope", api_key=None, api_key_env=None, concurrency=4, timeout_s=10.0,
-                         max_retries=3, backoff_s=0.01, backoff_max_s=5.0)
+                         max_retries=3)
         with pytest.raises(ModelNotFound, match=r"endpoint.model='minimax/nope' is not served at http://127"):
             c.complete_all([question(a) for a in range(10, 30)], lambda i, r: None)
     assert len(server.requests) <= 4  # the requests already in flight, no retries, the rest cancelled
@@ -278,14 +314,18 @@ def test_reasoning_content_is_read_where_reasoning_is_absent():
         assert client(server.url).complete(question()).reasoning == "12 plus 34"
 
 
-def test_retry_after_parsing_and_backoff_bounds():
-    now = time.time()
-    assert retry_after_seconds(httpx.Headers({"retry-after": "3"})) == 3.0
-    assert retry_after_seconds(httpx.Headers({"retry-after": formatdate(now + 10, usegmt=True)}), now=now) == \
-        pytest.approx(10, abs=1)
-    assert retry_after_seconds(httpx.Headers({})) is None
-    assert retry_after_seconds(httpx.Headers({"retry-after": "soon"})) is None
-    rng = random.Random(0)
-    for attempt in range(8):
-        step = min(4.0, 0.5 * 2**attempt)
-        assert all(step / 2 <= backoff_delay(attempt, 0.5, 4.0, rng) <= step for _ in range(50))
+def test_nothing_of_the_environments_openai_variables_is_sent(monkeypatch):
+    # the SDK reads these when it is not told otherwise: a key meant for api.openai.com must not go elsewhere
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-not-for-this-endpoint")
+    monkeypatch.setenv("OPENAI_ORG_ID", "org-not-for-this-endpoint")
+    monkeypatch.setenv("OPENAI_PROJECT_ID", "proj-not-for-this-endpoint")
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
+    with ChatServer() as server:
+        assert client(server.url).complete(question()).answer  # no key configured
+        assert client(server.url, api_key="sk-the-configured-key").complete(question()).answer
+    (keyless, _), (keyed, _) = server.requests
+    for headers in (keyless, keyed):
+        assert not any("not-for-this-endpoint" in value for value in headers.values())
+        assert not {"openai-organization", "openai-project"} & set(headers)
+    assert "authorization" not in keyless and keyed["authorization"] == "Bearer sk-the-configured-key"
+
