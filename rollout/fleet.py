@@ -326,8 +326,12 @@ class Fleet:
         with self._written_lock:
             path, size, tensors, write_s = self._written[version]
         start = time.perf_counter()
-        self.weights, self.version = path, version
-        self._run(self._push_all(path, version))
+        previous, (self.weights, self.version) = (self.weights, self.version), (path, version)
+        try:
+            self._run(self._push_all(path, version))
+        except FleetError:  # the servers rejoin (health checks) with the weights they had
+            self.weights, self.version = previous
+            raise
         load_s = time.perf_counter() - start
         with self._written_lock:
             for old in [v for v in self._written if v < version]:
@@ -342,15 +346,21 @@ class Fleet:
         self._syncs += 1
 
     async def _push_all(self, path: Path, version: int) -> None:
+        errors = []
+
         async def one(s: Server):
             try:
                 await self._push(s, path, version)
                 s.version = version
             except httpx.HTTPError as err:
-                self._down(s, f"the weight sync failed ({type(err).__name__}: {err})")
+                errors.append(f"{s.url}: {type(err).__name__}: {err}")
+                self._down(s, f"the weight sync failed ({errors[-1]})")
 
         await asyncio.gather(*[one(s) for s in self.servers if s.healthy])
         self._changed.set()
+        if not any(s.healthy for s in self.servers):
+            raise FleetError(f"no rollout server loaded the weights written to {path} ({'; '.join(errors) or 'none up'})"
+                             ". Servers on other machines need rollout.weight_dir on a filesystem they can read")
 
     async def _push(self, s: Server, path: Path, version: int) -> None:
         for route, body in (("/start_weight_update", None), ("/update_weights", {"update_info": {"path": str(path)}}),

@@ -9,6 +9,7 @@ start-up weights into the servers first, cispo.pipeline.Pipelined.start).
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import socket
 import threading
@@ -26,7 +27,7 @@ except Exception as exc:  # ImportError, or the OSError a CUDA-built torchvision
 from cispo.config import Config, ConfigError, RolloutConfig
 from cispo.pipeline import probe_logprobs
 from rollout.base import SamplingParams
-from rollout.fleet import Fleet, server_command
+from rollout.fleet import Fleet, FleetError, server_command
 from test_checkpoint import metrics, run, small_run, train_cmd
 
 STEPS = 4
@@ -120,6 +121,23 @@ def test_a_weight_sync_reaches_every_server(fleet, model_dir):
           f"ms) to {sync['servers']} servers, {sync['bytes_per_s'] / 1e9:.2f} GB/s")
 
 
+def test_weights_the_servers_cannot_read_stop_the_sync_and_the_servers_keep_theirs(fleet, model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    before, ids = fleet.version, list(range(5, 40))
+    served = fleet.probe(ids)
+    version = fleet.write_weights(model.named_parameters(), before + 1)
+    shutil.rmtree(fleet.weight_root / f"v{version}")  # as if written where the servers cannot see
+    with pytest.raises(FleetError, match="rollout.weight_dir"):
+        fleet.serve_weights(version)
+    assert fleet.version == before
+    deadline = time.monotonic() + 60
+    while fleet.healthy < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert fleet.healthy == 2 and fleet.probe(ids) == served  # back in the pool, with the weights they had
+
+
 def test_a_server_killed_mid_step_loses_and_repeats_nothing(fleet):
     prompts = [[5 + i, 9, 11 + i % 7, 3] for i in range(64)]
     sampling = SamplingParams(n=8, max_tokens=100, temperature=1.0, seed=11)
@@ -187,6 +205,20 @@ def test_resume_with_samples_in_flight_neither_loses_nor_repeats_prompts(cache, 
         assert mb[p["step"]]["reward/mean"] == ma[p["step"]]["reward/mean"]
         assert b[p["step"]]["version"] == a[p["step"]]["version"] == p["version"]
     assert max(ma[s]["async/staleness"] for s in range(1, STEPS + 1)) <= 2
+
+
+def test_two_zero3_ranks_train_on_the_fleet_like_one_colocated_process(cache, colocated, fleet, tmp_path):
+    """Rank 0 alone talks to the servers and broadcasts each batch; the ZeRO-3 weights are gathered on every rank
+    for the sync. Same samples as the one-process colocated run (same seeds, same weights up to ZeRO's ~1e-7)."""
+    ds = ["trainer.zero_stage=3", "trainer.optimizer_impl=torch", f"trainer.steps={STEPS}",
+          "+trainer.deepspeed.zero_optimization.stage3_param_persistence_threshold=0"]
+    out = tmp_path / "zero3"
+    run(train_cmd(*server_run(cache, out, fleet, *ds), nproc=2), timeout=600)
+    a, b = metrics(colocated), metrics(out)
+    for step in range(1, STEPS + 1):
+        assert b[step]["reward/mean"] == pytest.approx(a[step]["reward/mean"], abs=1e-6), step
+        assert b[step]["loss/value"] == pytest.approx(a[step]["loss/value"], rel=1e-3, abs=1e-6), step
+    assert all(b[s]["sync/probe_diff"] < 1e-4 for s in range(2, STEPS + 1))
 
 
 # ---- what server mode refuses --------------------------------------------------------------------------------
