@@ -45,13 +45,17 @@ def test_every_rollout_knob_is_declared_by_some_engine():
 
 def test_the_hf_knob_table_is_complete():
     knobs = {f.name for f in dataclasses.fields(RolloutConfig)} - COMMON_KNOBS
-    assert set(NON_DEFAULT) == knobs - ENGINES["hf"].honours
+    server_only = ENGINES["vllm-server"].honours - ENGINES["vllm"].honours  # rollout.mode=server (tests/test_fleet.py)
+    assert server_only >= {"servers", "server_urls", "max_staleness"}
+    assert set(NON_DEFAULT) == knobs - ENGINES["hf"].honours - server_only
+    with pytest.raises(ConfigError, match=r"rollout\.servers=2 .*the vllm engine cannot"):
+        RolloutConfig(engine="vllm", servers=2)
 
 
 @pytest.mark.parametrize("key", sorted(NON_DEFAULT))
 def test_a_knob_the_engine_cannot_honour_fails_at_config_time(key):
     value = NON_DEFAULT[key]
-    with pytest.raises(ConfigError, match=rf"rollout\.{key}={value!r} needs the vllm engine .*the hf engine cannot"):
+    with pytest.raises(ConfigError, match=rf"rollout\.{key}={value!r} needs the vllm (or vllm-server )?engine .*the hf engine cannot"):
         RolloutConfig(engine="hf", **{key: value})
     RolloutConfig(engine="vllm", **{key: value})  # honoured there
     RolloutConfig(engine="auto", **{key: value})  # not resolved yet: checked by check_engine
@@ -116,7 +120,7 @@ def test_a_user_engine_by_import_path(model_dir):
     engine = build_engine(path, str(model_dir), cfg, ModelConfig(), seed=1)
     engine.generate([[1, 2, 3]], SamplingParams(n=1, max_tokens=8))
     assert engine_kit.CALLS == [("build", 1), ("generate", 1)]
-    with pytest.raises(ConfigError, match=rf"kv_cache_gb=0.25 needs the vllm engine .*the {path} engine cannot"):
+    with pytest.raises(ConfigError, match=rf"kv_cache_gb=0.25 needs the vllm or vllm-server engine .*the {path} engine cannot"):
         RolloutConfig(engine=path, kv_cache_gb=0.25)
 
 
