@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from cispo.curriculum import Curriculum, FilledBatch, GroupOutcome
-from cispo.sampling import Episode
+from cispo.sampling import Episode, feed_weights
 from rewards import RewardResult
 from rollout.base import Completion
 
@@ -210,13 +210,7 @@ class Pipelined:
         """Write the weights of policy `step` for the servers (every rank: gathers are collective under ZeRO-3)
         and the reference probe; the producer has the servers load them before its next batch."""
         reference = probe_logprobs(updater.policy, self.probe)
-        weights = updater.named_weights()
-        try:
-            if self.dist.is_main:
-                self.fleet.write_weights(weights, step)
-        finally:
-            for _ in weights:
-                pass
+        feed_weights(updater, (lambda weights: self.fleet.write_weights(weights, step)) if self.dist.is_main else None)
         if self.dist.is_main:
             with self.cond:
                 self.snapshot, self.version = (step, reference), step

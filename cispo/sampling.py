@@ -12,7 +12,7 @@ rollout metrics are not computed here; the caller computes them once, over every
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -120,14 +120,7 @@ class ColocatedSampler:
         return dist.mean(metrics, weight=hi - lo)
 
     def push_weights(self, updater) -> None:
-        """Under ZeRO-3 the gathers are collective, so the iterator is drained even if the engine stopped
-        consuming it early (its own error then surfaces instead of a hang on the other ranks)."""
-        weights: Iterable[tuple[str, torch.Tensor]] = updater.named_weights()
-        try:
-            self.engine.load_weights(weights)
-        finally:
-            for _ in weights:
-                pass
+        feed_weights(updater, self.engine.load_weights)
 
     def sleep(self) -> None:
         self.engine.sleep()
@@ -137,3 +130,16 @@ class ColocatedSampler:
 
     def close(self) -> None:
         self.engine.close()
+
+
+def feed_weights(updater, consume: Callable[[Iterable[tuple[str, torch.Tensor]]], object] | None) -> None:
+    """Hand `updater.named_weights()` to `consume` (None: this rank only takes part). Under ZeRO-3 the gathers
+    are collective, so the iterator is drained even if `consume` stopped early or there is none (its own error
+    then surfaces instead of a hang on the other ranks)."""
+    weights = updater.named_weights()
+    try:
+        if consume is not None:
+            consume(weights)
+    finally:
+        for _ in weights:
+            pass

@@ -213,8 +213,8 @@ def update_policy(cfg: Config, step: int, updater, samples: list[Sample]) -> dic
 
     The first mini-batch trains on the weights pi_old is taken from, so its pi_old is its own training forward's
     logp, detached, and only the other mini-batches get a forward-only pi_old pass (one forward fewer per step
-    for 1 / updates_per_step of the tokens; the gradient is today's up to float rounding: the CISPO weight of
-    those tokens is exactly 1 instead of 1 +- 1e-7).
+    for 1 / updates_per_step of the tokens; the training forward's logp equals the forward-only pass's bit for
+    bit, so the update is unchanged: tests/test_update.py).
 
     Each rank computes pi_old for, and trains on, its share of every mini-batch (updater.dist; all of it in one
     process), with the aggregation coefficients of the whole mini-batch; metrics are over all ranks."""

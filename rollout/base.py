@@ -23,6 +23,15 @@ class SamplingParams:
     seed: int | None = None  # same seed, same prompts, same weights -> same samples
 
 
+SEED_STRIDE = 2**24  # samples per generate() call that get distinct seeds
+
+
+def prompt_seed(seed: int | None, i: int, n: int) -> int | None:
+    """The request seed of prompt i of a call with `n` samples per prompt: vLLM gives sample j of a request
+    `seed + j`, so every sample of a call has its own stream (the colocated engine and the server fleet alike)."""
+    return None if seed is None else seed * SEED_STRIDE + i * n
+
+
 @dataclass
 class Completion:
     prompt_index: int  # index into the prompts passed to generate()

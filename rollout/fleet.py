@@ -10,7 +10,7 @@ line).
 - Requests are token-in / token-out: one `/v1/completions` request per prompt with `n` = the group size,
   `return_token_ids`, and `logprobs=0` (the sampled token's logprob; the servers run with
   `--logprobs-mode processed_logprobs`, as the colocated engine does). Prompt i's seed is the colocated engine's
-  (`seed * 2**24 + i * n`), so at the same weights both engines draw the same samples.
+  (rollout.base.prompt_seed), so at the same weights both engines draw the same samples.
 - Balancing: each request goes to the healthy server with the fewest requests in flight.
 - Failures: a request whose server fails (connection lost, 5xx, a dead process) is sent again, whole, to another
   server; a group is either returned complete or not at all, so nothing is lost or counted twice. A server is
@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from rollout.base import Completion, Rollout, SamplingParams
+from rollout.base import Completion, Rollout, SamplingParams, prompt_seed
 from rollout.checks import check_request
 from rollout.weights import Meter, iter_named_tensors, stage_safetensors
 
@@ -55,7 +55,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SERVED_NAME = "policy"
-_SEED_STRIDE = 2**24  # rollout.vllm_engine's seed layout
 _HEALTH_EVERY_S = 2.0
 
 
@@ -277,7 +276,7 @@ class Fleet:
         body = {"model": SERVED_NAME, "prompt": prompt, "n": n_req, "max_tokens": sampling.max_tokens,
                 "temperature": sampling.temperature, "top_p": sampling.top_p, "logprobs": 0,
                 "return_token_ids": True, "skip_special_tokens": True,
-                "seed": None if sampling.seed is None else sampling.seed * _SEED_STRIDE + i * sampling.n}
+                "seed": prompt_seed(sampling.seed, i, sampling.n)}
         while True:
             server = await self._pick()
             server.inflight += 1

@@ -104,7 +104,7 @@ from vllm import LLM
 from vllm import SamplingParams as VLLMSamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from rollout.base import Completion, Rollout, SamplingParams
+from rollout.base import SEED_STRIDE, Completion, Rollout, SamplingParams, prompt_seed
 from rollout.checks import check_request
 from rollout.early_stop import EarlyStopRule, check_early_stop, force_eos, top_token
 from rollout.weights import Meter, checkpoint_names, iter_named_tensors, staged_safetensors
@@ -119,7 +119,6 @@ VLLM_VERSION_WRITTEN_AGAINST = "0.32.0"
 # "Successfully reset prefix cache"); the engine's own first-sync line says what they say
 PER_SYNC_LOGGERS = ("vllm.model_executor.model_loader.reload.inplace", "vllm.v1.core.block_pool")
 EARLY_STOP_KEY = "cispo_early_stop"  # SamplingParams.extra_args key that switches the processor on for a request
-_SEED_STRIDE = 2**24  # samples per call that get distinct seeds (see the module docstring)
 
 
 def _configure_vllm_env(on_cpu: bool) -> None:
@@ -293,11 +292,31 @@ class RepetitionEarlyStop(LogitsProcessor):
 
 class _CollectUnloaded(logging.Filter):
     """Takes vLLM's "<Layer>: Failed to load weights" records (reload/layerwise.py) out of the log, keeping the
-    layer class names, so that the expected ones can be told apart (reach-in 7)."""
+    layer class names, so that the expected ones can be told apart (reach-in 7). `attach()` before a reload,
+    `detach()` after it, then `report(model)`."""
+
+    LOG = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
 
     def __init__(self):
         super().__init__()
         self.layers: list[str] = []
+
+    def attach(self) -> _CollectUnloaded:
+        self.LOG.addFilter(self)
+        return self
+
+    def detach(self) -> None:
+        self.LOG.removeFilter(self)
+
+    def report(self, model: torch.nn.Module) -> dict:
+        """After a successful reload: rebuild the tied heads' derived state, and warn about layers vLLM left
+        unloaded that had something to load. Returns {"refreshed": tied heads re-processed, "expected_unloaded":
+        layer classes reported unloaded that have nothing to load}."""
+        refreshed, nothing_to_load = _refresh_tied_heads(model)
+        unexpected = [layer for layer in self.layers if layer not in nothing_to_load]
+        for layer in unexpected:
+            logger.warning("weight sync: vLLM loaded no weights into a %s layer (it keeps its previous weights)", layer)
+        return {"refreshed": refreshed, "expected_unloaded": sorted(set(self.layers) - set(unexpected))}
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.msg == "%s: Failed to load weights" and record.args:
@@ -345,18 +364,12 @@ class VLLMWorkerExtension:
         """The worker's `reload_weights` (reach-in 1), then the tied heads' processing again (reach-in 7).
         Returns {"refreshed": tied heads re-processed, "expected_unloaded": layer classes vLLM reported unloaded
         that have nothing to load}; other layers it reports are logged as warnings, as vLLM would."""
-        collect = _CollectUnloaded()
-        vllm_log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
-        vllm_log.addFilter(collect)
+        collect = _CollectUnloaded().attach()
         try:
             self.reload_weights(weights_iterator=weights_iterator, weights_path=weights_path)
         finally:
-            vllm_log.removeFilter(collect)
-        refreshed, nothing_to_load = _refresh_tied_heads(self.model_runner.get_model())
-        unexpected = [layer for layer in collect.layers if layer not in nothing_to_load]
-        for layer in unexpected:
-            logger.warning("weight sync: vLLM loaded no weights into a %s layer (it keeps its previous weights)", layer)
-        return {"refreshed": refreshed, "expected_unloaded": sorted(set(collect.layers) - set(unexpected))}
+            collect.detach()
+        return collect.report(self.model_runner.get_model())
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -498,8 +511,8 @@ class VLLMEngine:
     # ---------------------------------------------------------------------------------------------- generate
     def _check_prompts(self, prompts: list[list[int]], sampling: SamplingParams) -> None:
         check_request(prompts, sampling, self.cfg.max_model_len)
-        if sampling.seed is not None and len(prompts) * sampling.n > _SEED_STRIDE:
-            raise ValueError(f"at most {_SEED_STRIDE} samples per generate() call get distinct seeds")
+        if sampling.seed is not None and len(prompts) * sampling.n > SEED_STRIDE:
+            raise ValueError(f"at most {SEED_STRIDE} samples per generate() call get distinct seeds")
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> Rollout:
         prompts = [list(map(int, p)) for p in prompts]
@@ -521,7 +534,7 @@ class VLLMEngine:
                     max_tokens=sampling.max_tokens,
                     temperature=sampling.temperature,
                     top_p=sampling.top_p,
-                    seed=None if sampling.seed is None else sampling.seed * _SEED_STRIDE + i * sampling.n,
+                    seed=prompt_seed(sampling.seed, i, sampling.n),
                     logprobs=0,  # the sampled token's logprob only
                     flat_logprobs=True,  # one flat list per sequence instead of a dict per token
                     extra_args=extra,

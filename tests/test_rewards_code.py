@@ -302,8 +302,10 @@ def add(a, b):
 }
 
 
-def spare_uid_base(count: int) -> int:
-    base = 64000 + (os.getpid() % 500) * 4
+def spare_uid_base(count: int, first: int = 64000, spread: int = 500) -> int:
+    """A first uid of `count` free ones for a sandbox pool, from `first` + a pid-derived offset (a test module
+    passes its own `first`, so pools of several modules in one session do not meet)."""
+    base = first + (os.getpid() % spread) * 4
     while any(uid_in_use(u) for u in range(base, base + count)):
         base += count
     return base
