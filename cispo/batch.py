@@ -3,6 +3,15 @@
 Imports torch only. A micro-batch is one packed sequence (no padding tokens): the prompt + response of several
 samples laid end to end, with position ids restarting at 0 for each sample, which is how transformers builds a
 block-diagonal causal mask when no attention mask is given.
+
+Loss tokens. By default a sample's loss tokens are its `loss_len` leading response tokens (a single-turn
+completion, less a masked truncation or a forced EOS). A multi-turn trajectory (rollout.trajectory) also carries
+tokens the model did not generate (tool results, chat-template glue): its `loss_mask [len(response_ids)]` says
+which response tokens are the model's, and only those are loss tokens (`loss_len` = their count, or 0 to leave
+the sample out). Masked-out tokens stay in `input_ids` as context and are nowhere else: not a logit position, not
+a target, not in `rollout_logp` / `old_logp`, not in any aggregation's normaliser (`lengths` counts loss tokens).
+So CISPO's weight, the TIS weight and the Eq. 7 mask only ever see trainable tokens. Without a mask every path is
+the one it was before masks existed, value for value.
 """
 
 from __future__ import annotations
@@ -24,6 +33,26 @@ class Sample:
     adv: float
     group: int  # index of the prompt within the step
     old_logp: Tensor | None = None  # [loss_len] log pi_old, recomputed by the trainer before the updates
+    # [len(response_ids)] True = a model-generated (trainable) token; None = the leading loss_len tokens are
+    loss_mask: list[bool] | None = None
+
+    def __post_init__(self):
+        if self.loss_mask is not None:
+            if len(self.loss_mask) != len(self.response_ids):
+                raise ValueError(f"loss_mask has {len(self.loss_mask)} entries for {len(self.response_ids)} "
+                                 "response tokens")
+            if self.loss_len not in (0, sum(map(bool, self.loss_mask))):
+                raise ValueError(f"loss_len {self.loss_len} must be 0 (left out) or the loss_mask's count of "
+                                 f"trainable tokens ({sum(map(bool, self.loss_mask))})")
+
+    def loss_positions(self) -> list[int]:
+        """Indices into response_ids of the loss tokens, in order: loss_len of them."""
+        if self.loss_mask is None or self.loss_len == 0:
+            return list(range(self.loss_len))
+        positions = [t for t, m in enumerate(self.loss_mask) if m]
+        if len(positions) != self.loss_len:  # loss_mask or loss_len changed after construction
+            raise ValueError(f"loss_len {self.loss_len} != {len(positions)} trainable tokens in loss_mask")
+        return positions
 
 
 @dataclass
@@ -50,6 +79,16 @@ class MicroBatch:
         return replace(self, **{k: move(getattr(self, k)) for k in
                                 ("input_ids", "position_ids", "logit_pos", "targets", "adv", "coef", "rollout_logp",
                                  "old_logp")})
+
+
+def trajectory_sample(trajectory, prompt_ids: list[int], adv: float, group: int) -> Sample:
+    """The Sample of a multi-turn trajectory (duck-typed: `token_ids`, `logprobs` and `loss_mask`, one entry per
+    token, as rollout.trajectory.Trajectory has): every token is context, the masked-in ones are loss tokens, and
+    their sampling logprobs are rollout_logp."""
+    mask = [bool(m) for m in trajectory.loss_mask]
+    logp = [lp for lp, m in zip(trajectory.logprobs, mask) if m]
+    return Sample(list(prompt_ids), list(trajectory.token_ids), len(logp), torch.tensor(logp, dtype=torch.float32),
+                  adv, group, loss_mask=mask)
 
 
 def split_groups(samples: list[Sample], parts: int) -> list[list[int]]:
@@ -117,8 +156,13 @@ def _collate(samples: list[Sample], ids: list[int], coef: Tensor) -> MicroBatch:
         positions += range(len(seq))
         # the response token at packed index start + len(prompt) + t is predicted at the position before it
         first = start + len(s.prompt_ids) - 1
-        logit_pos += range(first, first + s.loss_len)
-        targets += s.response_ids[: s.loss_len]
+        if s.loss_mask is None:
+            logit_pos += range(first, first + s.loss_len)
+            targets += s.response_ids[: s.loss_len]
+        else:
+            loss_at = s.loss_positions()
+            logit_pos += [first + t for t in loss_at]
+            targets += [s.response_ids[t] for t in loss_at]
         adv += [s.adv] * s.loss_len
         tok_coef += [c] * s.loss_len
         rollout.append(s.rollout_logp)

@@ -135,7 +135,8 @@ def _knob_params(fn: LossFn) -> tuple[inspect.Parameter, ...]:
 def sequence_coefficients(lengths: Tensor, group_ids: Tensor, mode: str) -> Tensor:
     """Per-response weight c_i of each of its tokens, so that the batch loss is sum_i c_i * sum_t loss_it.
 
-    lengths [B] loss tokens per response (0 for a response left out of the loss); group_ids [B] prompt index.
+    lengths [B] loss tokens per response (0 for a response left out of the loss; with a loss mask only the
+    trainable tokens count, cispo.batch); group_ids [B] prompt index.
     With P prompts that have loss tokens, B' responses that have loss tokens, N tokens in all, N_g in group g
     and B'_g responses with tokens in group g:
       token_group:  1 / (P * N_g)          M1 Eq. 4: token mean inside a prompt's group, mean over prompts

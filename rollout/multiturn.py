@@ -1,0 +1,87 @@
+"""Multi-turn rollouts in lockstep on a colocated engine (phase 1): every active trajectory generates its next
+turn in one engine call, the environments step concurrently, and the rendered environment tokens are appended.
+
+    trajectories = lockstep_rollout(engine, envs, rows, renderer, sampling, limits)
+
+One environment and one row per trajectory (a group of n is n environments on the same row). Each turn:
+  1. one `engine.generate(contexts, n=1)` over the active trajectories, from token ids (prompt + all so far)
+  2. the generated ids and logprobs are appended as they came back (mask True; an early stop's forced EOS False)
+  3. each environment steps on the turn's text; its reward is appended to the trajectory's rewards
+  4. not done: `renderer.turn_boundary` ids are appended as environment tokens (mask False, logprob 0)
+Generated ids are never re-encoded: the text goes to the environment, the ids stay in the trajectory.
+
+Decisions:
+- `sampling.max_tokens` is the per-turn cap. The one engine call asks for the largest remaining allowance of the
+  active trajectories; a trajectory whose own `limits.token_budget` runs out mid-turn keeps the prefix of its
+  turn that fits (a prefix of a sample is a sample of the prefix, logprobs unchanged), finish "budget".
+- An environment reply that leaves no room for one generated token ends the trajectory before it is appended
+  (finish "budget"); so does a turn that used the budget up exactly.
+- After the last allowed turn (`limits.max_turns`) the environment still steps (its reward counts), but nothing
+  more is appended (finish "max_turns"). An early stop ends the trajectory without an environment step.
+- Seeds: turn t asks with seed `sampling.seed + t`, so turns draw different streams (None stays None).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+from rollout.base import SamplingParams
+from rollout.env import Env, Limits
+from rollout.trajectory import Trajectory
+
+
+def lockstep_rollout(engine, envs: Sequence[Env], rows: Sequence[Mapping[str, Any]], renderer,
+                     sampling: SamplingParams, limits: Limits = Limits()) -> list[Trajectory]:
+    """The trajectories of `envs[i]` on `rows[i]` (see the module docstring). Runs its own event loop; from
+    async code await `run_lockstep` instead."""
+    return asyncio.run(run_lockstep(engine, envs, rows, renderer, sampling, limits))
+
+
+async def run_lockstep(engine, envs: Sequence[Env], rows: Sequence[Mapping[str, Any]], renderer,
+                       sampling: SamplingParams, limits: Limits = Limits()) -> list[Trajectory]:
+    if len(envs) != len(rows):
+        raise ValueError(f"one environment per row: {len(envs)} environments, {len(rows)} rows")
+    if sampling.n != 1:
+        raise ValueError("multi-turn rollouts take one sample per environment: pass n=1 and one env per sample")
+    firsts = await asyncio.gather(*(env.reset(row) for env, row in zip(envs, rows)))
+    trajs = [Trajectory(renderer.prompt(messages)) for messages in firsts]
+    active = list(range(len(trajs)))
+    for turn in range(limits.max_turns):
+        if not active:
+            break
+        room = {i: limits.token_budget - len(trajs[i].token_ids) for i in active}
+        ask = replace(sampling, max_tokens=min(sampling.max_tokens, max(room.values())),
+                      seed=None if sampling.seed is None else sampling.seed + turn)
+        rollout = engine.generate([trajs[i].context() for i in active], ask)
+        stepping = []
+        for i, c in zip(active, rollout.completions):
+            t, keep = trajs[i], min(len(c.token_ids), room[i])
+            trainable = [True] * keep
+            if c.finish_reason == "early_stop" and keep == len(c.token_ids):
+                trainable[-1] = False  # the forced EOS was not sampled from the policy
+            t.add_model(c.token_ids[:keep], c.logprobs[:keep], trainable)
+            if c.finish_reason == "early_stop":
+                t.finish_reason = "early_stop"
+            elif keep == room[i]:
+                t.finish_reason = "budget"
+            else:
+                stepping.append((i, c.text))
+        steps = await asyncio.gather(*(envs[i].step(text) for i, text in stepping))
+        for (i, _), step in zip(stepping, steps):
+            t = trajs[i]
+            t.rewards.append(float(step.reward))
+            if step.done:
+                t.finish_reason = "done"
+            elif turn == limits.max_turns - 1:
+                t.finish_reason = "max_turns"
+            else:
+                env_ids = renderer.turn_boundary(t.model_turns()[-1], step.observation or [])
+                if len(t.token_ids) + len(env_ids) >= limits.token_budget:
+                    t.finish_reason = "budget"
+                else:
+                    t.add_env(env_ids)
+        active = [i for i in active if not trajs[i].finish_reason]
+    return trajs
