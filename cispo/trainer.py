@@ -47,6 +47,7 @@ from cispo.policy import micro_batch_logprobs, model_device
 from cispo.pipeline import Pipelined, Synchronous
 from cispo.sampling import ColocatedSampler
 from cispo.tiny_model import check_cache_dir
+from cispo.gguf import GGUF_PREFIX
 from cispo.warm_start import prepare_model
 from rewards import RewardScorer
 from rollout import build_engine, resolve_engine
@@ -54,6 +55,7 @@ from rollout.fleet import build as start_fleet
 
 
 PROMPTS_LOG = "prompts.jsonl"
+SAMPLES_LOG = "samples.jsonl"
 
 
 @dataclass
@@ -78,7 +80,7 @@ class RunState:
 
 
 def train(cfg: Config) -> TrainResult:
-    if cfg.model.path == "tiny":
+    if cfg.model.path == "tiny" or cfg.model.path.startswith(GGUF_PREFIX):
         check_cache_dir(cfg.model.cache_dir)
     dist = init_distributed(cfg.trainer)  # one process: plain torch; under a launcher: DeepSpeed ZeRO
     seed_everything(cfg.trainer.seed, cfg.trainer.threads)
@@ -115,6 +117,7 @@ def train(cfg: Config) -> TrainResult:
         history = trim_metrics(run_dir / "metrics.jsonl", start) if resume and dist.is_main else []
         if resume and dist.is_main:
             trim_metrics(run_dir / PROMPTS_LOG, start)
+            trim_metrics(run_dir / SAMPLES_LOG, start)
         logger = (RunLogger(cfg.logger, run_dir, asdict(cfg), total_steps=cfg.trainer.steps) if dist.is_main
                   else NoLogger())
         logger.history = history + logger.history  # the plot covers the steps before a resume too
@@ -136,6 +139,8 @@ def train(cfg: Config) -> TrainResult:
                 metrics["time/step_s"] = time.perf_counter() - tick
                 if dist.is_main:
                     log_prompts(run_dir / PROMPTS_LOG, step, batch)
+                    if cfg.logger.samples:
+                        log_samples(run_dir / SAMPLES_LOG, step, batch, tokenizer, cfg.logger.samples)
                 if step == cfg.trainer.steps or due(cfg.trainer.eval_every, step):
                     tick = time.perf_counter()
                     eval_after = rollouts.evaluate(eval_rows)
@@ -175,7 +180,9 @@ def start_rollouts(cfg: Config, kind: str, model_dir: str, run_dir: Path, scorer
 def rl_step(cfg: Config, step: int, rollouts: Synchronous | Pipelined, updater) -> tuple[dict, FilledBatch]:
     """One RL step: the step's metrics, and the batch it trained on."""
     algo = cfg.algo
+    started = time.perf_counter()
     filled = rollouts.next(step)  # dynamic sampling refills zero-variance groups (cispo.curriculum)
+    generated = time.perf_counter()
     adv = group_advantages(torch.tensor([[e.score for e in group] for group in filled.groups]).view(-1, algo.group_size),
                            std_norm=algo.adv_std_norm, level=algo.adv_norm)
     samples = [
@@ -191,8 +198,13 @@ def rl_step(cfg: Config, step: int, rollouts: Synchronous | Pipelined, updater) 
     ]
     with rollouts.updating():
         stats = update_policy(cfg, step, updater, samples)
+    updated = time.perf_counter()
     rollouts.publish(updater, step)
-    return filled.metrics | rollouts.finish(filled) | stats | {
+    # the step's wall time by phase: rollouts (generation and grading; in server mode, the wait for them),
+    # pi_old, the updates, the weight sync
+    phases = {"time/rollout_s": generated - started, "time/update_s": updated - generated - stats["time/old_logp_s"],
+              "time/sync_s": time.perf_counter() - updated}
+    return filled.metrics | rollouts.finish(filled) | stats | phases | {
         "adv/zero_variance_frac": adv.zero_variance.float().mean().item(),
         "train/samples": len(samples),
     }, filled
@@ -205,6 +217,16 @@ def log_prompts(path: Path, step: int, batch: FilledBatch) -> None:
     with path.open("a") as f:
         f.write(json.dumps({"step": step, "version": min(versions, default=step - 1),
                             "ids": [row["id"] for row in batch.rows]}) + "\n")
+
+
+def log_samples(path: Path, step: int, batch: FilledBatch, tokenizer, count: int) -> None:
+    """The step's first `count` responses in samples.jsonl, one per line: the prompt id, the decoded response,
+    its score and grade."""
+    episodes = [(row, e) for row, group in zip(batch.rows, batch.groups) for e in group][:count]
+    with path.open("a") as f:
+        for row, e in episodes:
+            f.write(json.dumps({"step": step, "id": row["id"], "score": e.score, "status": e.result.status,
+                                "response": tokenizer.decode(e.completion.token_ids)}) + "\n")
 
 
 def update_policy(cfg: Config, step: int, updater, samples: list[Sample]) -> dict:
@@ -223,7 +245,8 @@ def update_policy(cfg: Config, step: int, updater, samples: list[Sample]) -> dic
     device = model_device(policy)
     samples = [s for s in samples if s.loss_len > 0]
     if not samples:
-        return {"train/updates": 0}
+        return {"train/updates": 0, "time/old_logp_s": 0.0}
+    started = time.perf_counter()
     minis = split_groups(samples, algo.updates_per_step)
     shares = [dist.shard_groups(samples, mini) for mini in minis]
     mine = sorted(i for share in shares for i in share)
@@ -237,6 +260,7 @@ def update_policy(cfg: Config, step: int, updater, samples: list[Sample]) -> dic
                 logps = micro_batch_logprobs(policy, mb, **head).logp
             for i, logp in zip(mb.sample_ids, mb_split(logps, mb.lengths)):
                 samples[i].old_logp = logp.cpu()
+    old_logp_s = time.perf_counter() - started  # the forward-only pi_old passes (all mini-batches but the first)
     schedule = lr_lambda(cfg.trainer, cfg.trainer.steps * algo.updates_per_step)
     knobs = loss_knobs(algo.loss, asdict(algo))  # the algo fields the loss names, read once per step
     outs, losses, norms, entropy = [], [], [], []
@@ -287,6 +311,7 @@ def update_policy(cfg: Config, step: int, updater, samples: list[Sample]) -> dic
         "loss/entropy": global_cat(dist, entropy).mean().item(),
         "train/grad_norm": sum(norms) / len(norms),
         "train/lr": updater.lr,
+        "time/old_logp_s": old_logp_s,
         "train/updates": len(norms),
         "train/tokens": int(old.numel()),
     }

@@ -62,7 +62,8 @@ class RewardConfig:
     # Score when no answer could be extracted (no box, unclosed think block, no code block).
     no_answer_score: float = 0.0
     # Added to the score of every response whose answer was extracted and graded (status "correct" or
-    # "wrong"), whether or not it is right: a bonus for the format alone. 0 = off.
+    # "wrong"), whether or not it is right: a bonus for the format alone (an empty \boxed{} is no answer and
+    # gets none). 0 = off.
     format_score: float = 0.0
 
     # --- length shaping ------------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ Per response, in the trainer process (microseconds):
         any other answer text goes to math-verify's own extraction, which reads only its last candidate
         (extraction_mode="first_match"): nothing earlier in the response is ever credited, so a wrong or
         unparseable final answer is not rescued by a number the reasoning happened to contain.
+     In both modes an empty final answer (`\boxed{}`, `\boxed{ }`: the instruction's template copied) is
+        no answer, so reward.format_score never pays for the box alone.
   3. Pre-checks on the answer (`precheck`), which bound what sympy would spend on it rather than its length:
      at most max_answer_digits digits in all its numbers together (a plain number, digits with an optional
      sign and decimal point, is cheap however long: only this applies to it), at most max_answer_chars
@@ -296,6 +298,8 @@ def prepare_math(response: str, gold: str, *, mode: str, think_start: str, think
     if found is None:
         return Grade("no_answer", {"extracted": None, "reason": _NO_ANSWER[mode]})
     answer, key = found
+    if not answer.strip():  # `\boxed{}` copied from the instruction: an answer format with no answer in it
+        return Grade("no_answer", {"extracted": None, "reason": "empty \\boxed{}"})
     reason = precheck(answer, limits)
     if reason is not None:
         return Grade("rejected", {"extracted": answer[:200], "reason": reason})

