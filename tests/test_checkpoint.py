@@ -85,12 +85,13 @@ def cache(tmp_path_factory):
 def test_exact_resume_after_sigkill(cache, tmp_path):
     steps, every = 6, 2
     full = tmp_path / "full"
-    run(train_cmd(*small_run(cache, full, f"trainer.steps={steps}")))
+    run(train_cmd(*small_run(cache, full, f"trainer.steps={steps}", "logger.samples=3")))
     reference = metrics(full)
     assert sum(reference[s]["train/samples"] for s in range(1, steps + 1)) > 0  # the policy really trains
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(train_cmd(*small_run(cache, killed, f"trainer.steps={steps}", f"trainer.save_every={every}")),
+    proc = subprocess.Popen(train_cmd(*small_run(cache, killed, f"trainer.steps={steps}", f"trainer.save_every={every}",
+                                                 "logger.samples=3")),
                             cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
@@ -107,11 +108,23 @@ def test_exact_resume_after_sigkill(cache, tmp_path):
     k = int(saved[-1].name.split("-")[1])
     assert k < steps
 
-    run(train_cmd(*small_run(cache, killed, f"trainer.steps={steps}", f"trainer.save_every={every}")))  # resume=auto
+    with (killed / "samples.jsonl").open("a") as f:  # as if the killed run had logged step k + 1 before dying
+        f.write(json.dumps({"step": k + 1, "response": "logged after the checkpoint"}) + "\n")
+    run(train_cmd(*small_run(cache, killed, f"trainer.steps={steps}", f"trainer.save_every={every}",
+                             "logger.samples=3")))  # resume=auto
     resumed = metrics(killed)
     assert sorted(resumed) == list(range(steps + 1))  # rows logged after step k by the killed run were dropped
     worst = assert_same_steps(reference, resumed, range(k + 1, steps + 1))
     print(f"killed after checkpoint {k}; steps {k + 1}..{steps} after resume: max |diff| {worst}")
+    # samples.jsonl: the first 3 responses of every step, decoded, once each (the killed run's later rows trimmed)
+    logged = [json.loads(line) for line in (full / "samples.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [s for s in range(1, steps + 1) for _ in range(3)]
+    assert all(r["status"] in ("correct", "wrong", "no_answer") and isinstance(r["response"], str) for r in logged)
+    assert (killed / "samples.jsonl").read_text() == (full / "samples.jsonl").read_text()
+    # the phases of a step add up to no more than the step
+    for row in map(json.loads, (full / "metrics.jsonl").read_text().splitlines()[1:]):
+        phases = sum(row[f"time/{p}_s"] for p in ("rollout", "old_logp", "update", "sync"))
+        assert 0 < phases <= row["time/step_s"] and min(row[f"time/{p}_s"] for p in ("rollout", "update")) > 0
     from safetensors.torch import load_file
 
     w_full, w_res = load_file(str(full / "final" / "model.safetensors")), load_file(str(killed / "final" / "model.safetensors"))
