@@ -38,6 +38,10 @@ class RewardConfig:
     #   the text after the last "answer is" / "Answer:", else the last non-empty line; math-verify's own
     #   extraction reads only its last candidate in that text, never the reasoning (rewards/math.py, step 2).
     math_mode: str = "strict"
+    # The final answer must be a number literal (-12, 3.5, 1,000); any other answer is "wrong" even when it
+    # equals the gold. For tasks whose question is an expression to evaluate (data.source=arithmetic): without
+    # it \boxed{87+4} is credited as 91, and a policy learns to box the question.
+    math_numeric: bool = False
     # Marks the end of thinking. A response that opens a think block (think_start) and never closes it has
     # no answer; a response with no marker at all is searched whole (templates that put think_start in the
     # prompt leave only think_end in the response).

@@ -19,6 +19,9 @@ Per response, in the trainer process (microseconds):
         unparseable final answer is not rescued by a number the reasoning happened to contain.
      In both modes an empty final answer (`\boxed{}`, `\boxed{ }`: the instruction's template copied) is
         no answer, so reward.format_score never pays for the box alone.
+     With reward.math_numeric the answer must be a number (`-12`, `3.5`, `1,000`): an expression equal to
+        the gold is wrong. For tasks whose question is the expression (the embedded arithmetic), where boxing
+        `87+4` would otherwise be credited as 91 (a real model learnt exactly that within 5 RL steps).
   3. Pre-checks on the answer (`precheck`), which bound what sympy would spend on it rather than its length:
      at most max_answer_digits digits in all its numbers together (a plain number, digits with an optional
      sign and decimal point, is cheap however long: only this applies to it), at most max_answer_chars
@@ -59,6 +62,7 @@ if TYPE_CHECKING:
 
 _BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _PLAIN_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")  # 1,000
 _NO_DIGITS = str.maketrans("", "", "0123456789")
 _PERCENT = re.compile(r"\s*\\?%\s*$")
 _EMPTY_SET = re.compile(r"\\varnothing(?![a-zA-Z])|\\\{\s*\\\}|\u2205")
@@ -286,7 +290,7 @@ def prepared_gold(gold: str) -> tuple[str, int]:
 
 
 def prepare_math(response: str, gold: str, *, mode: str, think_start: str, think_end: str,
-                 limits: AnswerLimits) -> Grade | dict:
+                 limits: AnswerLimits, numeric: bool = False) -> Grade | dict:
     """Grade what can be graded here; otherwise return the worker task {"gold", "answer" | "text"}.
     Grades made here: "correct" | "wrong" (fast path, info["fast_path"] True) | "no_answer" | "rejected";
     info["extracted"] is the answer text (or None), info["reason"] says why no_answer / rejected."""
@@ -304,6 +308,9 @@ def prepare_math(response: str, gold: str, *, mode: str, think_start: str, think
     if reason is not None:
         return Grade("rejected", {"extracted": answer[:200], "reason": reason})
     answer = normalize(answer)
+    if numeric and not _PLAIN_NUMBER.fullmatch(_THOUSANDS.sub("", answer)):
+        # reward.math_numeric: `\boxed{87+4}` equals 91, but it is the question copied, not an answer
+        return Grade("wrong", {"extracted": answer, "reason": "not a number (reward.math_numeric)"})
     verdict = fast_verdict(gold, answer)
     if verdict is not None:
         return Grade("correct" if verdict else "wrong", {"extracted": answer, "fast_path": True})
@@ -317,7 +324,7 @@ def prepare_math_row(response: str, row: Mapping[str, Any], cfg: RewardConfig) -
     """prepare_math on the row's gold, with the run's settings."""
     limits = AnswerLimits(cfg.max_answer_digits, cfg.max_answer_chars, cfg.max_brace_depth)
     return prepare_math(response, str(row["answer"]), mode=cfg.math_mode, think_start=cfg.think_start,
-                        think_end=cfg.think_end, limits=limits)
+                        think_end=cfg.think_end, limits=limits, numeric=cfg.math_numeric)
 
 
 def math_pool_options(cfg: RewardConfig) -> dict:

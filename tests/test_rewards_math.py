@@ -236,6 +236,28 @@ def test_strict_grading(strict_batch, i):
     assert result.score == {"correct": 1.0, "no_answer": -0.5}.get(status, -1.0)
 
 
+NUMERIC = [  # reward.math_numeric: the answer must be a number, not an expression equal to the gold
+    ("\\boxed{87+4}", "91", "wrong"),
+    ("\\boxed{11+6} = \\boxed{17}", "17", "correct"),  # the last box counts
+    ("\\boxed{\\frac{182}{2}}", "91", "wrong"),
+    ("\\boxed{91}", "91", "correct"),
+    ("\\boxed{-3.5}", "-3.5", "correct"),
+    ("\\boxed{1,000}", "1000", "correct"),
+    ("\\boxed{92}", "91", "wrong"),
+]
+
+
+def test_math_numeric_credits_numbers_only():
+    responses, golds = [r for r, _, _ in NUMERIC], [{"answer": g} for _, g, _ in NUMERIC]
+    with RewardScorer(RewardConfig(num_workers=1, math_numeric=True)) as scorer:
+        numeric = scorer.score(responses, golds).results
+    with RewardScorer(RewardConfig(num_workers=1)) as scorer:
+        default = scorer.score(responses, golds).results
+    assert [r.status for r in numeric] == [status for _, _, status in NUMERIC]
+    assert numeric[0].info["reason"] == "not a number (reward.math_numeric)"
+    assert [r.status for r in default][:3] == ["correct", "correct", "correct"]  # what the knob is for
+
+
 def test_ungradable_gold_is_masked(strict_batch):
     statuses = [r.status for r in strict_batch.results]
     assert strict_batch.loss_mask == [s != "gold_unparseable" for s in statuses]
