@@ -156,13 +156,9 @@ def _collate(samples: list[Sample], ids: list[int], coef: Tensor) -> MicroBatch:
         positions += range(len(seq))
         # the response token at packed index start + len(prompt) + t is predicted at the position before it
         first = start + len(s.prompt_ids) - 1
-        if s.loss_mask is None:
-            logit_pos += range(first, first + s.loss_len)
-            targets += s.response_ids[: s.loss_len]
-        else:
-            loss_at = s.loss_positions()
-            logit_pos += [first + t for t in loss_at]
-            targets += [s.response_ids[t] for t in loss_at]
+        loss_at = s.loss_positions()
+        logit_pos += [first + t for t in loss_at]
+        targets += [s.response_ids[t] for t in loss_at]
         adv += [s.adv] * s.loss_len
         tok_coef += [c] * s.loss_len
         rollout.append(s.rollout_logp)

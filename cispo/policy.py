@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from cispo.batch import MicroBatch
 from cispo.config import ModelConfig
+from cispo.gguf import GGUF_PREFIX, cached_import
 from cispo.logprobs import GradHint, TokenLogprobs, token_logprobs
 from cispo.minimax import packed_forward
 
@@ -25,6 +26,15 @@ def check_model_path(path: str) -> None:
             f"model.path: {path!r} is not a Hugging Face model directory (no config.json there). "
             "Point model.path at a saved model, or use model.path=tiny for the built-in tiny model."
         )
+
+
+def resolve_model_path(path: str, cache_dir: str, *, dtype: str = "float32", log=print) -> str:
+    """A model.path other than "tiny" as transformers and vLLM load it: a `gguf:` entry imported once into
+    cache_dir (cispo.gguf.cached_import), anything else checked (check_model_path) and returned as it is."""
+    if path.startswith(GGUF_PREFIX):
+        return str(cached_import(path, cache_dir, dtype=dtype, log=log))
+    check_model_path(path)
+    return path
 
 
 PACKED_ATTENTION = "cispo_packed"

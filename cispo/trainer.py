@@ -38,6 +38,7 @@ from cispo.curriculum import Curriculum, FilledBatch
 from cispo.collective import Dist
 from cispo.data import PromptStream, encode_prompts, load_splits
 from cispo.distributed import build_policy, init_distributed
+from cispo.gguf import GGUF_PREFIX
 from cispo.logging import RunLogger
 from cispo.manifest import write_run_manifest
 from cispo.moe import RoutingMeter, RoutingStore, routing
@@ -47,7 +48,6 @@ from cispo.policy import micro_batch_logprobs, model_device
 from cispo.pipeline import Pipelined, Synchronous
 from cispo.sampling import ColocatedSampler
 from cispo.tiny_model import check_cache_dir
-from cispo.gguf import GGUF_PREFIX
 from cispo.warm_start import prepare_model
 from rewards import RewardScorer
 from rollout import build_engine, resolve_engine

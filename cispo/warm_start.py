@@ -32,8 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from cispo.config import Config, ConfigError
 from cispo.data import encode_prompts
 from cispo.optim import warmup_lambda
-from cispo.gguf import GGUF_PREFIX, cached_import
-from cispo.policy import check_model_path
+from cispo.policy import resolve_model_path
 from cispo.tiny_model import config_key, make_tiny_model, save_atomically
 
 RESULT_FILE = "warm_start.json"
@@ -41,11 +40,8 @@ RESULT_FILE = "warm_start.json"
 
 def prepare_model(cfg: Config, train_rows: list[dict]) -> str:
     """The HF directory (or hub name) the run starts from."""
-    if cfg.model.path.startswith(GGUF_PREFIX):
-        return str(cached_import(cfg.model.path, cfg.model.cache_dir, dtype=cfg.model.dtype))
     if cfg.model.path != "tiny":
-        check_model_path(cfg.model.path)
-        return cfg.model.path
+        return resolve_model_path(cfg.model.path, cfg.model.cache_dir, dtype=cfg.model.dtype)
     base = make_tiny_model(cfg.model.tiny, cfg.model.cache_dir)
     ws = cfg.model.warm_start
     if not ws.enabled:

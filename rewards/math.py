@@ -62,11 +62,11 @@ if TYPE_CHECKING:
 
 _BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _PLAIN_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
-_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")  # 1,000
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")  # 1,000
 _NO_DIGITS = str.maketrans("", "", "0123456789")
 _PERCENT = re.compile(r"\s*\\?%\s*$")
 _EMPTY_SET = re.compile(r"\\varnothing(?![a-zA-Z])|\\\{\s*\\\}|\u2205")
-_NOT_SEPARATORS = re.compile(r"\\,|(?<=\d),(?=\d{3}(?!\d))")  # thin spaces, thousands separators
+_NOT_SEPARATORS = re.compile(r"\\,|" + _THOUSANDS.pattern)  # thin spaces, thousands separators
 _MAX_FAST_DIGITS = 15  # sympy Floats carry 15 significant digits; past that rounding can make values equal
 _FAST_WRONG_GAP = Decimal("1e-5")  # well outside math-verify's 6-decimal rounding
 

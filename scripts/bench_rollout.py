@@ -120,16 +120,12 @@ def worker(spec: dict) -> dict:
 def model_dir(spec: str, cache_dir: str) -> str:
     """The Hugging Face folder of a --model entry (built or imported once into cache_dir when it is not one)."""
     from cispo.config import TinyModelConfig
-    from cispo.gguf import GGUF_PREFIX, cached_import
-    from cispo.policy import check_model_path
+    from cispo.policy import resolve_model_path
     from cispo.tiny_model import make_tiny_model
 
     if spec == "tiny":
         return str(make_tiny_model(TinyModelConfig(), Path(cache_dir).expanduser()))
-    if spec.startswith(GGUF_PREFIX):
-        return str(cached_import(spec, cache_dir, log=lambda line: print(line, file=sys.stderr, flush=True)))
-    check_model_path(spec)
-    return spec
+    return resolve_model_path(spec, cache_dir, log=lambda line: print(line, file=sys.stderr, flush=True))
 
 
 def model_label(spec: str) -> str:

@@ -62,9 +62,9 @@ from cispo.batch import MicroBatch, Sample, micro_batches  # noqa: E402
 from cispo.logprobs import token_logprobs  # noqa: E402
 from cispo.config import AlgoConfig  # noqa: E402
 from cispo.loss import logp_grad, loss_knobs, policy_loss, sequence_coefficients  # noqa: E402
-from cispo.gguf import GGUF_PREFIX, cached_import  # noqa: E402
+from cispo.gguf import GGUF_PREFIX  # noqa: E402
 from cispo.policy import (  # noqa: E402
-    PACKED_ATTENTION, _register_packed_attention, check_model_path, micro_batch_logprobs,
+    PACKED_ATTENTION, _register_packed_attention, micro_batch_logprobs, resolve_model_path,
 )
 
 CISPO = dict(loss="cispo", **loss_knobs("cispo", asdict(AlgoConfig())))  # the default run's loss
@@ -94,11 +94,7 @@ def pretrained_model(spec: str, attn: str, cache_dir: str):
     its tokenizer defines (the embedding may have padding rows beyond them)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if spec.startswith(GGUF_PREFIX):
-        folder = str(cached_import(spec, cache_dir, log=lambda line: print(line, file=sys.stderr, flush=True)))
-    else:
-        check_model_path(spec)
-        folder = spec
+    folder = resolve_model_path(spec, cache_dir, log=lambda line: print(line, file=sys.stderr, flush=True))
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=attn)
     return model, min(len(AutoTokenizer.from_pretrained(folder)), model.config.vocab_size)
 
