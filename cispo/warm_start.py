@@ -12,6 +12,11 @@ machine (the floating-point reduction order), from step ~800 to never within 300
 is reached after 210-250 steps for model seeds 0-4 at 1 and 2 threads (README, "The default run"); `max_steps`
 is 4x that. A warm start that misses its target says so, then continues or stops (`on_miss`).
 
+With env.name set (multi-turn tool use) the gold is a tool trace instead (cispo.tool_traces: a calculator call,
+its result, the boxed answer; loss on the model's tokens only), and every second training row is a direct answer
+to the plain prompt, so that the model answers with and without the tool; the check is on traces (the greedy
+accuracy with the tool), and the env group is part of the cache key.
+
 The result is cached under a key of everything that determines it, and written atomically; `warm_start.json`
 beside the weights records how it ended.
 """
@@ -47,7 +52,7 @@ def prepare_model(cfg: Config, train_rows: list[dict]) -> str:
     if not ws.enabled:
         return str(base)
     key = config_key({"tiny": asdict(cfg.model.tiny), "warm_start": asdict(ws), "data": asdict(cfg.data),
-                      "max_tokens": cfg.rollout.max_tokens})
+                      "max_tokens": cfg.rollout.max_tokens} | ({"env": asdict(cfg.env)} if cfg.env.name else {}))
     out = base.with_name(f"{base.name}-warm-{key}")
     if (out / "config.json").exists():
         result = json.loads((out / RESULT_FILE).read_text()) if (out / RESULT_FILE).exists() else {}
@@ -58,22 +63,45 @@ def prepare_model(cfg: Config, train_rows: list[dict]) -> str:
     return str(out)
 
 
-def answer_batch(tokenizer, rows: list[dict], cfg: Config) -> dict[str, torch.Tensor]:
-    """The prompt followed by its gold completion `\\boxed{answer}<eos>`, right-padded: input_ids and
-    attention_mask [B, T], and labels [B, T] (-100 outside the completion), as transformers' loss takes them."""
+def answer_sequences(tokenizer, rows: list[dict], cfg: Config) -> list[tuple[list[int], list[int]]]:
+    """(ids, labels) of each row: the prompt followed by its gold completion `\\boxed{answer}<eos>`, labels -100
+    on the prompt."""
     prompts = encode_prompts(tokenizer, rows, cfg.data)
     answers = [tokenizer.encode(f"\\boxed{{{r['answer']}}}", add_special_tokens=False) + [tokenizer.eos_token_id]
                for r in rows]
-    width = max(len(p) + len(a) for p, a in zip(prompts, answers))
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id)
-    labels = torch.full((len(rows), width), -100)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (p, a) in enumerate(zip(prompts, answers)):
-        n = len(p) + len(a)
-        ids[i, :n] = torch.tensor(p + a)
-        labels[i, len(p) : n] = torch.tensor(a)
-        mask[i, :n] = 1
+    return [(p + a, [-100] * len(p) + a) for p, a in zip(prompts, answers)]
+
+
+def padded(sequences: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """(ids, labels) pairs right-padded: input_ids and attention_mask [B, T], and labels [B, T] (-100 on padding),
+    as transformers' loss takes them."""
+    width = max(len(ids) for ids, _ in sequences)
+    ids = torch.full((len(sequences), width), pad_id)
+    labels = torch.full((len(sequences), width), -100)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, (seq, lab) in enumerate(sequences):
+        ids[i, :len(seq)] = torch.tensor(seq)
+        labels[i, :len(seq)] = torch.tensor(lab)
+        mask[i, :len(seq)] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def answer_batch(tokenizer, rows: list[dict], cfg: Config) -> dict[str, torch.Tensor]:
+    """The rows' prompts and gold completions, padded (answer_sequences, padded)."""
+    return padded(answer_sequences(tokenizer, rows, cfg), tokenizer.pad_token_id)
+
+
+def gold_batch(tokenizer, rows: list[dict], cfg: Config, mixed: bool) -> dict[str, torch.Tensor]:
+    """The warm start's batch: gold answers, or with env.name set gold tool traces (every second row a direct
+    answer instead when `mixed`)."""
+    if not cfg.env.name:
+        return answer_batch(tokenizer, rows, cfg)
+    from cispo.tool_traces import tool_sequences
+
+    direct = rows[1::2] if mixed else []
+    traced = rows[0::2] if mixed else rows
+    return padded(tool_sequences(tokenizer, traced, cfg) + answer_sequences(tokenizer, direct, cfg),
+                  tokenizer.pad_token_id)
 
 
 @torch.no_grad()
@@ -91,7 +119,7 @@ def warm_start(base: Path, out: Path, cfg: Config, train_rows: list[dict]) -> No
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(base)
     check_rows, sft_rows = train_rows[: ws.eval_problems], train_rows[ws.eval_problems :]
-    check = answer_batch(tokenizer, check_rows, cfg)
+    check = gold_batch(tokenizer, check_rows, cfg, mixed=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=ws.lr, betas=(0.9, 0.98))
     # warm-up and clipping matter here: without them this model sat near 5% accuracy for 2700 steps
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(ws.warmup_steps))
@@ -101,7 +129,7 @@ def warm_start(base: Path, out: Path, cfg: Config, train_rows: list[dict]) -> No
                file=sys.stdout, disable=not cfg.logger.progress, mininterval=2.0)
     for step in range(1, ws.max_steps + 1):
         # mean token NLL of the gold answers: supervised fine-tuning (REINFORCE with advantage 1)
-        model(**answer_batch(tokenizer, rng.sample(sft_rows, ws.batch_size), cfg)).loss.backward()
+        model(**gold_batch(tokenizer, rng.sample(sft_rows, ws.batch_size), cfg, mixed=True)).loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()

@@ -28,18 +28,20 @@ VLLM_UNSUPPORTED = {"minimax"}  # vLLM 0.32 dropped MiniMax's lightning attentio
 
 # Engine knobs (RolloutConfig fields beyond registry.COMMON_KNOBS) each built-in engine acts on:
 # max_model_len: prompts longer than max_model_len - max_tokens are refused before anything is generated;
-# early_stop_k / early_stop_p: M1's repetition early stop (rollout.early_stop).
+# early_stop_k / early_stop_p: M1's repetition early stop (rollout.early_stop);
+# min_tokens: reaches the engine as SamplingParams.min_tokens, set on training samples only.
 register_engine("vllm", "rollout.vllm_engine:build", honours={
-    "max_model_len", "early_stop_k", "early_stop_p",
+    "max_model_len", "early_stop_k", "early_stop_p", "min_tokens",
     "kv_cache_gb",  # vLLM-CPU's KV cache; on GPUs gpu_memory_utilization sizes it
     "gpu_memory_utilization", "tensor_parallel_size", "enforce_eager", "sleep_level",  # GPU only (module docstring)
 })
-register_engine("hf", "rollout.hf_engine:build", honours={"max_model_len", "early_stop_k", "early_stop_p"})
+register_engine("hf", "rollout.hf_engine:build", honours={"max_model_len", "early_stop_k", "early_stop_p",
+                                                                "min_tokens"})
 # rollout.mode=server: a fleet of vLLM servers (rollout/fleet.py). The early stop needs a logits processor and a
 # worker hook in each server, not wired there; sleep mode is for engines that share the trainer's devices.
 SERVER_ENGINE = "vllm-server"
 register_engine(SERVER_ENGINE, "rollout.fleet:build", honours={
-    "max_model_len", "kv_cache_gb", "gpu_memory_utilization", "tensor_parallel_size", "enforce_eager",
+    "max_model_len", "min_tokens", "kv_cache_gb", "gpu_memory_utilization", "tensor_parallel_size", "enforce_eager",
     "mode", "servers", "server_urls", "server_port", "server_cpus", "server_args", "server_timeout_s", "weight_dir",
     "max_staleness",
 })

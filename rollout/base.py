@@ -21,6 +21,7 @@ class SamplingParams:
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
     seed: int | None = None  # same seed, same prompts, same weights -> same samples
+    min_tokens: int = 0  # no end of sequence before this many tokens (rollout.min_tokens; <= max_tokens)
 
 
 SEED_STRIDE = 2**24  # samples per generate() call that get distinct seeds

@@ -15,15 +15,21 @@ ToolEnv decisions:
 - A result longer than `max_output_tokens` is cut to that many tokens of `tokenizer` (4 characters a token without
   one) and marked "... [truncated]". A sync tool runs in a worker thread under `tool_timeout_s`; after a timeout
   the thread is abandoned (Python cannot kill it), so a tool that may hang must bound itself (the sandbox does).
-- `max_turns` and `token_budget` bound the trajectory, so the rollout loop enforces them (rollout.multiturn).
+- `max_turns`, `token_budget` and `trajectory_timeout_s` bound the trajectory, so the rollout loop enforces them
+  (rollout.multiturn).
+- `row["prompt"]` is the user message, or a list of chat messages (cispo.data.prompt_messages); a system message
+  among them goes first in the system message, before `system_prompt` and the tools' description
+  (`describe_tools=False` leaves the description out, for a model taught the tools and the call syntax).
+- `stats` counts each tool's calls, failed calls (those answered "error: ...") and seconds, over the environment's life.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from rollout.tools import TOOLS, Tool, make_tool, parse_tool_calls, tools_system_prompt
@@ -36,6 +42,21 @@ class Limits:
     max_output_tokens: int = 256  # per tool result
     tool_timeout_s: float = 10.0
     token_budget: int = 1024  # response tokens of a trajectory over all turns, generated and environment alike
+    trajectory_timeout_s: float = 600.0  # wall clock of a trajectory, generation and environment steps alike
+
+
+@dataclass
+class ToolStats:
+    """Per tool name: calls, failed calls (answered "error: ..."), seconds spent in the calls."""
+
+    calls: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, name: str, failed: bool, seconds: float) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+        self.errors[name] = self.errors.get(name, 0) + failed
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
 
 
 @dataclass
@@ -97,38 +118,53 @@ class ToolEnv:
 
     def __init__(self, tools: list[Tool | Callable | str], *, fmt: str = "hermes",
                  reward: Callable[[str, Mapping], Any] | None = None, limits: Limits = Limits(), tokenizer=None,
-                 system_prompt: str = ""):
+                 system_prompt: str = "", describe_tools: bool = True):
         resolved = [TOOLS[t] if isinstance(t, str) else t if isinstance(t, Tool) else make_tool(t) for t in tools]
         self.tools = {t.name: t for t in resolved}
         self.fmt, self.reward, self.limits, self.tokenizer = fmt, reward, limits, tokenizer
-        self.system = "\n\n".join(p for p in (system_prompt, tools_system_prompt(resolved, fmt)) if p)
+        described = tools_system_prompt(resolved, fmt) if describe_tools else ""
+        self.system = "\n\n".join(p for p in (system_prompt, described) if p)
         self.row: Mapping[str, Any] = {}
+        self.stats = ToolStats()
 
     async def reset(self, row: Mapping[str, Any]) -> list[dict]:
         self.row = row
-        return [{"role": "system", "content": self.system}, {"role": "user", "content": row["prompt"]}]
+        prompt = row["prompt"]
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+        given = [m["content"] for m in messages if m["role"] == "system"]
+        system = "\n\n".join(p for p in (*given, self.system) if p)
+        return [{"role": "system", "content": system}] * bool(system) + [m for m in messages if m["role"] != "system"]
 
     async def step(self, assistant_text: str) -> Step:
         calls = parse_tool_calls(assistant_text, self.fmt, self.tools)
         if not calls:
             return Step(None, score(self.reward(assistant_text, self.row)) if self.reward else 0.0, True)
         cap = self.limits.max_calls_per_turn
-        results = await asyncio.gather(*(self._call(c) for c in calls[:cap]))
-        results += [f"error: at most {cap} tool calls per turn; this one was not run"] * (len(calls) - cap)
+        results = await asyncio.gather(*(self._timed(c) for c in calls[:cap]))
+        for c in calls[cap:]:
+            results.append(f"error: at most {cap} tool calls per turn; this one was not run")
+            self.stats.add(c.name, True, 0.0)
         return Step([{"role": "tool", "name": c.name, "content": r} for c, r in zip(calls, results)], 0.0, False)
 
-    async def _call(self, call) -> str:
+    async def _timed(self, call) -> str:
+        start = time.perf_counter()
+        out, failed = await self._call(call)
+        self.stats.add(call.name, failed, time.perf_counter() - start)
+        return out
+
+    async def _call(self, call) -> tuple[str, bool]:
+        """The call's answer, and whether it failed."""
         if call.error:
-            return f"error: {call.error}"
+            return f"error: {call.error}", True
         fn = self.tools[call.name].fn
         run = fn(**call.arguments) if inspect.iscoroutinefunction(fn) else asyncio.to_thread(fn, **call.arguments)
         try:
             out = await asyncio.wait_for(run, self.limits.tool_timeout_s)
         except asyncio.TimeoutError:
-            return f"error: tool {call.name!r} timed out after {self.limits.tool_timeout_s:g} s"
+            return f"error: tool {call.name!r} timed out after {self.limits.tool_timeout_s:g} s", True
         except Exception as err:  # a tool's failure is an answer for the model, not a crash of the rollout
-            return f"error: {type(err).__name__}: {err}"
-        return truncate(str(out), self.limits.max_output_tokens, self.tokenizer)
+            return f"error: {type(err).__name__}: {err}", True
+        return truncate(str(out), self.limits.max_output_tokens, self.tokenizer), False
 
 
 @register_env("tools")

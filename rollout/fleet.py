@@ -274,6 +274,7 @@ class Fleet:
 
     async def _group(self, i: int, prompt: list[int], sampling: SamplingParams, n_req: int) -> list[Completion]:
         body = {"model": SERVED_NAME, "prompt": prompt, "n": n_req, "max_tokens": sampling.max_tokens,
+                "min_tokens": sampling.min_tokens,
                 "temperature": sampling.temperature, "top_p": sampling.top_p, "logprobs": 0,
                 "return_token_ids": True, "skip_special_tokens": True,
                 "seed": prompt_seed(sampling.seed, i, sampling.n)}

@@ -149,6 +149,7 @@ class HFEngine:
             input_ids=input_ids,
             attention_mask=attention_mask,
             max_new_tokens=sampling.max_tokens,
+            min_new_tokens=sampling.min_tokens or None,
             do_sample=not greedy,
             temperature=None if greedy else sampling.temperature,
             top_p=None if greedy else sampling.top_p,

@@ -1,7 +1,7 @@
 """Multi-turn rollouts in lockstep on a colocated engine (phase 1): every active trajectory generates its next
 turn in one engine call, the environments step concurrently, and the rendered environment tokens are appended.
 
-    trajectories = lockstep_rollout(engine, envs, rows, renderer, sampling, limits)
+    result = lockstep_rollout(engine, envs, rows, renderer, sampling, limits)   # LockstepResult
 
 One environment and one row per trajectory (a group of n is n environments on the same row). Each turn:
   1. one `engine.generate(contexts, n=1)` over the active trajectories, from token ids (prompt + all so far)
@@ -19,13 +19,19 @@ Decisions:
 - After the last allowed turn (`limits.max_turns`) the environment still steps (its reward counts), but nothing
   more is appended (finish "max_turns"). An early stop ends the trajectory without an environment step.
 - Seeds: turn t asks with seed `sampling.seed + t`, so turns draw different streams (None stays None).
+- `limits.trajectory_timeout_s` is one deadline for the call (its trajectories start together): no turn starts
+  after it, an environment step still running at it is abandoned, and the trajectories still active end with
+  finish "timeout" (the rewards of the steps they finished are kept). The first turn always runs.
+- The result times the engine calls (`generate_s`) and the environment steps (`env_s`), each as wall time: the
+  environments of one turn step concurrently.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from rollout.base import SamplingParams
@@ -33,15 +39,22 @@ from rollout.env import Env, Limits
 from rollout.trajectory import Trajectory
 
 
+@dataclass
+class LockstepResult:
+    trajectories: list[Trajectory]  # one per environment, in order
+    generate_s: float  # wall time of the engine calls
+    env_s: float  # wall time of the environment steps
+
+
 def lockstep_rollout(engine, envs: Sequence[Env], rows: Sequence[Mapping[str, Any]], renderer,
-                     sampling: SamplingParams, limits: Limits = Limits()) -> list[Trajectory]:
+                     sampling: SamplingParams, limits: Limits = Limits()) -> LockstepResult:
     """The trajectories of `envs[i]` on `rows[i]` (see the module docstring). Runs its own event loop; from
     async code await `run_lockstep` instead."""
     return asyncio.run(run_lockstep(engine, envs, rows, renderer, sampling, limits))
 
 
 async def run_lockstep(engine, envs: Sequence[Env], rows: Sequence[Mapping[str, Any]], renderer,
-                       sampling: SamplingParams, limits: Limits = Limits()) -> list[Trajectory]:
+                       sampling: SamplingParams, limits: Limits = Limits()) -> LockstepResult:
     if len(envs) != len(rows):
         raise ValueError(f"one environment per row: {len(envs)} environments, {len(rows)} rows")
     if sampling.n != 1:
@@ -49,13 +62,21 @@ async def run_lockstep(engine, envs: Sequence[Env], rows: Sequence[Mapping[str, 
     firsts = await asyncio.gather(*(env.reset(row) for env, row in zip(envs, rows)))
     trajs = [Trajectory(renderer.prompt(messages)) for messages in firsts]
     active = list(range(len(trajs)))
+    deadline = time.monotonic() + limits.trajectory_timeout_s
+    generate_s = env_s = 0.0
     for turn in range(limits.max_turns):
+        if turn and time.monotonic() >= deadline:
+            for i in active:
+                trajs[i].finish_reason = "timeout"
+            break
         if not active:
             break
         room = {i: limits.token_budget - len(trajs[i].token_ids) for i in active}
         ask = replace(sampling, max_tokens=min(sampling.max_tokens, max(room.values())),
                       seed=None if sampling.seed is None else sampling.seed + turn)
+        tick = time.perf_counter()
         rollout = engine.generate([trajs[i].context() for i in active], ask)
+        generate_s += time.perf_counter() - tick
         stepping = []
         for i, c in zip(active, rollout.completions):
             t, keep = trajs[i], min(len(c.token_ids), room[i])
@@ -69,9 +90,14 @@ async def run_lockstep(engine, envs: Sequence[Env], rows: Sequence[Mapping[str, 
                 t.finish_reason = "budget"
             else:
                 stepping.append((i, c.text))
-        steps = await asyncio.gather(*(envs[i].step(text) for i, text in stepping))
+        tick = time.perf_counter()
+        steps = await asyncio.gather(*(_step_until(envs[i], text, deadline) for i, text in stepping))
+        env_s += time.perf_counter() - tick
         for (i, _), step in zip(stepping, steps):
             t = trajs[i]
+            if step is None:
+                t.finish_reason = "timeout"
+                continue
             t.rewards.append(float(step.reward))
             if step.done:
                 t.finish_reason = "done"
@@ -84,4 +110,12 @@ async def run_lockstep(engine, envs: Sequence[Env], rows: Sequence[Mapping[str, 
                 else:
                     t.add_env(env_ids)
         active = [i for i in active if not trajs[i].finish_reason]
-    return trajs
+    return LockstepResult(trajs, generate_s, env_s)
+
+
+async def _step_until(env: Env, text: str, deadline: float):
+    """env.step(text), or None when it is still running at `deadline` (time.monotonic)."""
+    try:
+        return await asyncio.wait_for(env.step(text), max(0.0, deadline - time.monotonic()))
+    except asyncio.TimeoutError:
+        return None

@@ -27,6 +27,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from rollout.tools import format_tool_calls
+
 _USER = {"role": "user", "content": "ping"}
 _MARK = "\x00ASSISTANT\x00"  # placeholder content, found again in the rendered text
 
@@ -93,19 +95,25 @@ def make_renderer(tokenizer, name: str = "template"):
     return RENDERERS[name](tokenizer)
 
 
-SELF_TEST_CONVERSATION = [
-    {"role": "system", "content": "You can use tools."},
-    {"role": "user", "content": "What is (3 + 4) * 12?"},
-    {"role": "assistant", "content": '<tool_call>\n{"name": "calculator", "arguments": {"expression": "3 + 4"}}\n'
-                                     '</tool_call>'},
-    {"role": "tool", "name": "calculator", "content": "7"},
-    {"role": "assistant", "content": 'Now times 12.\n<tool_call>\n{"name": "calculator", "arguments": '
-                                     '{"expression": "7 * 12"}}\n</tool_call>\n<tool_call>\n{"name": "calculator", '
-                                     '"arguments": {"expression": "84"}}\n</tool_call>'},
-    {"role": "tool", "name": "calculator", "content": "84"},
-    {"role": "tool", "name": "calculator", "content": "84"},
-    {"role": "assistant", "content": "The answer is 84."},
-]
+def self_test_conversation(fmt: str = "hermes") -> list[dict]:
+    """A short tool conversation, its calls in `fmt`'s syntax (rollout.tools.FORMATS): one call, then a turn of
+    text and two calls answered by two results in a row, then the answer."""
+    def calc(expression: str) -> tuple[str, dict]:
+        return "calculator", {"expression": expression}
+
+    return [
+        {"role": "system", "content": "You can use tools."},
+        {"role": "user", "content": "What is (3 + 4) * 12?"},
+        {"role": "assistant", "content": format_tool_calls([calc("3 + 4")], fmt)},
+        {"role": "tool", "name": "calculator", "content": "7"},
+        {"role": "assistant", "content": "Now times 12.\n" + format_tool_calls([calc("7 * 12"), calc("84")], fmt)},
+        {"role": "tool", "name": "calculator", "content": "84"},
+        {"role": "tool", "name": "calculator", "content": "84"},
+        {"role": "assistant", "content": "The answer is 84."},
+    ]
+
+
+SELF_TEST_CONVERSATION = self_test_conversation("hermes")
 
 
 def check_renderer(renderer, tokenizer, conversation: list[dict] = SELF_TEST_CONVERSATION) -> list[int]:

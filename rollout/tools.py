@@ -2,7 +2,8 @@
 
 A tool is a plain (sync or async) function with type hints and a docstring; `tool_schema` turns its signature
 into the OpenAI-style function schema that goes into the system prompt (`tools_system_prompt`). `TOOLS` is the
-table a run looks tools up in: `@register_tool()` adds one from any module (the calculator here is built in).
+table a run looks tools up in: `@register_tool()` adds one from any module (built in: the calculator, here, and
+`python`, a program run in the code grader's sandbox, rollout/python_tool.py).
 
 Tool calls are parsed from the assistant's text in one of two formats (`parse_tool_calls`):
   hermes   Hermes / Qwen2.5 / Qwen3: each call is `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`,
@@ -158,6 +159,17 @@ def _parse_one(item: str, tools: dict[str, Tool]) -> ToolCall:
     return ToolCall(name, args, error=check_arguments(tools[name], args))
 
 
+def format_tool_calls(calls: list[tuple[str, dict]], fmt: str) -> str:
+    """(name, arguments) calls written in `fmt`'s syntax, as a model would write them; parse_tool_calls reads
+    them back."""
+    objects = [json.dumps({"name": name, "arguments": args}, ensure_ascii=False) for name, args in calls]
+    if fmt == "hermes":
+        return "\n".join(f"<tool_call>\n{obj}\n</tool_call>" for obj in objects)
+    if fmt == "minimax":
+        return "<tool_calls>\n" + "\n".join(objects) + "\n</tool_calls>"
+    raise ValueError(f"tool-call format must be one of {FORMATS}, got {fmt!r}")
+
+
 def tools_system_prompt(tools: list[Tool], fmt: str) -> str:
     """Instructions and schemas for the system message (Hermes' wording; MiniMax-M1's call syntax for minimax)."""
     schemas = "\n".join(json.dumps(t.schema, ensure_ascii=False) for t in tools)
@@ -223,3 +235,6 @@ def calculator(expression: str) -> str:
     """
     value = safe_arithmetic(expression)
     return str(int(value) if isinstance(value, float) and value.is_integer() and abs(value) < 2**53 else value)
+
+
+import rollout.python_tool  # noqa: E402,F401  registers "python" (a program in the code sandbox), after the calculator

@@ -34,7 +34,7 @@ class Trajectory:
     loss_mask: list[bool] = field(default_factory=list)
     spans: list[Span] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)  # one per environment step
-    finish_reason: str = ""  # done | max_turns | budget | early_stop | length; "" while running
+    finish_reason: str = ""  # done | max_turns | budget | early_stop | timeout; "" while running
 
     def __post_init__(self):
         self.check()

@@ -532,6 +532,7 @@ class VLLMEngine:
                 VLLMSamplingParams(
                     n=n_req,
                     max_tokens=sampling.max_tokens,
+                    min_tokens=sampling.min_tokens,
                     temperature=sampling.temperature,
                     top_p=sampling.top_p,
                     seed=prompt_seed(sampling.seed, i, sampling.n),

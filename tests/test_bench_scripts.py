@@ -57,3 +57,19 @@ def test_bench_rollout_columns_per_model(tmp_path):
         assert e["torch_threads"] == 2 and r["budget"] == 8 and r["median_tokens_per_s"] > 0
         assert 0 < r["mean_response_len"] <= 8
     assert f"tiny tok/s | tiny len | tiny /hf | {Path(folder).name} tok/s" in table
+
+
+def test_bench_long_rows_slopes_and_kernel(tmp_path):
+    out, png = tmp_path / "long.json", tmp_path / "long.png"
+    table = run_script("bench_long.py", "--lengths", "256,512,1024", "--checkpointing", "off,on", "--threads", "1",
+                       "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--png", str(png))
+    report = json.loads(out.read_text())
+    assert [(r["length"], r["checkpointing"]) for r in report["rows"]] == [
+        (256, False), (512, False), (1024, False), (256, True), (512, True), (1024, True)]
+    assert all(r["update_s"] > 0 and r["update_gb"] > 0 and r["pi_old_s"] > 0 for r in report["rows"])
+    # checkpointing changes memory, never the gradient
+    assert [r["grad_norm"] for r in report["rows"][:3]] == [r["grad_norm"] for r in report["rows"][3:]]
+    assert set(report["slopes"]) == {"pi_old/off", "update/off", "pi_old/on", "update/on"}
+    assert report["attention_kernels"] == ["aten::_scaled_dot_product_flash_attention_for_cpu",
+                                           "aten::_scaled_dot_product_flash_attention_for_cpu_backward"]
+    assert png.stat().st_size > 0 and "memory slope, update, checkpointing on" in table

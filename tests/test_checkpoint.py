@@ -24,7 +24,7 @@ from cispo.collective import Dist
 from cispo.optim import TorchUpdater
 
 REPO = Path(__file__).resolve().parents[1]
-TIMING = ("time", "tokens_per_s", "seconds")
+TIMING = ("time", "tokens_per_s", "seconds", "memory/")
 
 
 def small_run(cache: Path, out: Path, *extra: str) -> list[str]:

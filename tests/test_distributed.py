@@ -79,7 +79,7 @@ def deviations(run: dict, weights: dict, ref: dict) -> dict[str, float]:
     """Largest relative deviation of the metrics (timings aside) and gradient norms, and largest weight deviation
     beyond rtol=TOL (0 = within |w - w_ref| <= TOL * (1 + |w_ref|))."""
     metric = max(abs(m[k] - r[k]) / max(abs(r[k]), 1e-6)
-                 for m, r in zip(run["metrics"], ref["metrics"], strict=True) for k in r if not k.startswith("time/"))
+                 for m, r in zip(run["metrics"], ref["metrics"], strict=True) for k in r if not k.startswith(("time/", "memory/")))
     norm = max(abs(a - b) / b for a, b in zip(run["norms"], ref["norms"], strict=True))
     assert set(weights) == set(ref["weights"])
     weight = max(((weights[k] - ref["weights"][k]).abs() / (1 + ref["weights"][k].abs())).max().item() for k in weights)

@@ -138,6 +138,15 @@ def test_weights_the_servers_cannot_read_stop_the_sync_and_the_servers_keep_thei
     assert fleet.healthy == 2 and fleet.probe(ids) == served  # back in the pool, with the weights they had
 
 
+def test_min_tokens_reaches_the_servers(fleet):
+    prompts = [[5, 9, 11, 3], [6, 9, 12, 3]]
+    free = fleet.generate(prompts, SamplingParams(n=4, max_tokens=100, temperature=1.0, seed=5)).completions
+    forced = fleet.generate(prompts, SamplingParams(n=4, max_tokens=100, temperature=1.0, seed=5,
+                                                    min_tokens=90)).completions
+    assert max(len(c.token_ids) for c in free) < 90  # the warm-started model answers in a few tokens
+    assert min(len(c.token_ids) for c in forced) >= 90
+
+
 def test_a_server_killed_mid_step_loses_and_repeats_nothing(fleet):
     prompts = [[5 + i, 9, 11 + i % 7, 3] for i in range(64)]
     sampling = SamplingParams(n=8, max_tokens=100, temperature=1.0, seed=11)

@@ -158,7 +158,7 @@ def test_lockstep_rollout_on_the_hf_engine_keeps_the_engines_ids(engine):
     rec = Recording(engine)
     envs = [Countdown(turns) for turns in (2, 0, 1)]
     trajs = lockstep_rollout(rec, envs, ROWS, renderer, SamplingParams(n=1, max_tokens=6, seed=0),
-                             Limits(max_turns=5, token_budget=10_000))
+                             Limits(max_turns=5, token_budget=10_000)).trajectories
     assert [len(c[2]) for c in rec.calls] == [3, 2, 1]  # lockstep: finished trajectories drop out
     assert [c[1].seed for c in rec.calls] == [0, 1, 2] and all(c[1].max_tokens == 6 for c in rec.calls)
     for i, (t, env) in enumerate(zip(trajs, envs)):
@@ -177,7 +177,8 @@ def test_budget_and_max_turns(engine):
     budget = 34  # a first turn of 8, the env's reply (21 tokens + pad), part of a second turn, cut differently
     envs = [Countdown(99, pad) for pad in (0, 2, 4)]
     trajs = lockstep_rollout(rec, envs, ROWS, renderer,
-                             SamplingParams(n=1, max_tokens=8, seed=1), Limits(max_turns=3, token_budget=budget))
+                             SamplingParams(n=1, max_tokens=8, seed=1),
+                             Limits(max_turns=3, token_budget=budget)).trajectories
     cut = 0
     for t, env in zip(trajs, envs):
         assert len(t.token_ids) <= budget and t.finish_reason in ("budget", "max_turns")
@@ -187,7 +188,8 @@ def test_budget_and_max_turns(engine):
     assert [c[1].max_tokens for c in rec.calls] == [8, 5]  # the largest room left
     rec = Recording(engine)
     trajs = lockstep_rollout(rec, [Countdown(99) for _ in ROWS], ROWS, renderer,
-                             SamplingParams(n=1, max_tokens=4, seed=1), Limits(max_turns=2, token_budget=10_000))
+                             SamplingParams(n=1, max_tokens=4, seed=1),
+                             Limits(max_turns=2, token_budget=10_000)).trajectories
     assert all(t.finish_reason == "max_turns" and t.num_turns == 2 and t.spans[-1].source == MODEL for t in trajs)
     assert all(len(t.rewards) == 2 for t in trajs)  # the last turn was still stepped
 
@@ -212,7 +214,7 @@ def test_calculator_episode_through_the_loop(tok):
     script = ['<tool_call>\n{"name": "calculator", "arguments": {"expression": "(3 + 4) * 12"}}\n</tool_call>',
               "The answer is 84."]
     (t,) = lockstep_rollout(Scripted(tok, script), [env], [{"prompt": "What is (3+4)*12?", "answer": "84"}],
-                            renderer, SamplingParams(n=1, max_tokens=64), Limits())
+                            renderer, SamplingParams(n=1, max_tokens=64), Limits()).trajectories
     assert t.finish_reason == "done" and t.rewards == [0.0, 1.0]
     text = tok.decode(t.prompt_ids + t.token_ids)
     assert "<|im_start|>tool\n84<|im_end|>\n<|im_start|>assistant\nThe answer is 84.<|im_end|>" in text

@@ -35,8 +35,13 @@ TESTED = {
     "--served-model-name mine --host 127.0.0.1 --port 8000 --enforce-eager": "test_a_local_server_and_its_evaluation",
     ".venv/bin/python scripts/evaluate.py endpoint=local_vllm endpoint.model=mine": "test_a_local_server_and_its_evaluation",
     ".venv/bin/python scripts/train.py experiment=smollm2_arith": "test_the_real_model_preset",
+    ".venv/bin/python scripts/bench_long.py": "tests/test_bench_scripts.py::test_bench_long_rows_slopes_and_kernel",
 }
 NOT_HERE = {
+    ".venv/bin/python scripts/train.py experiment=tiny_80k": "two steps of 2 x 39k tokens (~15 min on 2 cores); "
+    "tests/test_long.py runs the preset with 16k-token responses",
+    ".venv/bin/python scripts/train.py experiment=tiny_80k trainer.steps=1 rollout.min_tokens=79990 "
+    "curriculum.windows=[80000]": "2 x 80k tokens (~30 min on 2 cores); tests/test_long.py runs the preset at 16k",
     "taskset -c 1 .venv/bin/python scripts/train.py rollout.mode=server rollout.server_cpus=[0] "
     "rollout.max_staleness=1 algo.tis_cap=2.0": "a full run pinned to two cores; scripts/bench_async.py runs it, and "
     "tests/test_fleet.py runs server mode (staleness 0 and 2) on a short run",
