@@ -93,7 +93,7 @@ def attention_kernel(threads: int) -> list[str]:
 
 def fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
     """Least-squares slope of ys against xs, and R^2."""
-    n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     sxx = sum((x - mx) ** 2 for x in xs)
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
     ss = sum((y - my) ** 2 for y in ys)
