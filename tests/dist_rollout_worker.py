@@ -41,6 +41,7 @@ def main() -> None:
     from cispo.curriculum import Curriculum
     from cispo.data import PromptStream, encode_prompts
     from cispo.distributed import build_policy, init_distributed
+    from cispo.phases import PhaseMonitor
     from cispo.pipeline import Synchronous
     from cispo.sampling import ColocatedSampler
     from cispo.trainer import rl_step
@@ -71,7 +72,7 @@ def main() -> None:
     with RewardScorer(cfg.reward) as scorer:
         curriculum = Curriculum(cfg.curriculum, PromptStream(rows, 0), cfg.rollout.max_tokens)
         rollouts = Synchronous(ColocatedSampler(cfg, engine, scorer, tokenizer, dist), curriculum, cfg.algo.prompts_per_step)
-        metrics, _ = rl_step(cfg, 1, rollouts, updater)
+        metrics, _ = rl_step(cfg, 1, rollouts, updater, PhaseMonitor())
     after = [c.token_ids for c in engine.generate(probes, greedy).completions]
     weights = {name: t.to("cpu", copy=True) for name, t in updater.named_weights()}  # collective under ZeRO-3
     seen = dist.all_gather_object({"rank": dist.rank, "before": before, "after": after,
