@@ -38,9 +38,9 @@ from dataclasses import dataclass, field, replace
 
 from cispo.config import Config, ConfigError, EnvConfig
 from cispo.data import prompt_messages
+from rollout import python_tool
 from rollout.base import Completion, SamplingParams
 from rollout.env import Env, Limits, make_env
-from rollout import python_tool
 from rollout.multiturn import lockstep_rollout
 from rollout.render import check_renderer, make_renderer, self_test_conversation
 from rollout.trajectory import ENV, Trajectory
@@ -72,10 +72,11 @@ def check_config(cfg: Config) -> None:
         raise ConfigError("curriculum.windows stages a single-turn response budget, which multi-turn trajectories "
                           "do not have: leave curriculum.windows empty with env.name set (env.token_budget bounds a "
                           "trajectory, rollout.max_tokens a turn)")
-    if env.token_budget >= cfg.rollout.max_model_len:
-        raise ConfigError(f"env.token_budget ({env.token_budget}) must be < rollout.max_model_len "
-                          f"({cfg.rollout.max_model_len}): the prompt and every turn of a trajectory share the "
-                          "context; raise rollout.max_model_len or lower env.token_budget")
+    if env.token_budget + cfg.rollout.max_tokens >= cfg.rollout.max_model_len:
+        raise ConfigError(f"env.token_budget + rollout.max_tokens ({env.token_budget} + {cfg.rollout.max_tokens}) "
+                          f"must be < rollout.max_model_len ({cfg.rollout.max_model_len}), with room for the prompt: "
+                          "a lockstep turn may ask a trajectory near its budget for a whole turn (rollout.multiturn); "
+                          "raise rollout.max_model_len or lower env.token_budget / rollout.max_tokens")
 
 
 def renderer_for(env: EnvConfig, tokenizer):
@@ -100,6 +101,7 @@ def check_env_renderer(cfg: Config, model_dir: str) -> None:
 
 
 def limits_of(env: EnvConfig) -> Limits:
+    """The env.* limits as the rollout loop and the environments take them."""
     return Limits(max_turns=env.max_turns, max_calls_per_turn=env.max_calls_per_turn,
                   max_output_tokens=env.max_output_tokens, tool_timeout_s=env.tool_timeout_s,
                   token_budget=env.token_budget, trajectory_timeout_s=env.trajectory_timeout_s)

@@ -16,6 +16,10 @@ the loss normaliser of the whole mini-batch; every rank's engine receives the ne
 Server mode (rollout.mode=server; cispo/pipeline.py, rollout/fleet.py): rank 0 alone talks to a fleet of vLLM
 servers, which generate each batch (up to rollout.max_staleness steps ahead of the update) and receive the
 weights after each update; every rank trains on the batch rank 0 broadcasts.
+
+Multi-turn tool use (env.name set; cispo/multiturn.py): each sample is a trajectory of model turns and tool
+results, graded on its final answer; only the model's tokens are loss tokens (cispo.sampling.episode_sample), so
+the loop below is the same. The renderer's self-test runs before the policy and the engine load.
 """
 
 from __future__ import annotations

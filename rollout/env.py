@@ -20,7 +20,8 @@ ToolEnv decisions:
 - `row["prompt"]` is the user message, or a list of chat messages (cispo.data.prompt_messages); a system message
   among them goes first in the system message, before `system_prompt` and the tools' description
   (`describe_tools=False` leaves the description out, for a model taught the tools and the call syntax).
-- `stats` counts each tool's calls, failed calls (those answered "error: ...") and seconds, over the environment's life.
+- `stats` counts each tool's calls, failed calls (those answered "error: ...") and seconds, over the environment's life;
+  calls naming no tool of the environment (malformed, unknown) count under "invalid".
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ class Limits:
     tool_timeout_s: float = 10.0
     token_budget: int = 1024  # response tokens of a trajectory over all turns, generated and environment alike
     trajectory_timeout_s: float = 600.0  # wall clock of a trajectory, generation and environment steps alike
+
+
+INVALID = "invalid"  # the ToolStats name of calls that name no tool of the environment
 
 
 @dataclass
@@ -143,13 +147,13 @@ class ToolEnv:
         results = await asyncio.gather(*(self._timed(c) for c in calls[:cap]))
         for c in calls[cap:]:
             results.append(f"error: at most {cap} tool calls per turn; this one was not run")
-            self.stats.add(c.name, True, 0.0)
+            self.stats.add(c.name if c.name in self.tools else INVALID, True, 0.0)
         return Step([{"role": "tool", "name": c.name, "content": r} for c, r in zip(calls, results)], 0.0, False)
 
     async def _timed(self, call) -> str:
         start = time.perf_counter()
         out, failed = await self._call(call)
-        self.stats.add(call.name, failed, time.perf_counter() - start)
+        self.stats.add(call.name if call.name in self.tools else INVALID, failed, time.perf_counter() - start)
         return out
 
     async def _call(self, call) -> tuple[str, bool]:

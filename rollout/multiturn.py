@@ -13,7 +13,9 @@ Generated ids are never re-encoded: the text goes to the environment, the ids st
 Decisions:
 - `sampling.max_tokens` is the per-turn cap. The one engine call asks for the largest remaining allowance of the
   active trajectories; a trajectory whose own `limits.token_budget` runs out mid-turn keeps the prefix of its
-  turn that fits (a prefix of a sample is a sample of the prefix, logprobs unchanged), finish "budget".
+  turn that fits (a prefix of a sample is a sample of the prefix, logprobs unchanged), finish "budget". So a
+  context may reach prompt + token_budget - 1 tokens with a whole turn asked after it: the engine's
+  max_model_len must hold prompt + token_budget + sampling.max_tokens (cispo.multiturn.check_config).
 - An environment reply that leaves no room for one generated token ends the trajectory before it is appended
   (finish "budget"); so does a turn that used the budget up exactly.
 - After the last allowed turn (`limits.max_turns`) the environment still steps (its reward counts), but nothing

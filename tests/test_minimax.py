@@ -344,6 +344,38 @@ def test_hf_engine_sampling_logprobs_match_the_trainer(tokenizer):
     torch.testing.assert_close(logp, mb.rollout_logp, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("fmt", ["hermes", "minimax"])
+def test_renderer_self_test_passes_on_the_tiny_minimax_template(tokenizer, fmt):
+    """configs/model/tiny_minimax.yaml ships the tiny tokenizer's ChatML template: its turn boundaries are
+    token-exact in both tool-call formats (Hermes' <tool_call>, M1's <tool_calls>), by the start-up self-test."""
+    from cispo.config import EnvConfig
+    from cispo.multiturn import renderer_for
+
+    renderer_for(EnvConfig(name="calculator", tool_format=fmt), tokenizer)
+
+
+def test_multiturn_trajectories_on_the_tiny_minimax_engine(tokenizer):
+    """Lockstep turns on the HF engine running MiniMax (lightning attention re-reads the whole context each turn):
+    the trainer's logprobs of each trajectory's model tokens, through its loss mask, equal the engine's."""
+    from cispo.batch import trajectory_sample
+    from rollout.base import SamplingParams
+    from rollout.env import Limits
+    from rollout.hf_engine import HFEngine
+    from rollout.multiturn import lockstep_rollout
+    from rollout.render import make_renderer
+    from test_multiturn import ROWS, Countdown
+
+    model = _model(tokenizer)
+    out = lockstep_rollout(HFEngine(model, tokenizer), [Countdown(2) for _ in ROWS], ROWS, make_renderer(tokenizer),
+                           SamplingParams(n=1, max_tokens=6, temperature=1.0, seed=0), Limits(token_budget=10_000))
+    samples = [trajectory_sample(t, t.prompt_ids, 1.0, i) for i, t in enumerate(out.trajectories)]
+    assert all(t.num_turns == 3 and 0 < s.loss_len < len(t.token_ids) for t, s in zip(out.trajectories, samples))
+    (mb,) = micro_batches(samples, list(range(len(samples))), 1 << 20, None)
+    with torch.no_grad():
+        logp, _ = _logp(model, mb)
+    torch.testing.assert_close(logp, mb.rollout_logp, atol=1e-5, rtol=0)
+
+
 def test_moe_module_imports_only_torch():
     import subprocess
     import sys

@@ -222,3 +222,36 @@ def test_calculator_episode_through_the_loop(tok):
     assert torch.tensor(t.loss_mask).sum() == sum(len(m) for m in t.model_turns())
     with pytest.raises(AssertionError, match="differ in length"):
         Trajectory([1], [2, 3], [0.0], [True, True])
+
+
+class Sleepy(Countdown):
+    """Countdown whose steps take `seconds`."""
+
+    def __init__(self, turns: int, seconds: float):
+        super().__init__(turns)
+        self.seconds = seconds
+
+    async def step(self, text):
+        import asyncio
+
+        await asyncio.sleep(self.seconds)
+        return await super().step(text)
+
+
+def test_trajectory_timeout_and_the_times_of_a_call(engine):
+    import time
+
+    renderer = make_renderer(engine.tokenizer)
+    sampling = SamplingParams(n=1, max_tokens=4, seed=0)
+    # the first turn always runs; a step still running at the deadline is abandoned, nothing after it appended
+    start = time.perf_counter()
+    out = lockstep_rollout(engine, [Sleepy(3, 5.0) for _ in ROWS], ROWS, renderer, sampling,
+                           Limits(max_turns=4, trajectory_timeout_s=0.5, token_budget=10_000))
+    assert time.perf_counter() - start < 3.0
+    assert all(t.finish_reason == "timeout" and t.num_turns == 1 and t.rewards == [] for t in out.trajectories)
+    assert 0.4 < out.env_s < 3.0 and out.generate_s > 0
+    # the deadline falls in the second turn's steps: the first step's reward is kept, no third turn starts
+    out = lockstep_rollout(engine, [Sleepy(9, 0.3) for _ in ROWS], ROWS, renderer, sampling,
+                           Limits(max_turns=4, trajectory_timeout_s=0.5, token_budget=10_000))
+    assert all(t.finish_reason == "timeout" and t.num_turns == 2 and t.rewards == [0.25] for t in out.trajectories)
+    assert 0.35 < out.env_s <= 0.5 + 0.2 and out.env_s + out.generate_s < 1.0

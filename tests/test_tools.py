@@ -188,3 +188,37 @@ def test_env_modules_import_no_stack():
             "print(' '.join(m for m in ('torch', 'transformers', 'vllm', 'cispo') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_tool_env_counts_calls_errors_and_seconds_per_tool():
+    def nap(seconds: float) -> str:
+        """Sleep."""
+        time.sleep(seconds)
+        return "ok"
+
+    env = ToolEnv(["calculator", nap], limits=Limits(max_calls_per_turn=3))
+    asyncio.run(env.step(call("calculator", expression="1+1") + call("calculator", expression="1/0")
+                         + call("nap", seconds=0.2) + call("calculator", expression="2")))  # the 4th is over the cap
+    asyncio.run(env.step(call("nope") + "<tool_call>{bad</tool_call>"))
+    s = env.stats
+    assert s.calls == {"calculator": 3, "nap": 1, "invalid": 2}
+    assert s.errors == {"calculator": 2, "nap": 0, "invalid": 2}  # 1/0, the one over the cap; unknown, bad JSON
+    assert 0.2 <= s.seconds["nap"] < 1.0 and s.seconds["calculator"] < 0.2
+
+
+def test_tool_env_prompt_from_chat_messages_and_without_tool_descriptions():
+    row = {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2*3?"}]}
+    described = asyncio.run(make_env("calculator", system_prompt="You can call the calculator.").reset(row))
+    assert [m["role"] for m in described] == ["system", "user"] and described[1]["content"] == "What is 2*3?"
+    assert described[0]["content"].startswith("Be brief.\n\nYou can call the calculator.\n\n# Tools")
+    bare = asyncio.run(make_env("calculator", describe_tools=False).reset({"prompt": "What is 2*3?"}))
+    assert bare == [{"role": "user", "content": "What is 2*3?"}]
+
+
+@pytest.mark.parametrize("fmt", ["hermes", "minimax"])
+def test_calls_written_in_a_format_parse_back(fmt):
+    from rollout.tools import format_tool_calls
+
+    calls = [("calculator", {"expression": "3 * 4"}), ("calculator", {"expression": "7"})]
+    parsed = parse_tool_calls("Let me compute.\n" + format_tool_calls(calls, fmt), fmt, TOOLS)
+    assert [(c.name, c.arguments, c.error) for c in parsed] == [(n, a, None) for n, a in calls]
