@@ -30,12 +30,16 @@ def greedy_accuracy(engine, prompt_ids: list[list[int]], rows: list[dict], score
     """eval/accuracy: share graded correct; eval/boxed_rate: share with a parseable final answer."""
     rollout = engine.generate(prompt_ids, SamplingParams(n=1, max_tokens=max_tokens, temperature=0.0))
     graded = grade(scorer, rollout.completions, rows, max_tokens)
-    statuses = [r.status for r in graded.results]
+    return greedy_metrics([r.status for r in graded.results], rollout.num_tokens)
+
+
+def greedy_metrics(statuses: list[str], num_tokens: int) -> dict[str, float]:
+    """eval/accuracy, eval/boxed_rate and eval/len_mean of one greedy answer per row (`statuses`: their grades)."""
     n = len(statuses)
     return {
         "eval/accuracy": sum(s == "correct" for s in statuses) / n,
         "eval/boxed_rate": sum(s != "no_answer" for s in statuses) / n,
-        "eval/len_mean": rollout.num_tokens / n,
+        "eval/len_mean": num_tokens / n,
     }
 
 

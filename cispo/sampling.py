@@ -25,7 +25,7 @@ from cispo.batch import Sample, trajectory_sample
 from cispo.collective import Dist
 from cispo.config import Config
 from cispo.data import encode_prompts
-from cispo.evaluation import grade, greedy_accuracy, sampled_accuracy, sampled_metrics
+from cispo.evaluation import grade, greedy_accuracy, greedy_metrics, sampled_accuracy, sampled_metrics
 from cispo.multiturn import Generated, ToolRollouts, sum_metrics, trajectory_metrics
 from rewards import RewardResult, RewardScorer
 from rollout.base import Completion, RolloutEngine, SamplingParams
@@ -163,11 +163,9 @@ class ColocatedSampler:
         greedy = SamplingParams(n=1, max_tokens=cfg.rollout.max_tokens, temperature=0.0)
         made = self.tools.generate(self.engine, rows, greedy)
         statuses = [r.status for r in grade(self.scorer, made.completions, rows, budget).results]
-        metrics = {"eval/accuracy": statuses.count("correct") / len(rows),
-                   "eval/boxed_rate": sum(s != "no_answer" for s in statuses) / len(rows),
-                   "eval/len_mean": sum(len(c.token_ids) for c in made.completions) / len(rows),
-                   "eval/turns": trajectory_metrics(made.trajectories)["rollout/turns"],
-                   "eval/tool_calls": made.metrics.get("tool/calls", 0.0) / len(rows)}
+        metrics = greedy_metrics(statuses, sum(len(c.token_ids) for c in made.completions)) | {
+            "eval/turns": trajectory_metrics(made.trajectories)["rollout/turns"],
+            "eval/tool_calls": made.metrics.get("tool/calls", 0.0) / len(rows)}
         if cfg.trainer.eval_k:
             k = cfg.trainer.eval_k
             made = self.tools.generate(self.engine, rows, SamplingParams(
