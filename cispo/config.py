@@ -11,6 +11,7 @@ This module imports no hydra: `register_configs()` does, when the entry point as
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import asdict, dataclass, field
 
@@ -172,7 +173,9 @@ class RolloutConfig:
     # a registered engine (rollout.ENGINES: vllm, hf, or one added with rollout.register_engine) |
     # an import path "pkg.module:attr" to a rollout.EngineSpec or a builder (model_dir, rollout_cfg, model_cfg, seed)
     engine: str = "auto"
-    max_tokens: int = 1024  # response budget (the "thinking budget"); the prompt counts against max_model_len
+    # response budget (the "thinking budget"); the prompt counts against max_model_len. With env.name set it caps
+    # each model turn, and env.token_budget caps the whole trajectory
+    max_tokens: int = 1024
     max_model_len: int = 2048
     # training samples only: no end of sequence before this many tokens (capped at the step's window); for
     # exercising long budgets (experiment=tiny_80k, scripts/bench_long.py), not for learning. 0 = off
@@ -256,8 +259,9 @@ class RolloutConfig:
 class DataConfig:
     """Where the prompts come from and how a dataset row becomes one (formats and presets: cispo/data.py)."""
 
-    # "arithmetic" (embedded generator) | a local .jsonl/.json/.parquet/.csv file | a local dataset directory |
-    # a hub dataset name (datasets.load_dataset). Paths starting with / ./ ../ ~ must exist locally.
+    # "arithmetic" | "products" (embedded generators of sums, of products) | a local .jsonl/.json/.parquet/.csv
+    # file | a local dataset directory | a hub dataset name (datasets.load_dataset). Paths starting with / ./ ../ ~
+    # must exist locally.
     source: str = "arithmetic"
     subset: str | None = None  # hub config name, e.g. "main" for openai/gsm8k
     split: str = "train"  # hub / directory split to train on (a single file is its own "train" split)
@@ -451,6 +455,8 @@ class EnvConfig:
 
     name: str | None = None  # a registered environment (rollout.env.ENVS: tools, calculator) | null = single turn
     tools: list[str] = field(default_factory=list)  # env=tools: names in rollout.tools.TOOLS ([] = all of them)
+    # modules imported before the names above are checked: your register_tool / register_env calls
+    modules: list[str] = field(default_factory=list)
     tool_format: str = "hermes"  # the call syntax: hermes (<tool_call>, Qwen / Hermes) | minimax (M1's <tool_calls>)
     renderer: str = "template"  # the turn-boundary tokens (rollout.render.RENDERERS), self-tested at start-up
     system_prompt: str = ""  # before the tools' description in the system message
@@ -472,6 +478,12 @@ class EnvConfig:
         from rollout.render import RENDERERS
         from rollout.tools import FORMATS, TOOLS
 
+        for module in self.modules:
+            try:
+                importlib.import_module(module)
+            except ImportError as e:
+                raise ConfigError(f"env.modules: cannot import {module!r} ({e}); name a module on the python "
+                                  "path, e.g. env.modules=[mypkg.tools]") from e
         if self.name is not None:
             _one_of("env.name", self.name, ENVS)
         _one_of("env.tool_format", self.tool_format, FORMATS)

@@ -196,7 +196,8 @@ def step_metrics(generated: list[tuple[dict, Episode]], seconds: float, reward_s
     trajectories = [e.trajectory for e in episodes if e.trajectory is not None]
     turns = trajectory_metrics(trajectories) | ({"time/generate_s": seconds, "time/tool_s": env_seconds}
                                                 if trajectories else {})
-    return rollout_metrics(Rollout(completions, seconds)) | batch_metrics(
+    budget = "env.token_budget or rollout.max_tokens (a turn)" if trajectories else "rollout.max_tokens"
+    return rollout_metrics(Rollout(completions, seconds), budget=budget) | batch_metrics(
         [e.result for e in episodes], [row for row, _ in generated], [e.score for e in episodes],
         [e.penalty for e in episodes], [e.trainable for e in episodes],
         [c.finish_reason == "length" for c in completions], reward_seconds) | turns

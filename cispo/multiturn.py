@@ -1,4 +1,5 @@
-"""Multi-turn tool-use rollouts in the trainer (env.name set; phase 1: colocated engines, lockstep turns).
+"""Multi-turn tool-use rollouts in the trainer (env.name set): lockstep turns on colocated engines, one session per
+trajectory on a server fleet (rollout.mode=server; rollout.multiturn).
 
     check_config(cfg)                          # before any work: knobs this path cannot honour
     check_env_renderer(cfg, model_dir)         # before the policy and the engine load: the renderer self-test
@@ -6,9 +7,9 @@
     made = tools.generate(engine, rows, sampling)   # Generated: n trajectories per row, as Completions too
 
 One environment per trajectory (rollout.env.make_env(env.name, ...)), on the row with its prompt as chat messages
-(cispo.data.prompt_messages: data.instruction and data.system_prompt apply); turns in lockstep on the engine
-(rollout.multiturn), each turn capped at the sampler's max_tokens (rollout.max_tokens), the trajectory at
-env.token_budget, env.max_turns and env.trajectory_timeout_s.
+(cispo.data.prompt_messages: data.instruction and data.system_prompt apply); turns in lockstep on a colocated
+engine or in sessions on the fleet (rollout.multiturn.rollout_trajectories), each turn capped at the sampler's
+max_tokens (rollout.max_tokens), the trajectory at env.token_budget, env.max_turns and env.trajectory_timeout_s.
 
 Decisions:
 - A trajectory is graded like a single-turn completion, by the reward's graders for the row's source
@@ -25,7 +26,9 @@ Decisions:
 - Metrics (`Generated.metrics`, additive so that rounds and ranks sum): tool/calls, tool/errors, tool/seconds
   (time inside tool calls, summed over calls) and the same per tool (tool/<name>/...), tool/python/* from the
   python tool's sandbox; per trajectory (`trajectory_metrics`): rollout/turns, rollout/finish/<reason>,
-  rollout/env_token_frac. The step also logs time/generate_s against time/tool_s (cispo.curriculum).
+  rollout/env_token_frac, and on the fleet rollout/session_moves (turns sent to another server than the
+  trajectory's first, because that one failed). The step also logs time/generate_s against time/tool_s
+  (cispo.curriculum).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from cispo.data import prompt_messages
 from rollout import python_tool
 from rollout.base import Completion, SamplingParams
 from rollout.env import Env, Limits, make_env
-from rollout.multiturn import lockstep_rollout
+from rollout.multiturn import rollout_trajectories
 from rollout.render import check_renderer, make_renderer, self_test_conversation
 from rollout.trajectory import ENV, Trajectory
 
@@ -62,9 +65,6 @@ def check_config(cfg: Config) -> None:
     env = cfg.env
     if env.name is None:
         return
-    if cfg.rollout.mode != "colocated":
-        raise ConfigError(f"env.name={env.name!r} runs multi-turn rollouts on colocated engines only (phase 1): set "
-                          "rollout.mode=colocated, or env.name=null for server mode")
     if cfg.rollout.min_tokens:
         raise ConfigError(f"rollout.min_tokens={cfg.rollout.min_tokens} would hold every turn of a tool trajectory "
                           "open: set rollout.min_tokens=0 with env.name set")
@@ -152,11 +152,13 @@ class ToolRollouts:
         n = sampling.n
         envs = [self.new_env() for _ in rows for _ in range(n)]
         seed = None if sampling.seed is None else sampling.seed * self.limits.max_turns
-        result = lockstep_rollout(engine, envs, [self.env_row(r) for r in rows for _ in range(n)], self.renderer,
-                                  replace(sampling, n=1, seed=seed), self.limits)
+        result = rollout_trajectories(engine, envs, [self.env_row(r) for r in rows for _ in range(n)],
+                                      self.renderer, replace(sampling, n=1, seed=seed), self.limits)
         completions = [trajectory_completion(t, k // n, self.tokenizer, self.renderer.stop_id)
                        for k, t in enumerate(result.trajectories)]
         metrics = tool_metrics(envs) | (self.python.take_metrics() if self.python else {})
+        if result.sessions:
+            metrics["rollout/session_moves"] = float(sum(s.moves for s in result.sessions))
         return Generated(completions, result.generate_s, result.trajectories, result.env_s, metrics)
 
     def close(self) -> None:

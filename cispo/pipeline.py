@@ -45,6 +45,7 @@ from cispo.curriculum import Curriculum, FilledBatch, GroupOutcome
 from cispo.sampling import Episode, feed_weights
 from rewards import RewardResult
 from rollout.base import Completion
+from rollout.trajectory import Span, Trajectory
 
 
 class WeightSyncError(RuntimeError):
@@ -292,7 +293,11 @@ def filled_to_json(filled: FilledBatch) -> dict:
 
 def filled_from_json(d: dict) -> FilledBatch:
     def episode(e: dict) -> Episode:
-        return Episode(**(e | {"completion": Completion(**e["completion"]), "result": RewardResult(**e["result"])}))
+        t = e.get("trajectory")
+        if t is not None:
+            t = Trajectory(**(t | {"spans": [Span(**span) for span in t["spans"]]}))
+        return Episode(**(e | {"completion": Completion(**e["completion"]), "result": RewardResult(**e["result"]),
+                               "trajectory": t}))
 
     return FilledBatch(d["rows"], d["prompts"], [[episode(e) for e in group] for group in d["groups"]],
                        d["metrics"], [GroupOutcome(**o) for o in d["outcomes"]])

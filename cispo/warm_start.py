@@ -125,6 +125,7 @@ def warm_start(base: Path, out: Path, cfg: Config, train_rows: list[dict]) -> No
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(ws.warmup_steps))
     rng = random.Random(cfg.model.tiny.seed)
     accuracy, start = 0.0, time.perf_counter()
+    said = start  # without the bar (logger.progress=false), a line every 10 s instead
     bar = tqdm(total=ws.max_steps, desc=f"warm start (target {ws.target_accuracy:.2f})", dynamic_ncols=True,
                file=sys.stdout, disable=not cfg.logger.progress, mininterval=2.0)
     for step in range(1, ws.max_steps + 1):
@@ -140,6 +141,10 @@ def warm_start(base: Path, out: Path, cfg: Config, train_rows: list[dict]) -> No
             bar.set_postfix(accuracy=f"{accuracy:.3f}")
             if accuracy >= ws.target_accuracy:
                 break
+        if bar.disable and time.perf_counter() - said >= 10:
+            said = time.perf_counter()
+            print(f"warm start: step {step}/{ws.max_steps} ({said - start:.0f} s), greedy accuracy {accuracy:.3f} at "
+                  f"the last check", flush=True)
     bar.close()
     seconds = time.perf_counter() - start
     reached = accuracy >= ws.target_accuracy

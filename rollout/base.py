@@ -7,7 +7,7 @@ Completions come back grouped: the `n` samples of prompt i are `completions[i * 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Protocol
+from typing import Any, Coroutine, Iterable, Protocol, runtime_checkable
 
 import torch
 
@@ -73,3 +73,21 @@ class RolloutEngine(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class SessionEngine(Protocol):
+    """An engine that also takes one request at a time per trajectory, kept on one replica (the server fleet):
+    multi-turn rollouts then run every trajectory on its own instead of in lockstep (rollout.multiturn)."""
+
+    def session(self) -> Any:
+        """A new session: the replica its first request goes to serves the rest while it stays healthy."""
+        ...
+
+    async def complete(self, ids: list[int], sampling: SamplingParams, session: Any) -> Completion:
+        """One sample of `ids` (sampling.n == 1; sampling.seed is the request's own seed)."""
+        ...
+
+    def run(self, coro: Coroutine) -> Any:
+        """Run `coro` on the engine's event loop and return its result (called from outside that loop)."""
+        ...

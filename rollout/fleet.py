@@ -21,6 +21,11 @@ line).
   `/update_weights`, `/finish_weight_update` with the version) and its prefix cache is reset. Across nodes,
   point `rollout.weight_dir` at a filesystem the servers can read. NCCL (GPU) transfer is not wired here.
 - `probe(ids)`: each server's logprobs of a token sequence (prompt_logprobs), to check what it now serves.
+- Sessions (multi-turn, rollout.base.SessionEngine): `complete(ids, sampling, session)` sends one trajectory's
+  turn as its own request, to the server that took the session's first turn while that server is healthy and
+  serves the current weights, so the trajectory's prefix is in that server's prefix cache. When it is not, the
+  turn goes to the least loaded server and the session moves there (`Session.moves`). `run(coro)` runs the
+  trajectories on the fleet's event loop.
 
 All HTTP runs on one asyncio loop in a background thread; the public methods are synchronous and may be called
 from several threads.
@@ -244,10 +249,12 @@ class Fleet:
             logger.warning("rollout server %s is out of the pool: %s", s.url, why)
         s.healthy, s.version = False, -1
 
-    async def _pick(self) -> Server:
+    async def _pick(self, prefer: Server | None = None) -> Server:
         deadline = time.monotonic() + self.cfg.server_timeout_s
         while True:
             pool = [s for s in self.servers if s.healthy and s.version == self.version]
+            if any(s is prefer for s in pool):
+                return prefer
             if pool:
                 return min(pool, key=lambda s: s.inflight)
             if time.monotonic() > deadline:
@@ -273,13 +280,15 @@ class Fleet:
         return await asyncio.gather(*[self._group(i, p, sampling, n_req) for i, p in enumerate(prompts)])
 
     async def _group(self, i: int, prompt: list[int], sampling: SamplingParams, n_req: int) -> list[Completion]:
-        body = {"model": SERVED_NAME, "prompt": prompt, "n": n_req, "max_tokens": sampling.max_tokens,
-                "min_tokens": sampling.min_tokens,
-                "temperature": sampling.temperature, "top_p": sampling.top_p, "logprobs": 0,
-                "return_token_ids": True, "skip_special_tokens": True,
-                "seed": prompt_seed(sampling.seed, i, sampling.n)}
+        body = _request_body(prompt, sampling, n_req, prompt_seed(sampling.seed, i, sampling.n))
+        _, choices = await self._post(body)
+        return _completions(i, choices, n_req, sampling.n)
+
+    async def _post(self, body: dict, prefer: Server | None = None) -> tuple[Server, list[dict]]:
+        """(the server that answered, its choices): `body` sent to `prefer` when it is in the pool, else to the
+        least loaded server, and sent again, whole, to another one when its server fails."""
         while True:
-            server = await self._pick()
+            server = await self._pick(prefer)
             server.inflight += 1
             try:
                 r = await self._http.post(f"{server.url}/v1/completions", json=body)
@@ -294,7 +303,26 @@ class Fleet:
                 server.inflight -= 1
             if r.status_code != 200:
                 raise ValueError(f"rollout server {server.url} refused a request ({r.status_code}): {r.text[:500]}")
-            return _completions(i, r.json()["choices"], n_req, sampling.n)
+            return server, r.json()["choices"]
+
+    # --------------------------------------------------------------------------------------------- sessions
+    def session(self) -> Session:
+        return Session()
+
+    async def complete(self, ids: list[int], sampling: SamplingParams, session: Session) -> Completion:
+        if sampling.n != 1:
+            raise ValueError(f"a session request takes one sample, not n={sampling.n}")
+        ids = list(map(int, ids))
+        check_request([ids], sampling, self.cfg.max_model_len)
+        server, choices = await self._post(_request_body(ids, sampling, 1, sampling.seed), prefer=session.server)
+        if session.server is not None and server is not session.server:
+            session.moves += 1
+        session.server = server
+        session.turns.append(server.url)
+        return _completions(0, choices, 1, 1)[0]
+
+    def run(self, coro):
+        return self._run(coro)
 
     # ---------------------------------------------------------------------------------------------- weights
     @property
@@ -409,6 +437,21 @@ class Fleet:
                 except subprocess.TimeoutExpired:
                     s.process.kill()
         shutil.rmtree(self.weight_root, ignore_errors=True)
+
+
+@dataclass
+class Session:
+    """One trajectory's place in the fleet (`Fleet.complete`)."""
+
+    server: Server | None = None  # the server its turns go to
+    moves: int = 0  # turns sent elsewhere because that server left the pool
+    turns: list[str] = field(default_factory=list)  # the url that served each turn
+
+
+def _request_body(prompt: list[int], sampling: SamplingParams, n_req: int, seed: int | None) -> dict:
+    return {"model": SERVED_NAME, "prompt": prompt, "n": n_req, "max_tokens": sampling.max_tokens,
+            "min_tokens": sampling.min_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p,
+            "logprobs": 0, "return_token_ids": True, "skip_special_tokens": True, "seed": seed}
 
 
 def _completions(i: int, choices: list[dict], n_req: int, n: int) -> list[Completion]:

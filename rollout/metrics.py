@@ -25,8 +25,10 @@ def _quantile(sorted_values: list[int], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
-def rollout_metrics(rollout: Rollout, *, truncation_warn: float = TRUNCATION_WARN) -> dict[str, float]:
-    """Throughput, response-length distribution and how responses ended.
+def rollout_metrics(rollout: Rollout, *, truncation_warn: float = TRUNCATION_WARN,
+                    budget: str = "rollout.max_tokens") -> dict[str, float]:
+    """Throughput, response-length distribution and how responses ended (`budget`: the knob the warning names,
+    the one that cuts these responses).
 
     rollout/tokens_per_s       generated tokens / wall-clock seconds of the generate call
     rollout/len_mean, len_p50, len_p99, len_max   response length in tokens (EOS included)
@@ -56,8 +58,8 @@ def rollout_metrics(rollout: Rollout, *, truncation_warn: float = TRUNCATION_WAR
     }
     if metrics["rollout/truncation_rate"] > truncation_warn:
         logger.warning(
-            "%.0f%% of responses hit the token budget (rollout.max_tokens): above %.0f%% training tends to become "
-            "unstable (ScaleRL); raise rollout.max_tokens or move to the next output window (configs/rollout/m1_*)",
-            100 * metrics["rollout/truncation_rate"], 100 * truncation_warn,
+            "%.0f%% of responses hit the token budget (%s): above %.0f%% training tends to become unstable "
+            "(ScaleRL); raise %s or move to the next output window (configs/rollout/m1_*)",
+            100 * metrics["rollout/truncation_rate"], budget, 100 * truncation_warn, budget,
         )
     return metrics

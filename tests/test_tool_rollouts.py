@@ -79,7 +79,6 @@ def test_bad_env_values_name_the_key(values, key):
 
 
 @pytest.mark.parametrize("overrides, key", [
-    (["rollout.mode=server", "rollout.engine=auto"], "rollout.mode=colocated"),
     (["rollout.min_tokens=4"], "rollout.min_tokens"),
     (["curriculum.windows=[64,96]"], "curriculum.windows"),
     (["env.token_budget=300"], "env.token_budget"),
@@ -89,6 +88,23 @@ def test_knobs_the_multiturn_path_cannot_honour_are_refused(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("[", r"\[")):
         check_config(tool_config(overrides))
     check_config(tool_config(overrides + ["env=none"]))  # single turn: none of them is about the env
+
+
+def test_a_tool_from_the_users_module_is_named_in_env_modules():
+    import asyncio
+
+    from rollout.env import make_env
+
+    with pytest.raises(Exception, match=r"env\.tools\[\*\].*reverse"):  # not imported: not registered
+        tool_config(["env.name=tools", "env.tools=[reverse]"])
+    with pytest.raises(Exception, match=r"env\.modules.*mypkg\.nope"):
+        tool_config(["env.modules=[mypkg.nope]"])
+    cfg = tool_config(["env.name=tools", "env.tools=[reverse]", "env.modules=[tests.tool_plugin]"])
+    check_config(cfg)
+    env = make_env(cfg.env.name, tools=list(cfg.env.tools))
+    asyncio.run(env.reset({"prompt": "reverse abc", "answer": "cba"}))
+    step = asyncio.run(env.step('<tool_call>{"name": "reverse", "arguments": {"text": "abc"}}</tool_call>'))
+    assert step.observation[0]["content"] == "cba" and not step.done
 
 
 def test_an_unknown_env_key_fails_at_composition():

@@ -47,6 +47,8 @@ def test_the_default_schedule_reaches_a_target_on_every_path(seed, threads, tmp_
     result = json.loads((Path(proc.stdout.strip().splitlines()[-1]) / RESULT_FILE).read_text())
     assert result["reached_target"], result
     assert result["accuracy"] >= 0.1 and result["steps"] <= 300
+    if result["seconds"] > 12:  # no bar (logger.progress=false): a line every 10 s
+        assert "warm start: step " in proc.stdout, proc.stdout
 
 
 def test_a_missed_target_says_so_and_continues(tmp_path, capsys):
