@@ -13,6 +13,7 @@ logger = logging.getLogger(__name__)
 
 # ScaleRL saw training become unstable once more than 10-15% of responses were truncated at the budget.
 TRUNCATION_WARN = 0.10
+SINGLE_TURN_ADVICE = "raise rollout.max_tokens or move to the next output window (configs/rollout/m1_*)"
 
 
 def _quantile(sorted_values: list[int], q: float) -> float:
@@ -26,9 +27,9 @@ def _quantile(sorted_values: list[int], q: float) -> float:
 
 
 def rollout_metrics(rollout: Rollout, *, truncation_warn: float = TRUNCATION_WARN,
-                    budget: str = "rollout.max_tokens") -> dict[str, float]:
-    """Throughput, response-length distribution and how responses ended (`budget`: the knob the warning names,
-    the one that cuts these responses).
+                    advice: str = SINGLE_TURN_ADVICE) -> dict[str, float]:
+    """Throughput, response-length distribution and how responses ended (`advice`: what the truncation warning
+    tells the user to change, naming the knobs that cut these responses).
 
     rollout/tokens_per_s       generated tokens / wall-clock seconds of the generate call
     rollout/len_mean, len_p50, len_p99, len_max   response length in tokens (EOS included)
@@ -58,8 +59,7 @@ def rollout_metrics(rollout: Rollout, *, truncation_warn: float = TRUNCATION_WAR
     }
     if metrics["rollout/truncation_rate"] > truncation_warn:
         logger.warning(
-            "%.0f%% of responses hit the token budget (%s): above %.0f%% training tends to become unstable "
-            "(ScaleRL); raise %s or move to the next output window (configs/rollout/m1_*)",
-            100 * metrics["rollout/truncation_rate"], budget, 100 * truncation_warn, budget,
+            "%.0f%% of responses hit their token budget: above %.0f%% training tends to become unstable (ScaleRL); "
+            "%s", 100 * metrics["rollout/truncation_rate"], 100 * truncation_warn, advice,
         )
     return metrics

@@ -30,10 +30,10 @@ def test_rollout_metrics_warns_on_truncation(caplog):
     assert not caplog.records
     with caplog.at_level(logging.WARNING, logger="rollout.metrics"):
         rollout_metrics(_rollout([(8, "length")] * 2 + [(4, "stop")] * 8))
-    assert any("token budget (rollout.max_tokens)" in rec.getMessage() for rec in caplog.records)
+    assert any("raise rollout.max_tokens" in rec.getMessage() for rec in caplog.records)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="rollout.metrics"):  # a trajectory's budget is another knob
-        rollout_metrics(_rollout([(8, "length")] * 2 + [(4, "stop")] * 8), budget="env.token_budget")
+        rollout_metrics(_rollout([(8, "length")] * 2 + [(4, "stop")] * 8), advice="raise env.token_budget")
     assert any("raise env.token_budget" in rec.getMessage() for rec in caplog.records)
 
 
