@@ -139,7 +139,10 @@ class Fleet:
         self._thread = threading.Thread(target=self._loop.run_forever, name="fleet-http", daemon=True)
         self._thread.start()
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request: hundreds a step
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(cfg.server_timeout_s, connect=5.0))
+        # idle connections are dropped before the server's keep-alive timeout (vLLM's uvicorn: 5 s), so a request
+        # rarely goes out on a connection the server is closing
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(cfg.server_timeout_s, connect=5.0),
+                                       limits=httpx.Limits(keepalive_expiry=2.0))
         self._changed = None  # asyncio.Event set when a server's health changes (made on the loop)
         self._monitor = None
 
@@ -286,7 +289,10 @@ class Fleet:
 
     async def _post(self, body: dict, prefer: Server | None = None) -> tuple[Server, list[dict]]:
         """(the server that answered, its choices): `body` sent to `prefer` when it is in the pool, else to the
-        least loaded server, and sent again, whole, to another one when its server fails."""
+        least loaded server, and sent again, whole, to another one when its server fails. A dropped connection to
+        a server that still answers /health is a closed keep-alive connection, not a failed server: the request is
+        sent again once without taking the server out of the pool (which would push it weights mid-generation)."""
+        resent = False
         while True:
             server = await self._pick(prefer)
             server.inflight += 1
@@ -295,6 +301,13 @@ class Fleet:
                 if r.status_code >= 500:
                     raise httpx.HTTPStatusError(f"{r.status_code}: {r.text[:200]}", request=r.request, response=r)
             except httpx.HTTPError as err:
+                dropped = isinstance(err, (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError))
+                alive = server.process is None or server.process.poll() is None
+                if dropped and not resent and alive and await self._answers(server):
+                    resent = True
+                    logger.warning("rollout server %s dropped a connection (%s); sending the request again",
+                                   server.url, type(err).__name__)
+                    continue
                 self._down(server, f"a request failed ({type(err).__name__}: {err})")
                 self._changed.set()
                 self.retries += 1
