@@ -218,7 +218,8 @@ class Fleet:
     # ------------------------------------------------------------------------------------------- health
     async def _watch(self) -> None:
         """Every _HEALTH_EVERY_S: a server that stopped answering leaves the pool; a dead process started here is
-        restarted; a server that answers again gets the current weights, then rejoins."""
+        restarted; a server that answers again, with no request of its own in flight, gets the current weights,
+        then rejoins."""
         while True:
             await asyncio.sleep(_HEALTH_EVERY_S)
             for s in self.servers:
@@ -238,8 +239,8 @@ class Fleet:
         if s.healthy and not answers:
             self._down(s, "it stopped answering /health")
             self._changed.set()
-        if s.healthy or not answers:
-            return
+        if s.healthy or not answers or s.inflight:
+            return  # in flight: a server that left the pool while busy rejoins once its requests end, not mid-load
         await self._check_routes(s)
         if self.weights is not None:
             await self._push(s, self.weights, self.version)
