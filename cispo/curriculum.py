@@ -28,7 +28,7 @@ from cispo.multiturn import sum_metrics, trajectory_metrics
 from cispo.sampling import Episode, Sampler
 from rewards.scorer import batch_metrics
 from rollout.base import Rollout
-from rollout.metrics import SINGLE_TURN_ADVICE, rollout_metrics
+from rollout.metrics import SINGLE_TURN_ADVICE, TRAJECTORY_ADVICE, rollout_metrics
 
 
 class OutputWindow:
@@ -196,8 +196,7 @@ def step_metrics(generated: list[tuple[dict, Episode]], seconds: float, reward_s
     trajectories = [e.trajectory for e in episodes if e.trajectory is not None]
     turns = trajectory_metrics(trajectories) | ({"time/generate_s": seconds, "time/tool_s": env_seconds}
                                                 if trajectories else {})
-    advice = ("raise env.token_budget (the whole trajectory) or rollout.max_tokens (one turn)" if trajectories
-              else SINGLE_TURN_ADVICE)
+    advice = TRAJECTORY_ADVICE if trajectories else SINGLE_TURN_ADVICE
     return rollout_metrics(Rollout(completions, seconds), advice=advice) | batch_metrics(
         [e.result for e in episodes], [row for row, _ in generated], [e.score for e in episodes],
         [e.penalty for e in episodes], [e.trainable for e in episodes],

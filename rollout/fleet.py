@@ -329,8 +329,6 @@ class Fleet:
         ids = list(map(int, ids))
         check_request([ids], sampling, self.cfg.max_model_len)
         server, choices = await self._post(_request_body(ids, sampling, 1, sampling.seed), prefer=session.server)
-        if session.server is not None and server is not session.server:
-            session.moves += 1
         session.server = server
         session.turns.append(server.url)
         return _completions(0, choices, 1, 1)[0]
@@ -458,8 +456,12 @@ class Session:
     """One trajectory's place in the fleet (`Fleet.complete`)."""
 
     server: Server | None = None  # the server its turns go to
-    moves: int = 0  # turns sent elsewhere because that server left the pool
     turns: list[str] = field(default_factory=list)  # the url that served each turn
+
+    @property
+    def moves(self) -> int:
+        """Turns served elsewhere than the turn before (its server had left the pool)."""
+        return sum(a != b for a, b in zip(self.turns, self.turns[1:]))
 
 
 def _request_body(prompt: list[int], sampling: SamplingParams, n_req: int, seed: int | None) -> dict:

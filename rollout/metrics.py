@@ -14,6 +14,7 @@ logger = logging.getLogger(__name__)
 # ScaleRL saw training become unstable once more than 10-15% of responses were truncated at the budget.
 TRUNCATION_WARN = 0.10
 SINGLE_TURN_ADVICE = "raise rollout.max_tokens or move to the next output window (configs/rollout/m1_*)"
+TRAJECTORY_ADVICE = "raise env.token_budget (the whole trajectory) or rollout.max_tokens (one turn)"
 
 
 def _quantile(sorted_values: list[int], q: float) -> float:
