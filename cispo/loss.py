@@ -291,6 +291,36 @@ def loss_metrics(outs: list[LossOut]) -> dict[str, float]:
     return metrics
 
 
+def trust_region_metrics(ratio: Tensor, adv: Tensor, grad: Tensor, update: Tensor, clip_low: float,
+                         clip_high: float) -> dict[str, float]:
+    """Where the tokens that leave the trust region [1 - clip_low, 1 + clip_high] are, and how much of the loss's
+    gradient they carry: the tokens on which CISPO and PPO's clip (DAPO, GRPO) disagree. Keys under trust/.
+
+    ratio [N] pi / pi_old, adv [N] advantages, grad [N] d loss / d log pi of each token (`logp_grad`), update [N]
+    the index of the optimizer step (mini-batch) the token was trained in, all over every token of an RL step.
+    trust/exit_frac_{pos,neg}_adv: share of all tokens with A > 0 and r > 1 + clip_high, or A < 0 and
+    r < 1 - clip_low (`trust_region_exits`: PPO zeroes their gradient, M1 Eq. 7 masks them, CISPO keeps them).
+    trust/exit_grad_share_{pos,neg}_adv: their share of sum_t |grad_t|, the gradient mass on log pi (0 under PPO's
+    clip by construction). trust/update_JJ_{exit_frac,abs_log_ratio}: per optimizer step J of the RL step, the
+    share of its tokens outside the region on either side (whatever the advantage) and the mean |log r|, which
+    show how far the policy has moved from pi_old by the J-th of `algo.updates_per_step` updates."""
+    if ratio.numel() == 0:
+        return {}
+    high, low = trust_region_exits(ratio, adv, clip_low, clip_high)
+    mass = grad.abs().sum().clamp(min=torch.finfo(grad.dtype).tiny)
+    metrics = {}
+    for sign, exits in (("pos", high), ("neg", low)):
+        metrics[f"trust/exit_frac_{sign}_adv"] = exits.float().mean().item()
+        metrics[f"trust/exit_grad_share_{sign}_adv"] = (grad.abs()[exits].sum() / mass).item()
+    outside = (ratio > 1.0 + clip_high) | (ratio < 1.0 - clip_low)
+    abs_log = ratio.log().abs()
+    for j in torch.unique(update.long()).tolist():
+        rows = update.long() == j
+        metrics[f"trust/update_{j:02d}_exit_frac"] = outside[rows].float().mean().item()
+        metrics[f"trust/update_{j:02d}_abs_log_ratio"] = abs_log[rows].mean().item()
+    return metrics
+
+
 def mismatch_metrics(old_logp: Tensor, rollout_logp: Tensor) -> dict[str, float]:
     """Trainer vs rollout engine on the same sampled tokens [N]: mean |diff| of logprobs and the Pearson
     correlation of the token probabilities (M1 Fig. 3 reports 0.987 -> 0.997 after its fp32 head fix)."""

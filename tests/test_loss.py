@@ -13,7 +13,7 @@ from cispo.batch import Sample, micro_batches
 from cispo.config import AlgoConfig, ConfigError
 from cispo.loss import (
     AGGREGATIONS, LOG_RATIO_BOUND, LOSSES, LossOut, logp_grad, loss_knobs, loss_metrics, mismatch_metrics,
-    policy_loss, register_loss, sequence_coefficients, tis_weights,
+    policy_loss, register_loss, sequence_coefficients, tis_weights, trust_region_metrics,
 )
 from tests import custom_loss_plugin as plugin
 
@@ -356,3 +356,29 @@ def test_clip_fractions_by_advantage_sign():
     gathered = LossOut(torch.zeros(()), *(torch.cat([getattr(o, f).float() for o in (cispo, ppo)])
                                           for f in ("ratio", "clipped_high", "clipped_low", "kept", "adv")))
     assert loss_metrics([gathered]) == pytest.approx(both)
+
+
+def test_trust_region_metrics_split_the_exits_and_their_gradient_by_loss():
+    # ratios 3, 3, 0.5, 0.5, 1, 1.1 with advantages +1, -1, -1, +1, +1, -1; trained in updates 0, 0, 0, 1, 1, 1
+    logp = torch.zeros(6)
+    old = -torch.log(torch.tensor([3.0, 3.0, 0.5, 0.5, 1.0, 1.1]))
+    adv, coef = torch.tensor([1.0, -1.0, -1.0, 1.0, 1.0, -1.0]), torch.full((6,), 1 / 6)
+    update = torch.tensor([0, 0, 0, 1, 1, 1])
+
+    def trust(loss):
+        inputs = dict(old_logp=old, adv=adv, coef=coef, loss=loss, **knobs(loss, clip_low=0.2, clip_high=0.28))
+        out = policy_loss(logp, **inputs)
+        return trust_region_metrics(out.ratio, out.adv, logp_grad(logp, **inputs), update, 0.2, 0.28)
+
+    cispo, dapo = trust("cispo"), trust("dapo")
+    for m in (cispo, dapo):  # the exits are the same tokens whatever the loss: token 0 (A > 0) and token 2 (A < 0)
+        assert m["trust/exit_frac_pos_adv"] == m["trust/exit_frac_neg_adv"] == pytest.approx(1 / 6)
+        # per update: outside [0.8, 1.28] on either side; update 0 has 3, 3, 0.5, update 1 has 0.5, 1, 1.1
+        assert m["trust/update_00_exit_frac"] == 1.0 and m["trust/update_01_exit_frac"] == pytest.approx(1 / 3)
+        assert m["trust/update_01_abs_log_ratio"] == pytest.approx((math.log(2) + 0 + math.log(1.1)) / 3)
+    # CISPO keeps them (capped weight 3 and weight 0.5), PPO's clip gives them no gradient
+    # |grad| per token under CISPO: 3, 3, 0.5, 0.5, 1, 1.1 (times coef)
+    assert cispo["trust/exit_grad_share_pos_adv"] == pytest.approx(3 / 9.1)
+    assert cispo["trust/exit_grad_share_neg_adv"] == pytest.approx(0.5 / 9.1)
+    assert dapo["trust/exit_grad_share_pos_adv"] == dapo["trust/exit_grad_share_neg_adv"] == 0.0
+    assert trust_region_metrics(*(torch.zeros(0),) * 4, 0.2, 0.28) == {}
