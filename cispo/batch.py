@@ -4,6 +4,12 @@ Imports torch only. A micro-batch is one packed sequence (no padding tokens): th
 samples laid end to end, with position ids restarting at 0 for each sample, which is how transformers builds a
 block-diagonal causal mask when no attention mask is given.
 
+Shared prompts (`share_prompts=True`, for the policy's own attention, cispo/attention.py): a sample whose prompt
+is the same as the sample packed before it in the micro-batch lays down its response only, its positions going
+on from its prompt's length; the first response token is predicted from the shared prompt's last token. A group
+of G responses to a P-token prompt then costs P + sum |o_i| tokens instead of G * P + sum |o_i|, and every loss
+token gets the logprob it would get packed whole (tests/test_attention.py).
+
 Loss tokens. By default a sample's loss tokens are its `loss_len` leading response tokens (a single-turn
 completion, less a masked truncation or a forced EOS). A multi-turn trajectory (rollout.trajectory) also carries
 tokens the model did not generate (tool results, chat-template glue): its `loss_mask [len(response_ids)]` says
@@ -101,12 +107,13 @@ def split_groups(samples: list[Sample], parts: int) -> list[list[int]]:
 
 
 def micro_batches(samples: list[Sample], indices: list[int], tokens_per_micro: int, loss_agg: str | None,
-                  norm_over: list[int] | None = None) -> list[MicroBatch]:
+                  norm_over: list[int] | None = None, share_prompts: bool = False) -> list[MicroBatch]:
     """Pack the samples `indices` into micro-batches of at most `tokens_per_micro` tokens each (a longer sample
     goes alone). The aggregation coefficients are computed over all of `norm_over` (default: `indices`) first,
     so the micro-batch losses add up to the loss of that whole mini-batch: a data-parallel rank packs its share
     `indices` of the mini-batch `norm_over`, and the sum over ranks and micro-batches is the single-process loss.
-    loss_agg=None leaves coef at 0 (forward-only use)."""
+    loss_agg=None leaves coef at 0 (forward-only use). share_prompts: consecutive samples with the same prompt
+    share one copy of it within a micro-batch (module docstring)."""
     norm_over = indices if norm_over is None else norm_over
     if loss_agg:
         lengths = torch.tensor([samples[i].loss_len for i in norm_over])
@@ -117,15 +124,17 @@ def micro_batches(samples: list[Sample], indices: list[int], tokens_per_micro: i
         coef = torch.zeros(len(indices))
     bins, current, used = [], [], 0
     for k, i in enumerate(indices):
-        size = len(samples[i].prompt_ids) + len(samples[i].response_ids)
+        s = samples[i]
+        shared = share_prompts and current and samples[indices[current[-1]]].prompt_ids == s.prompt_ids
+        size = len(s.response_ids) + (0 if shared else len(s.prompt_ids))
         if current and used + size > tokens_per_micro:
             bins.append(current)
-            current, used = [], 0
+            current, used, size = [], 0, len(s.prompt_ids) + len(s.response_ids)
         current.append(k)
         used += size
     if current:
         bins.append(current)
-    return [_collate(samples, [indices[k] for k in b], coef[b]) for b in bins]
+    return [_collate(samples, [indices[k] for k in b], coef[b], share_prompts) for b in bins]
 
 
 def empty_micro_batch() -> MicroBatch:
@@ -146,18 +155,21 @@ def even(mbs: list[MicroBatch], dist) -> list[MicroBatch]:
     return mbs + [empty_micro_batch() for _ in range(n - len(mbs))]
 
 
-def _collate(samples: list[Sample], ids: list[int], coef: Tensor) -> MicroBatch:
+def _collate(samples: list[Sample], ids: list[int], coef: Tensor, share_prompts: bool) -> MicroBatch:
     tokens, positions, logit_pos, targets, adv, tok_coef, rollout, old = [], [], [], [], [], [], [], []
+    prompt, prompt_end = None, 0  # the prompt laid down last, and the packed index after it
     for i, c in zip(ids, coef.tolist()):
         s = samples[i]
+        if not (share_prompts and s.prompt_ids == prompt):
+            tokens += s.prompt_ids
+            positions += range(len(s.prompt_ids))
+            prompt, prompt_end = s.prompt_ids, len(tokens)
         start = len(tokens)
-        seq = s.prompt_ids + s.response_ids
-        tokens += seq
-        positions += range(len(seq))
-        # the response token at packed index start + len(prompt) + t is predicted at the position before it
-        first = start + len(s.prompt_ids) - 1
+        tokens += s.response_ids
+        positions += range(len(s.prompt_ids), len(s.prompt_ids) + len(s.response_ids))
+        # response token t is predicted at the position before it: the prompt's last token, then its own tokens
         loss_at = s.loss_positions()
-        logit_pos += [first + t for t in loss_at]
+        logit_pos += [start + t - 1 if t else prompt_end - 1 for t in loss_at]
         targets += [s.response_ids[t] for t in loss_at]
         adv += [s.adv] * s.loss_len
         tok_coef += [c] * s.loss_len

@@ -11,11 +11,13 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from cispo.attention import PACKED_ATTENTION, packed_attention
 from cispo.batch import MicroBatch
 from cispo.config import ModelConfig
 from cispo.gguf import GGUF_PREFIX, cached_import
 from cispo.logprobs import GradHint, TokenLogprobs, token_logprobs
-from cispo.minimax import packed_forward
+from cispo.minimax import packed_forward, supports_packing
+from cispo.moe import moe_routers, unwrap_model
 
 
 def check_model_path(path: str) -> None:
@@ -37,39 +39,6 @@ def resolve_model_path(path: str, cache_dir: str, *, dtype: str = "float32", log
     return path
 
 
-PACKED_ATTENTION = "cispo_packed"
-
-
-def packed_attention(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, position_ids=None,
-                     sliding_window=None, **kwargs):
-    """Causal attention over a packed row, one sequence at a time (sequences start where position_ids restart).
-
-    transformers' own "sdpa" treats a packed row as one sequence under an S x S block-diagonal mask: the kernel
-    computes all S^2 scores and the mask itself takes S^2 memory (a 32k-token micro-batch: 1 G entries). Here
-    each sequence of length L_i costs L_i^2, as if it were alone, and no mask exists. Registered as a transformers
-    attention implementation; transformers builds no mask for it. query [B, Hq, S, D], key/value [B, Hkv, S, D]
-    -> ([B, S, Hq, D], None)."""
-    if attention_mask is not None or sliding_window is not None:
-        raise ValueError(f"{PACKED_ATTENTION} attention runs packed rows (no attention mask, no sliding window)")
-    gqa = query.shape[1] != key.shape[1]
-    out = torch.empty_like(query)
-    if position_ids is None:
-        bounds = [[(0, query.shape[2])]] * query.shape[0]
-    else:
-        pos = position_ids.view(-1, position_ids.shape[-1]).expand(query.shape[0], -1).cpu()
-        bounds = []
-        for row in pos:
-            starts = [0] + (torch.nonzero(row[1:] != row[:-1] + 1).view(-1) + 1).tolist() + [row.numel()]
-            bounds.append(list(zip(starts[:-1], starts[1:])))
-    for b, segments in enumerate(bounds):
-        for lo, hi in segments:
-            out[b : b + 1, :, lo:hi] = torch.nn.functional.scaled_dot_product_attention(
-                query[b : b + 1, :, lo:hi], key[b : b + 1, :, lo:hi], value[b : b + 1, :, lo:hi],
-                dropout_p=dropout, is_causal=hi - lo > 1, scale=scaling, enable_gqa=gqa,
-            )
-    return out.transpose(1, 2).contiguous(), None
-
-
 def _register_packed_attention() -> None:
     from transformers import AttentionInterface
 
@@ -89,6 +58,16 @@ def load_policy(path: str, cfg: ModelConfig):
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model.train(), tokenizer
+
+
+def shares_prompts(model) -> bool:
+    """Whether `model` (a *ForCausalLM, PolicyLogprobs or the DeepSpeed engine around it) can train micro-batches
+    packed with shared prompts (`micro_batches(share_prompts=True)`): its attention is `packed_attention`, which
+    reads the branches from the position ids, and no layer or router needs one sequence per position restart
+    (recurrent layers, cispo.minimax; MoE routing records, cispo.moe)."""
+    model = unwrap_model(model)
+    return (getattr(model.config, "_attn_implementation", None) == PACKED_ATTENTION and supports_packing(model)
+            and not moe_routers(model))
 
 
 class PolicyLogprobs(torch.nn.Module):

@@ -47,9 +47,11 @@ from cispo.logging import RunLogger
 from cispo.manifest import write_run_manifest
 from cispo.phases import PhaseMonitor
 from cispo.moe import RoutingMeter, RoutingStore, routing
-from cispo.loss import LossOut, logp_grad, loss_knobs, loss_metrics, mismatch_metrics, policy_loss, tis_weights
+from cispo.loss import (
+    LossOut, logp_grad, loss_knobs, loss_metrics, mismatch_metrics, policy_loss, tis_weights, trust_region_metrics,
+)
 from cispo.optim import lr_lambda, update_position
-from cispo.policy import micro_batch_logprobs, model_device
+from cispo.policy import micro_batch_logprobs, model_device, shares_prompts
 from cispo.pipeline import Pipelined, Synchronous
 from cispo.multiturn import check_config as check_env_config, check_env_renderer
 from cispo.sampling import ColocatedSampler, episode_sample
@@ -254,12 +256,14 @@ def update_policy(cfg: Config, step: int, updater, samples: list[Sample]) -> dic
     minis = split_groups(samples, algo.updates_per_step)
     shares = [dist.shard_groups(samples, mini) for mini in minis]
     mine = sorted(i for share in shares for i in share)
+    packing = dict(share_prompts=shares_prompts(policy))  # a group's prompt packed once (cispo/attention.py)
     # MoE: the experts of the pi_old pass are recorded (routing-drift metrics) and, with model.routing_replay,
     # replayed in the training forwards; a dense model makes every routing() block a no-op
     store, meter = RoutingStore(), RoutingMeter(policy)
     first = set(shares[0])
     with torch.no_grad():
-        for mb in even(micro_batches(samples, [i for i in mine if i not in first], tokens_per_micro, None), dist):
+        for mb in even(micro_batches(samples, [i for i in mine if i not in first], tokens_per_micro, None, **packing),
+                         dist):
             with routing(policy, mb, store, record=True):
                 logps = micro_batch_logprobs(policy, mb, **head).logp
             for i, logp in zip(mb.sample_ids, mb_split(logps, mb.lengths)):
@@ -267,11 +271,12 @@ def update_policy(cfg: Config, step: int, updater, samples: list[Sample]) -> dic
     old_logp_s = time.perf_counter() - started  # the forward-only pi_old passes (all mini-batches but the first)
     schedule = lr_lambda(cfg.trainer, cfg.trainer.steps * algo.updates_per_step)
     knobs = loss_knobs(algo.loss, asdict(algo))  # the algo fields the loss names, read once per step
-    outs, losses, norms, entropy = [], [], [], []
+    outs, losses, norms, entropy, grads, updates = [], [], [], [], [], []
     for j, (mini, share) in enumerate(zip(minis, shares)):
         total = 0.0
         mini_tokens = sum(len(samples[i].prompt_ids) + len(samples[i].response_ids) for i in mini)
-        for mb in even(micro_batches(samples, share, tokens_per_micro, algo.loss_agg, norm_over=mini), dist):
+        for mb in even(micro_batches(samples, share, tokens_per_micro, algo.loss_agg, norm_over=mini, **packing),
+                       dist):
             own_old = j == 0  # pi_old is this forward's logp (see the docstring); its routing is recorded here
             # backward inside the block: a gradient-checkpointing recompute must see the same routing
             with routing(policy, mb, store, record=own_old, replay=cfg.model.routing_replay and not own_old) as cap:
@@ -301,6 +306,8 @@ def update_policy(cfg: Config, step: int, updater, samples: list[Sample]) -> dic
             if mb.sample_ids:  # not an empty pass that only keeps the ranks in step
                 outs.append(out)
                 entropy.append(tl.entropy)
+                grads.append(logp_grad(tl.logp, **loss_inputs(mb, algo, knobs)))  # elementwise, for trust/*
+                updates.append(torch.full_like(out.ratio, j))
         position = update_position(step, j, len(minis), algo.updates_per_step)  # the schedule runs over RL steps
         norms.append(updater.step(cfg.trainer.lr * schedule(position)))
         losses.append(total)
@@ -310,7 +317,9 @@ def update_policy(cfg: Config, step: int, updater, samples: list[Sample]) -> dic
     # every rank's tokens (flags travel as 0/1 floats, which loss_metrics reads)
     gathered = LossOut(torch.zeros(()), **{f.name: global_cat(dist, [getattr(o, f.name) for o in outs])
                                            for f in fields(LossOut)[1:]})
-    return metrics | loss_metrics([gathered]) | meter.metrics(reduce=dist.sum) | {
+    trust = trust_region_metrics(gathered.ratio, gathered.adv, global_cat(dist, grads), global_cat(dist, updates),
+                                 algo.clip_low, algo.clip_high)
+    return metrics | loss_metrics([gathered]) | trust | meter.metrics(reduce=dist.sum) | {
         "loss/value": sum(losses) / len(losses),
         "loss/entropy": global_cat(dist, entropy).mean().item(),
         "train/grad_norm": sum(norms) / len(norms),

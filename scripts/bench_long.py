@@ -81,7 +81,7 @@ def attention_kernel(threads: int) -> list[str]:
     """The aten attention ops the packed path runs, forward and backward, on a 1k-token sequence."""
     import torch
 
-    from cispo.policy import packed_attention
+    from cispo.attention import packed_attention
 
     torch.set_num_threads(threads)
     q = torch.randn(1, 2, 1024, 64, requires_grad=True)

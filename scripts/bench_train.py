@@ -16,9 +16,12 @@ through cispo.logprobs), the CISPO loss with the mini-batch's aggregation coeffi
 step with gradient clipping. The two layouts only differ in how the same samples become micro-batches, both
 under the same token budget (--budget, tokens per micro-batch including padding):
 
-  packed         what the trainer does: cispo.batch.micro_batches (samples laid end to end in one row, position
-                 ids restarting per sample, no padding) and the policy's attention, cispo.policy.packed_attention
-                 (each sequence attends to itself only: cost sum of L_i^2, no mask).
+  packed_shared  what the trainer does with the policy's own attention: cispo.batch.micro_batches with
+                 share_prompts (a group's prompt laid down once, its responses after it, no padding) and
+                 cispo.attention.packed_attention (each sequence attends to its prompt and itself only, rows of
+                 similar length batched into one causal SDPA call, no mask).
+  packed         the same with every sample whole (position ids restarting per sample): what the trainer does for
+                 models that cannot share prompts (remote code, recurrent layers, MoE routing records).
   packed_mask    the same rows through transformers' --attn implementation: with "sdpa" an S x S
                  block-diagonal mask (S^2 work and memory per micro-batch); with "flash_attention_2" its
                  variable-length kernel.
@@ -30,7 +33,8 @@ under the same token budget (--budget, tokens per micro-batch including padding)
 
 Reported per layout: tokens/s = real (non-padding) tokens of the mini-batch / median step time, by wall clock
 and by the process's CPU time (on a shared CPU machine, wall time also counts the neighbours' work; CPU time
-counts this process's), the share of computed positions that are padding, and the number of micro-batches.
+counts this process's), the share of computed positions that are padding (negative: positions saved by shared
+prompts), and the number of micro-batches.
 On CUDA also the MFU: model FLOPs / (step time x peak FLOP/s), with model FLOPs = 6 x (non-embedding
 parameters) x real tokens + 6 x (LM head) x loss tokens + 6 x layers x hidden x sum(row length^2) (causal
 attention, forward + backward; padding not counted), peak from --peak-tflops or the device name.
@@ -234,7 +238,10 @@ def layouts(model, optimizer, samples: list[Sample], coef: torch.Tensor, budget:
     """name: (micro-batches, positions computed, attention implementation, step) for one token budget."""
     lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
     packed = micro_batches(samples, list(range(len(samples))), budget, "token_group")
+    shared = micro_batches(samples, list(range(len(samples))), budget, "token_group", share_prompts=True)
     out = {
+        "packed_shared": (shared, sum(mb.num_tokens for mb in shared), PACKED_ATTENTION,
+                          lambda: step_packed(model, optimizer, shared, args.device)),
         "packed": (packed, sum(lengths), PACKED_ATTENTION, lambda: step_packed(model, optimizer, packed, args.device)),
         "packed_mask": (packed, sum(lengths), args.attn, lambda: step_packed(model, optimizer, packed, args.device)),
     }

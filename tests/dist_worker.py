@@ -72,12 +72,14 @@ def run_case(cfg: Config, dist, variant: str = "ok") -> dict:
     """update_policy for STEPS batches from the model's initial weights; metrics, grad norms, final weights."""
     import cispo.trainer as trainer
     from cispo.distributed import build_policy
+    from cispo.policy import shares_prompts
 
     torch.manual_seed(0)
     policy, _, updater = build_policy(cfg.model.path, cfg, dist)
     trainer.micro_batches = micro_batches
     if variant == "rank_mean":  # the bug the tests must catch: each rank normalises over its own share
-        trainer.micro_batches = lambda samples, mine, budget, agg, norm_over=None: micro_batches(samples, mine, budget, agg)
+        trainer.micro_batches = lambda samples, mine, budget, agg, norm_over=None, **packing: micro_batches(
+            samples, mine, budget, agg, **packing)
     if variant == "no_world_scale":
         updater.backward = lambda loss: updater.engine.backward(loss)
     norms, step = [], updater.step
@@ -89,7 +91,7 @@ def run_case(cfg: Config, dist, variant: str = "ok") -> dict:
         kept = [s for s in samples if s.loss_len > 0]
         for mini in split_groups(kept, UPDATES):  # this rank's micro-batches (gradient accumulation steps)
             micro.append(len(micro_batches(kept, dist.shard_groups(kept, mini), cfg.trainer.max_tokens_per_micro,
-                                           cfg.algo.loss_agg, norm_over=mini)))
+                                           cfg.algo.loss_agg, norm_over=mini, share_prompts=shares_prompts(policy))))
         metrics.append(trainer.update_policy(cfg, k + 1, updater, samples))
     weights = {name: t.detach().to("cpu", copy=True) for name, t in updater.named_weights()}
     trainer.micro_batches = micro_batches

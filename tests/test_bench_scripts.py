@@ -36,8 +36,11 @@ def test_bench_train_rows_per_model(tmp_path):
     assert tiny["token_ids"] == [3, 512]  # the random model: its whole embedding
     assert from_folder["token_ids"] == [3, 316]  # a folder: the ids its tokenizer defines (of 512 embedding rows)
     for m in report["models"]:
-        assert [r["layout"] for r in m["results"]] == ["packed", "packed_mask", "padded", "padded_sorted"]
+        assert [r["layout"] for r in m["results"]] == ["packed_shared", "packed", "packed_mask", "padded",
+                                                       "padded_sorted"]
         assert all(r["tokens_per_s_wall"] > 0 for r in m["results"])
+        shared, whole = m["results"][:2]  # the group's 2 responses share its 8-token prompt
+        assert shared["computed_positions"] == whole["computed_positions"] - 8
     assert tiny["real_tokens"] == from_folder["real_tokens"]  # the same samples
     assert f"packed         {Path(folder).name}" in table
 

@@ -2,7 +2,8 @@
 
 That is today's update exactly when the training forward's logp equals a forward-only pass's, bit for bit: then
 the loss sees the same pi_old either way. Checked on the trainer's own batches (tests/dist_worker.py): variable
-lengths, several micro-batches, a masked and a truncated response.
+lengths, several micro-batches, a masked and a truncated response, packed as the trainer packs them for the
+tiny model (shared prompts).
 """
 
 from __future__ import annotations
@@ -28,11 +29,14 @@ def test_the_first_mini_batch_pi_old_is_a_forward_only_pass_bit_for_bit(tmp_path
     torch.manual_seed(0)
     policy, _, updater = build_policy(model_dir, cfg, Dist())
     samples = [s for s in make_samples(0, policy.config.vocab_size) if s.loss_len > 0]
-    with torch.no_grad():  # pi_old as a separate forward-only pass computes it, before any update
-        reference = {}
-        for mb in micro_batches(samples, list(range(len(samples))), 64, None):
-            logp = micro_batch_logprobs(policy, mb, temperature=1.0, fp32_head=False).logp
-            reference |= dict(zip(mb.sample_ids, logp.split(mb.lengths)))
+    first = trainer.split_groups(samples, cfg.algo.updates_per_step)[0]
+    assert first and len(first) < len(samples)
+    with torch.no_grad():  # pi_old as a separate forward-only pass computes it, before any update, packed as the
+        reference = {}     # trainer packs: the first mini-batch alone, the others together
+        for part in (first, [i for i in range(len(samples)) if i not in first]):
+            for mb in micro_batches(samples, part, 64, None, share_prompts=True):
+                logp = micro_batch_logprobs(policy, mb, temperature=1.0, fp32_head=False).logp
+                reference |= dict(zip(mb.sample_ids, logp.split(mb.lengths)))
     first_grads, step = [], updater.step
 
     def capture(lr):  # the gradients of the first optimizer step, before it is taken
@@ -43,8 +47,6 @@ def test_the_first_mini_batch_pi_old_is_a_forward_only_pass_bit_for_bit(tmp_path
     updater.step = capture
     stats = trainer.update_policy(cfg, 1, updater, samples)
     assert stats["train/updates"] == cfg.algo.updates_per_step
-    first = trainer.split_groups(samples, cfg.algo.updates_per_step)[0]
-    assert first and len(first) < len(samples)
     for i, s in enumerate(samples):  # the training forward's pi_old (first mini-batch) and the pass's (others)
         assert torch.equal(s.old_logp, reference[i]), i
     assert all(torch.equal(a, b) for a, b in zip(first_grads, reference_grads(cfg, model_dir, samples, first,
@@ -62,7 +64,7 @@ def reference_grads(cfg, model_dir, samples, mini, reference) -> list[torch.Tens
     for i in mini:
         samples[i].old_logp = reference[i]
     knobs = loss_knobs(cfg.algo.loss, asdict(cfg.algo))
-    for mb in micro_batches(samples, mini, 64, cfg.algo.loss_agg):
+    for mb in micro_batches(samples, mini, 64, cfg.algo.loss_agg, share_prompts=True):
         hint = lambda logp, rows, mb=mb: logp_grad(logp, **trainer.loss_inputs(mb, cfg.algo, knobs, rows))  # noqa: E731
         tl = micro_batch_logprobs(policy, mb, temperature=1.0, fp32_head=False, grad_hint=hint)
         updater.backward(policy_loss(tl.logp, **trainer.loss_inputs(mb, cfg.algo, knobs)).loss)
