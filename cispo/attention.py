@@ -14,9 +14,11 @@ S x S scores, tests/test_long.py). A branch row recomputes its prompt's p querie
 p^2 extra attention work per branch, against the prompt's p tokens of every layer's MLP and projections that
 sharing saves.
 
-Rows are batched by the rule `buckets` (measured, scripts/bench_train.py): sorted by length, a bucket grows while
-its padded attention work (rows x longest^2) stays within PAD_SLACK of the work its rows need (sum of length^2);
-a row longer than ALONE_TOKENS runs alone on a view of the packed tensors, without a gathered copy.
+Rows are batched by the rule `buckets`: sorted by length, a bucket grows while its padded attention work
+(rows x longest^2) stays within PAD_SLACK of the work its rows need (sum of length^2); a row longer than
+ALONE_TOKENS runs alone on a view of the packed tensors, without a gathered copy. scripts/bench_attention.py
+times the rule for several PAD_SLACK values on three length mixes (first figures, on a loaded machine: 1.25-1.5
+best for short rows, 1 for widely spread lengths; the value is to be settled on a quiet one).
 
 The plan (which token goes to which row) depends on position_ids only; it is computed once per forward and
 reused by every layer (transformers hands every layer the same position_ids tensor).
@@ -38,14 +40,15 @@ ALONE_TOKENS = 2048  # longer rows run alone, on views of the packed tensors
 @dataclass
 class Bucket:
     keys: Tensor | None  # [n, L] index of each row's keys (and queries) in the packed row; None: one row, a view
-    span: tuple[int, int]  # keys is None: the row is packed tokens [lo, hi)
+    span: range  # keys is None: the row is packed tokens span.start .. span.stop - 1
     out_src: Tensor  # [M] flat index into the bucket's [n * L] outputs of the rows' own tokens
     out_dst: Tensor  # [M] their index in the packed row
 
 
-def rows_of(positions: list[int]) -> list[tuple[list[int] | tuple[int, int], int]]:
-    """The attention rows of one packed row of position ids: (keys, own) per row, keys a (lo, hi) span of packed
-    indices or a list of them, own how many trailing keys are the row's own tokens (the rest is its prompt)."""
+def rows_of(positions: list[int]) -> list[tuple[range | list[int], int]]:
+    """The attention rows of one packed row of position ids: (keys, own) per row, keys the packed indices of its
+    keys (a range for a root, whose keys are contiguous), own how many trailing keys are the row's own tokens
+    (the rest is its prompt)."""
     rows, root, start = [], 0, 0
     for i in range(1, len(positions) + 1):
         if i < len(positions) and positions[i] == positions[i - 1] + 1:
@@ -53,7 +56,7 @@ def rows_of(positions: list[int]) -> list[tuple[list[int] | tuple[int, int], int
         first = positions[start]
         if first == 0:
             root = start
-            rows.append(((start, i), i - start))
+            rows.append((range(start, i), i - start))
         else:
             if root + first > start:  # the prompt must be the root's leading tokens
                 raise ValueError(f"packed row: a sequence starts at position {first} at index {start}, beyond the "
@@ -63,35 +66,33 @@ def rows_of(positions: list[int]) -> list[tuple[list[int] | tuple[int, int], int
     return rows
 
 
-def buckets(rows: list[tuple[list[int] | tuple[int, int], int]], device: torch.device) -> list[Bucket]:
+def buckets(rows: list[tuple[range | list[int], int]], device: torch.device) -> list[Bucket]:
     """Group rows into padded SDPA calls (the rule in the module docstring)."""
-    length = lambda row: (row[0][1] - row[0][0]) if isinstance(row[0], tuple) else len(row[0])  # noqa: E731
     out, group, need = [], [], 0
-    for row in sorted(rows, key=length):  # each row is the longest of its bucket so far
-        if length(row) > ALONE_TOKENS and isinstance(row[0], tuple):
-            lo, hi = row[0]
-            own = torch.arange(hi - lo, device=device)
-            out.append(Bucket(None, (lo, hi), own, own + lo))
+    for keys, own in sorted(rows, key=lambda row: len(row[0])):  # each row is the longest of its bucket so far
+        n = len(keys)
+        if n > ALONE_TOKENS and isinstance(keys, range):
+            index = torch.arange(n, device=device)
+            out.append(Bucket(None, keys, index, index + keys.start))
             continue
-        if group and (len(group) + 1) * length(row) ** 2 > PAD_SLACK * (need + length(row) ** 2):
-            out.append(_gathered(group, length(group[-1]), device))
+        if group and (len(group) + 1) * n ** 2 > PAD_SLACK * (need + n ** 2):
+            out.append(_gathered(group, len(group[-1][0]), device))
             group, need = [], 0
-        group.append(row)
-        need += length(row) ** 2
+        group.append((keys, own))
+        need += n ** 2
     if group:
-        out.append(_gathered(group, length(group[-1]), device))
+        out.append(_gathered(group, len(group[-1][0]), device))
     return out
 
 
 def _gathered(group, width: int, device: torch.device) -> Bucket:
     keys, src, dst = [], [], []
     for r, (k, own) in enumerate(group):
-        k = list(range(*k)) if isinstance(k, tuple) else k
-        keys.append(k + [k[-1]] * (width - len(k)))  # padding after the real keys: causal attention never sees it
+        keys.append([*k, *[k[-1]] * (width - len(k))])  # padding after the real keys: causal attention never sees it
         src += range(r * width + len(k) - own, r * width + len(k))
         dst += k[len(k) - own:]
     as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
-    return Bucket(as_tensor(keys), (0, 0), as_tensor(src), as_tensor(dst))
+    return Bucket(as_tensor(keys), range(0), as_tensor(src), as_tensor(dst))
 
 
 _plan: tuple[weakref.ref, list[list[Bucket]]] | None = None
@@ -127,7 +128,7 @@ def packed_attention(module, query, key, value, attention_mask, *, scaling=None,
         parts, index = [], []
         for bk in bucket_list:
             if bk.keys is None:
-                lo, hi = bk.span
+                lo, hi = bk.span.start, bk.span.stop
                 o = sdpa(q[None, :, lo:hi], k[None, :, lo:hi], v[None, :, lo:hi])[0]  # [Hq, L, D]
             else:
                 n, width = bk.keys.shape

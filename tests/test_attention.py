@@ -18,7 +18,8 @@ from cispo.tiny_model import make_tiny_model
 def test_rows_from_position_ids_by_hand():
     # a root of 5 (prompt 3 + response 2), two branches of its 3-token prompt, a lone root, a root of 1
     pos = [0, 1, 2, 3, 4, 3, 4, 5, 3, 0, 1, 0]
-    assert rows_of(pos) == [((0, 5), 5), ([0, 1, 2, 5, 6, 7], 3), ([0, 1, 2, 8], 1), ((9, 11), 2), ((11, 12), 1)]
+    assert rows_of(pos) == [(range(0, 5), 5), ([0, 1, 2, 5, 6, 7], 3), ([0, 1, 2, 8], 1), (range(9, 11), 2),
+                            (range(11, 12), 1)]
     with pytest.raises(ValueError, match="beyond the 2 tokens"):
         rows_of([0, 1, 5, 6])  # a branch needs its root's first 5 tokens, the root has 2
 
@@ -27,7 +28,7 @@ def reference(q, k, v, pos):
     """Each sequence whole (its prompt's tokens from the root), one SDPA call each: [1, S, H, D]."""
     out = torch.zeros_like(q)
     for keys, own in rows_of(pos):
-        idx = torch.arange(*keys) if isinstance(keys, tuple) else torch.tensor(keys)
+        idx = torch.tensor(list(keys))
         o = torch.nn.functional.scaled_dot_product_attention(q[:, :, idx], k[:, :, idx], v[:, :, idx],
                                                              is_causal=True, enable_gqa=True)
         out[:, :, idx[len(idx) - own:]] = o[:, :, len(idx) - own:]
@@ -56,11 +57,11 @@ def test_attention_equals_each_sequence_alone(monkeypatch, alone):
 
 def test_buckets_batch_similar_lengths_and_keep_long_rows_alone(monkeypatch):
     monkeypatch.setattr(attention, "ALONE_TOKENS", 100)
-    rows = [((0, 10), 10), ((10, 20), 10), ((20, 31), 11), ((31, 231), 200), ((231, 251), 20)]
+    rows = [(range(lo, hi), hi - lo) for lo, hi in ((0, 10), (10, 20), (20, 31), (31, 231), (231, 251))]
     got = attention.buckets(rows, torch.device("cpu"))
     # 10, 10, 11 pad to 11 (3 x 121 <= 1.5 x 321); 20 would make 4 x 400 > 1.5 x 721; 200 runs alone as a view
     assert [None if b.keys is None else tuple(b.keys.shape) for b in got] == [(3, 11), None, (1, 20)]
-    assert got[1].span == (31, 231)
+    assert got[1].span == range(31, 231)
     assert sorted(torch.cat([b.out_dst for b in got]).tolist()) == list(range(251))  # every token written once
 
 
