@@ -21,7 +21,7 @@ except Exception as exc:  # ImportError, or the OSError a CUDA-built torchvision
 from cispo.config import RolloutConfig, TinyModelConfig
 from cispo.tiny_model import make_tiny_model
 from engine_kit import first_run_end, repetition_weights
-from rollout.base import SamplingParams
+from rollout.base import SamplingParams, prompt_seed
 from rollout.early_stop import EarlyStopRule
 from rollout.vllm_engine import VLLMEngine
 from rollout.weights import iter_named_tensors
@@ -114,6 +114,26 @@ def test_groups_and_seeds(engine, prompts):
         alone = engine.generate([prompt], SamplingParams(n=1, max_tokens=12, temperature=0.0)).completions[0]
         assert [c.token_ids for c in greedy.completions[2 * i : 2 * i + 2]] == [alone.token_ids] * 2
     assert a.seconds > 0 and a.num_tokens == sum(len(c.token_ids) for c in a.completions)
+
+
+def test_texts_are_decoded_as_the_hf_engine_decodes(engine, model_dir, prompts):
+    """The engine asks vLLM for ids only and decodes the texts itself, in one batch, as the HF engine does
+    (`decode(ids, skip_special_tokens=True)`). vLLM's incremental detokenizer writes the same text but holds back
+    an incomplete UTF-8 character at the end, which the full decode writes as U+FFFD."""
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams as VLLMSamplingParams
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ours = engine.generate(prompts, SamplingParams(n=2, max_tokens=24, temperature=1.0, seed=3)).completions
+    theirs = engine._llm.generate([{"prompt_token_ids": p} for p in prompts], [
+        VLLMSamplingParams(n=2, max_tokens=24, temperature=1.0, seed=prompt_seed(3, i, 2)) for i in range(len(prompts))
+    ], use_tqdm=False)
+    theirs = [c for out in theirs for c in sorted(out.outputs, key=lambda c: c.index)]
+    assert [c.token_ids for c in ours] == [list(c.token_ids) for c in theirs]
+    assert [c.text for c in ours] == [tok.decode(c.token_ids, skip_special_tokens=True) for c in ours]
+    for mine, vllm_text in zip(ours, (c.text for c in theirs)):
+        assert mine.text.startswith(vllm_text) and set(mine.text[len(vllm_text):]) <= {"\ufffd"}, (mine.text, vllm_text)
+    assert any(c.text for c in ours)
 
 
 def test_engine_leaves_torch_threads_to_the_caller(engine):
