@@ -38,11 +38,15 @@ def run(seed: int, threads: int, out: Path, extra: list[str]) -> dict:
            f"rollout.seed={seed}", f"trainer.threads={threads}", f"model.cache_dir={cache}",
            f"trainer.output_dir={run_dir}", "logger.progress=false", *extra]
     seen, start = {}, time.perf_counter()
+    shown = start
     with (out / f"{name}.log").open("w") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                                 env={**os.environ, "OMP_NUM_THREADS": str(threads)})
         for line in proc.stdout:
             log.write(line)
+            if time.perf_counter() - shown >= 10 and line.strip():  # a line at least every ~10 s of output
+                shown = time.perf_counter()
+                print(f"  {name}: {shown - start:.0f} s | {line.strip()[:110]}", flush=True)
             for mark, text in MARKS.items():
                 if mark not in seen and line.startswith(text):
                     seen[mark] = time.perf_counter() - start
