@@ -121,7 +121,8 @@ def summarise(runs: dict[Job, dict], threshold: float) -> dict:
             "samples_to_threshold_median": statistics.median(n for _, n in hit) if hit else None,
             "diagnostics": {k: statistics.mean(r["diagnostics"][k] for r in rs if k in r["diagnostics"])
                             for k in DIAGNOSTICS if any(k in r["diagnostics"] for r in rs)},
-            "entropy_last": statistics.mean(r["entropy_last"] for r in rs if r["entropy_last"] is not None),
+            "entropy_last": statistics.mean(h) if (h := [r["entropy_last"] for r in rs
+                                                         if r["entropy_last"] is not None]) else None,
             "by_update": {k: statistics.mean(r["by_update"].get(k, 0.0) for r in rs)
                           for k in sorted({k for r in rs for k in r["by_update"]})},
         }
@@ -146,7 +147,7 @@ def print_tables(cells: dict, threshold: float) -> None:
               f"{'-' if steps is None else format(steps, 'g'):>14}"
               f"{d.get('trust/exit_frac_pos_adv', 0):>8.4f}{d.get('trust/exit_frac_neg_adv', 0):>8.4f}"
               f"{d.get('trust/exit_grad_share_pos_adv', 0):>8.4f}{d.get('trust/exit_grad_share_neg_adv', 0):>8.4f}"
-              f"{c['entropy_last']:>8.3f}")
+              f"{'-' if c['entropy_last'] is None else format(c['entropy_last'], '.3f'):>8}")
     print("exit+/-: share of tokens outside the trust region in the advantage's direction (A > 0 / A < 0); "
           "grad+/-: their share of the loss's |d loss / d log pi|; H last: entropy at the last step.")
 
