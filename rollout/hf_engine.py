@@ -6,7 +6,9 @@ The engine owns its own copy of the weights, like vLLM does, so the trainer sync
 Reach-in (written against transformers 5.19): MiniMaxCache takes the attention-mask size from layer 0, a
 lightning layer whose key/value slot stays empty, so in every decode step the softmax layers get a 1-wide mask
 and attend to the left padding of shorter prompts (on the tiny model: sampling logprobs off by up to ~0.01 from
-a forward of the same tokens). `generation_cache` returns a cache that sizes the mask from a softmax layer.
+a forward of the same tokens). `generation_cache` returns a cache that sizes the mask from a softmax layer. Its
+`batch_select_indices` (how `shared_prefill` gives each group's rows its prompt's cache) fills MiniMaxCache's
+linear-state list out to every layer first: transformers' own indexes past its end when softmax layers come last.
 
 M1's repetition early stop (rollout.early_stop) runs as a transformers logits processor (`HFRepetitionEarlyStop`)
 with the vLLM engine's semantics: same trigger, forced EOS with log-probability 0, finish_reason "early_stop".
@@ -20,7 +22,7 @@ import time
 from typing import Iterable
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, LogitsProcessor
 from transformers.models.minimax.modeling_minimax import MiniMaxCache
 
 from rollout.base import Completion, Rollout, SamplingParams
@@ -49,15 +51,37 @@ class MaskedMiniMaxCache(MiniMaxCache):
     def get_seq_length(self, layer_idx: int = 0) -> int:  # also the query offset of the causal mask
         return super().get_seq_length(self.full_layer if layer_idx == 0 else layer_idx)
 
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        # MiniMaxCache's own walks every layer's linear_cache slot, which ends at the last linear layer
+        self.linear_cache += [[]] * (len(self.layers) - len(self.linear_cache))
+        super().batch_select_indices(indices)
 
-def generation_cache(model) -> MiniMaxCache | None:
-    """A fresh cache to pass as `generate(past_key_values=...)`: MaskedMiniMaxCache for a MiniMax model with
-    softmax layers, None (transformers' default) for every other model. One per generate call."""
+
+def generation_cache(model) -> DynamicCache:
+    """A fresh cache for one generate call: MaskedMiniMaxCache for a MiniMax model with softmax layers, else
+    transformers' DynamicCache."""
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) != "minimax":
-        return None
+        return DynamicCache()
     full = [i for i, kind in enumerate(config.layer_types or []) if kind != "linear_attention"]
-    return MaskedMiniMaxCache(full[0]) if full else None
+    return MaskedMiniMaxCache(full[0]) if full else MiniMaxCache()
+
+
+def shared_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor) -> DynamicCache:
+    """The cache of every unique prompt but its last token, prefilled once and gathered to one entry per row.
+
+    input_ids, attention_mask [U, W] the unique prompts, left-padded; rows [B] the unique prompt of each sequence
+    (a group's n samples share one). `generate(input_ids[rows], attention_mask[rows], past_key_values=cache)`
+    then runs only each row's last prompt token and the decode: a group's prompt is prefilled once, not n times
+    (what vLLM's prefix cache does), which on the tiny models halves generate."""
+    cache = generation_cache(model)
+    if input_ids.shape[1] > 1:
+        mask = attention_mask[:, :-1]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() numbers left-padded rows
+        model(input_ids=input_ids[:, :-1], attention_mask=mask, position_ids=positions, past_key_values=cache,
+              use_cache=True)
+        cache.batch_select_indices(rows)
+    return cache
 
 
 class HFRepetitionEarlyStop(LogitsProcessor):
@@ -137,10 +161,16 @@ class HFEngine:
 
     def _generate_batch(self, rows: list[tuple[int, list[int]]], sampling: SamplingParams) -> list[Completion]:
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
-        width = max(len(p) for _, p in rows)
+        prompts = dict(rows)  # a group's rows share their prompt index
+        unique = list(prompts)
+        width = max(len(p) for p in prompts.values())
         # left padding: every row's next token lands in the same column
-        input_ids = torch.tensor([[pad] * (width - len(p)) + p for _, p in rows])
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for _, p in rows])
+        input_ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in unique])
+        attention_mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in unique])
+        position = {i: k for k, i in enumerate(unique)}
+        index = torch.tensor([position[i] for i, _ in rows])
+        cache = shared_prefill(self.model, input_ids, attention_mask, index)
+        input_ids, attention_mask = input_ids[index], attention_mask[index]
         greedy = sampling.temperature == 0
         early_stop = None
         if self.early_stop:
@@ -156,7 +186,7 @@ class HFEngine:
             top_k=None if greedy else 0,  # else transformers applies its default top-k=50: not the distribution we train on
             pad_token_id=pad,
             eos_token_id=eos,
-            past_key_values=generation_cache(self.model),  # None except for MiniMax
+            past_key_values=cache,
             logits_processor=[early_stop] if early_stop else None,
             return_dict_in_generate=True,
             output_scores=True,

@@ -126,3 +126,24 @@ def test_prompt_too_long_fails_before_generating(scaled_dirs, prompts):
     long_prompt = (prompts[0] * 256)[: 256 - 8]
     with pytest.raises(ValueError, match=r"prompt 1 has \d+ tokens.*rollout\.max_model_len=256"):
         engine.generate([prompts[0], long_prompt], SamplingParams(n=2, max_tokens=MAX_TOKENS))
+
+
+@pytest.mark.parametrize("batch_size", [256, 6], ids=["one-call", "groups-split-across-calls"])
+def test_sampling_logprobs_match_a_forward_of_the_same_tokens(model_dir, prompts, batch_size):
+    """Each group's prompt is prefilled once and its cache gathered to the group's n rows (shared_prefill): the
+    returned logprobs must be the policy's on every row, prompts of different lengths (left padding) and a batch
+    size that splits groups across generate calls included. The sampled tokens must stay distinct within groups."""
+    engine = hf_engine(model_dir, early_stop_k=0)
+    engine.batch_size = batch_size
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = sampled(engine, prompts)
+    assert [c.prompt_index for c in out] == [i for i in range(len(prompts)) for _ in range(4)]
+    worst = 0.0
+    for c in out:
+        with torch.no_grad():
+            logits = model(torch.tensor([prompts[c.prompt_index] + c.token_ids])).logits[0].float()
+        ref = logits[len(prompts[c.prompt_index]) - 1 : -1].log_softmax(-1)
+        ref = ref.gather(1, torch.tensor(c.token_ids)[:, None]).squeeze(1)
+        worst = max(worst, (ref - torch.tensor(c.logprobs)).abs().max().item())
+    assert worst < 1e-4
+    assert all(len({tuple(c.token_ids) for c in out[g : g + 4]}) > 1 for g in range(0, len(out), 4))
