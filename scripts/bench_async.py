@@ -21,13 +21,15 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scripts._follow import follow  # noqa: E402
 
 
 def run(k: int, seed: int, args, extra: list[str]) -> dict:
@@ -41,10 +43,7 @@ def run(k: int, seed: int, args, extra: list[str]) -> dict:
            f"trainer.output_dir={run_dir}", "logger.progress=false", "logger.wandb_mode=disabled",
            *(["algo.tis_cap=2.0"] if k else []), *extra]
     start = time.perf_counter()
-    with (args.out / f"{name}.log").open("w") as log:
-        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
-    if code:
+    if follow(cmd, args.out / f"{name}.log", name, env={**os.environ, "OMP_NUM_THREADS": "1"}):
         raise SystemExit(f"{name} failed: see {args.out / (name + '.log')}")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     group = json.loads((run_dir / "config.json").read_text())["algo"]["group_size"]

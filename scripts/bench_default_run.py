@@ -17,13 +17,16 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scripts._follow import follow  # noqa: E402
+
 MARKS = {"build": "building the tiny model", "warm_done": "warm start: greedy", "engine": "starting the rollout",
          "engine_ready": "rollout engine ready", "eval_before": "held-out evaluation before RL",
          "rl": "held-out accuracy before RL:", "done": "held-out accuracy:"}
@@ -38,20 +41,14 @@ def run(seed: int, threads: int, out: Path, extra: list[str]) -> dict:
            f"rollout.seed={seed}", f"trainer.threads={threads}", f"model.cache_dir={cache}",
            f"trainer.output_dir={run_dir}", "logger.progress=false", *extra]
     seen, start = {}, time.perf_counter()
-    shown = start
-    with (out / f"{name}.log").open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                                env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-        for line in proc.stdout:
-            log.write(line)
-            if time.perf_counter() - shown >= 10 and line.strip():  # a line at least every ~10 s of output
-                shown = time.perf_counter()
-                print(f"  {name}: {shown - start:.0f} s | {line.strip()[:110]}", flush=True)
-            for mark, text in MARKS.items():
-                if mark not in seen and line.startswith(text):
-                    seen[mark] = time.perf_counter() - start
-        if proc.wait():
-            raise SystemExit(f"{name} failed: see {out / (name + '.log')}")
+
+    def mark(line: str) -> None:  # when each phase of the run began (MARKS)
+        for key, text in MARKS.items():
+            if key not in seen and line.startswith(text):
+                seen[key] = time.perf_counter() - start
+
+    if follow(cmd, out / f"{name}.log", name, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, on_line=mark):
+        raise SystemExit(f"{name} failed: see {out / (name + '.log')}")
     total = time.perf_counter() - start
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     warm = json.loads(next(cache.glob("*-warm-*/warm_start.json")).read_text())

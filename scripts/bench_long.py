@@ -24,13 +24,14 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
-import threading
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scripts._follow import follow, tail  # noqa: E402
 
 PROMPT = 32
 
@@ -101,25 +102,15 @@ def fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return slope, 1 - resid / ss if ss else 1.0
 
 
-def heartbeat(label: str, proc: subprocess.Popen) -> None:
-    start = time.perf_counter()
-    while proc.poll() is None:
-        time.sleep(10)
-        if proc.poll() is None:
-            print(f"  {label}: {time.perf_counter() - start:.0f} s ...", flush=True)
-
-
 def run_point(args, length: int, checkpointing: bool) -> dict:
     cmd = [sys.executable, __file__, "--worker", str(length), "--responses", str(args.responses),
            "--threads", str(args.threads), "--cache-dir", args.cache_dir, "--checkpointing", "on" if checkpointing else "off"]
     env = os.environ | {"OMP_NUM_THREADS": str(args.threads)}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, text=True)
     label = f"T={length} checkpointing={'on' if checkpointing else 'off'}"
-    threading.Thread(target=heartbeat, args=(label, proc), daemon=True).start()
-    out, _ = proc.communicate()
-    if proc.returncode:
-        raise SystemExit(f"{label} failed (exit {proc.returncode})")
-    return json.loads(out.strip().splitlines()[-1])
+    log = Path(tempfile.gettempdir()) / f"bench_long-T{length}-{'ckpt' if checkpointing else 'plain'}.log"
+    if code := follow(cmd, log, label, env=env):
+        raise SystemExit(f"{label} failed (exit {code}), log {log}:\n{tail(log)}")
+    return json.loads(next(line for line in reversed(log.read_text().splitlines()) if line.startswith("{")))
 
 
 def plot(rows: list[dict], path: str) -> None:

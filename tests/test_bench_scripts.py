@@ -76,3 +76,16 @@ def test_bench_long_rows_slopes_and_kernel(tmp_path):
     assert report["attention_kernels"] == ["aten::_scaled_dot_product_flash_attention_for_cpu",
                                            "aten::_scaled_dot_product_flash_attention_for_cpu_backward"]
     assert png.stat().st_size > 0 and "memory slope, update, checkpointing on" in table
+
+
+def test_follow_logs_the_child_and_speaks_while_it_is_silent(tmp_path, capsys):
+    from scripts._follow import follow
+
+    child = "import sys, time; print('first', flush=True); time.sleep(1.0); print('last'); sys.exit(3)"
+    seen = []
+    code = follow([sys.executable, "-c", child], tmp_path / "child.log", "child", on_line=seen.append, every=0.25)
+    assert code == 3
+    assert (tmp_path / "child.log").read_text() == "first\nlast\n"
+    assert seen == ["first\n", "last\n"]
+    beats = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  child: ")]
+    assert len(beats) >= 2 and beats[0].endswith("| first")  # lines while the child printed nothing
