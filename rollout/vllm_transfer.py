@@ -14,7 +14,7 @@ Reaches into vLLM (re-check on upgrade):
 2. `vllm.model_executor.model_loader.reload.{initialize,finalize}_layerwise_reload`: what vLLM's own IPC backend
    runs around `model.load_weights`. On CPU the linear weights are prepacked for oneDNN after loading, so
    `model.load_weights` alone fails; the layerwise reload restores the checkpoint layout, loads and re-packs.
-3. The tied LM head of a CPU model is rebuilt after the reload (rollout.vllm_engine, reach-in 7: vLLM skips
+3. The tied LM head of a CPU model is rebuilt after the reload (rollout.vllm_worker, reach-in 7: vLLM skips
    `lm_head.*` and the head's prepacked GEMM would keep the start-up weights).
 4. `WeightTransferEngine.update_weights` ends in `torch.accelerator.synchronize()`, which has no accelerator to
    synchronise on CPU: this backend loads synchronously and overrides it.
@@ -36,7 +36,7 @@ from safetensors import safe_open
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
 
-from rollout.vllm_engine import _CollectUnloaded
+from rollout.vllm_worker import CollectUnloaded
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class FileWeightTransferEngine(WeightTransferEngine[FileInitInfo, FileUpdateInfo
 
     def start_weight_update(self) -> None:
         self._started = time.perf_counter()
-        self._unloaded = _CollectUnloaded().attach()
+        self._unloaded = CollectUnloaded().attach()
         initialize_layerwise_reload(self.model)
 
     def update_weights(self, update_info: dict) -> None:

