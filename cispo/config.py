@@ -169,7 +169,8 @@ class RolloutConfig:
     every engine as SamplingParams) is an engine knob: a value other than its default that the engine cannot honour
     is a ConfigError naming it (rollout.registry; which engine honours which: rollout/__init__.py)."""
 
-    # auto: vllm when importable and it can load the model, else hf (resolved once the model dir is known) |
+    # auto: vllm, or hf where vllm cannot load the model, and on CPU for models too small for vLLM to be the faster
+    # (rollout.resolve_engine, once the model dir is known) |
     # a registered engine (rollout.ENGINES: vllm, hf, or one added with rollout.register_engine) |
     # an import path "pkg.module:attr" to a rollout.EngineSpec or a builder (model_dir, rollout_cfg, model_cfg, seed)
     engine: str = "auto"

@@ -110,7 +110,7 @@ def train(cfg: Config) -> TrainResult:
         with dist.local_rank0_first():  # builds / warm-starts the tiny model once per node (a cached file)
             model_dir = prepare_model(cfg, train_rows)
         check_env_renderer(cfg, model_dir)  # env.name set: the chat template's turn boundaries, self-tested
-        kind = resolve_engine(cfg.rollout.engine, model_dir, cfg.rollout.mode)
+        kind = resolve_engine(cfg.rollout, model_dir)
         cfg.rollout.check_engine(kind)  # a rollout knob the resolved engine cannot honour stops the run here
         _, tokenizer, updater = build_policy(model_dir, cfg, dist)
         stream = PromptStream(train_rows, cfg.data.seed)

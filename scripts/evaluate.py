@@ -89,7 +89,7 @@ def resolve_target(cfg: EvalRunConfig, train_rows: list[dict]) -> dict:
     from rollout import resolve_engine
 
     model_dir = prepare_model(cfg, train_rows)
-    kind = resolve_engine(cfg.rollout.engine, model_dir)
+    kind = resolve_engine(cfg.rollout, model_dir)
     cfg.rollout.check_engine(kind)  # a rollout knob this engine cannot honour stops here, before any sampling
     return {"checkpoint": model_dir, "files": checkpoint_fingerprint(model_dir), "engine": kind, "dtype": cfg.model.dtype,
             "fp32_lm_head": cfg.model.fp32_lm_head}

@@ -78,7 +78,7 @@ def sample_pass_counts(cfg: Config, rows: list[dict], k: int, batch_prompts: int
     from rollout.base import SamplingParams
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
-    kind = resolve_engine(cfg.rollout.engine, model_dir)
+    kind = resolve_engine(cfg.rollout, model_dir)
     cfg.rollout.check_engine(kind)
     engine = build_engine(kind, model_dir, cfg.rollout, cfg.model, cfg.trainer.seed)
     correct = [0] * len(rows)

