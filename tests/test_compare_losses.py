@@ -21,7 +21,7 @@ def test_one_loss_written_two_ways_gives_one_run(tmp_path):
          "--lrs", "1e-3", "--updates", "2", "--seeds", "0", "--steps", "2", "--eval-every", "1", "--jobs", "2",
          "--out", str(out), f"model.cache_dir={tmp_path / 'cache'}", "model.warm_start.target_accuracy=0.15",
          "model.warm_start.eval_problems=100",
-         "algo.prompts_per_step=8", "data.eval_size=16"],
+         "algo.prompts_per_step=8", "algo.drop_zero_variance=false", "data.eval_size=16"],
         cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())

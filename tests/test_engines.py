@@ -101,6 +101,7 @@ def test_auto_picks_the_engine_measured_faster_for_the_models_size(model_dir, mo
     assert resolve_engine(RolloutConfig(), str(model_dir)) == "hf"
     assert resolve_engine(RolloutConfig(kv_cache_gb=2.0), str(model_dir)) == "vllm"  # only vLLM honours it
     assert resolve_engine(RolloutConfig(engine="vllm"), str(model_dir)) == "vllm"
+    assert resolve_engine(RolloutConfig(max_tokens=16000, max_model_len=16384), str(model_dir)) == "vllm"  # long
     monkeypatch.setattr(rollout, "CPU_HF_BELOW_PARAMS", params)
     assert resolve_engine(RolloutConfig(), str(model_dir)) == "vllm"
 
