@@ -39,6 +39,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -161,6 +162,16 @@ class Fleet:
             preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
         log.close()
 
+    @staticmethod
+    def _signal_group(server: Server, sig: int) -> None:
+        """Signal a started server's whole process group (it leads its own session): the API server and the
+        engine-core and worker processes it spawned. Killing the API server alone leaves those running, holding
+        the server's memory (on GPUs its device memory) after the server is gone or restarted."""
+        try:
+            os.killpg(server.process.pid, sig)
+        except ProcessLookupError:  # every process of the group has exited
+            pass
+
     # ------------------------------------------------------------------------------------------- start-up
     def start(self) -> None:
         """Start the servers this fleet owns, wait until all answer (a line every 10 s), and check each one has
@@ -231,6 +242,7 @@ class Fleet:
     async def _check(self, s: Server) -> None:
         if s.process is not None and s.process.poll() is not None:
             self._down(s, f"its process exited with code {s.process.returncode}")
+            self._signal_group(s, signal.SIGKILL)  # the engine processes of the dead server
             s.restarts += 1
             logger.warning("restarting rollout server %s (restart %d)", s.url, s.restarts)
             self._spawn(s)
@@ -439,15 +451,15 @@ class Fleet:
             pass
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
-        for s in self.servers:
-            if s.process is not None and s.process.poll() is None:
-                s.process.terminate()
-        for s in self.servers:
-            if s.process is not None:
-                try:
-                    s.process.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    s.process.kill()
+        started = [s for s in self.servers if s.process is not None]
+        for s in started:
+            self._signal_group(s, signal.SIGTERM)
+        for s in started:
+            try:
+                s.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                pass
+            self._signal_group(s, signal.SIGKILL)  # whatever of the group did not exit on SIGTERM
         shutil.rmtree(self.weight_root, ignore_errors=True)
 
 

@@ -72,7 +72,22 @@ def fleet(model_dir, tmp_path_factory):
     f = Fleet(str(model_dir), cfg, dtype="float32", seed=0, log_dir=tmp_path_factory.mktemp("servers"))
     f.start()
     yield f
+    groups = [s.process.pid for s in f.servers]
     f.close()
+    assert not [pid for pid in map(group_members, groups) if pid], "server processes outlived Fleet.close()"
+
+
+def group_members(pgid: int) -> list[int]:
+    """The live processes of process group `pgid` (a started server leads its own)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            out.append(int(stat.parent.name))
+    return out
 
 
 def server_run(cache, out: Path, fleet: Fleet, *extra: str) -> list[str]:
@@ -159,6 +174,8 @@ def test_a_server_killed_mid_step_loses_and_repeats_nothing(fleet):
     while victim.inflight == 0 and time.monotonic() < deadline:
         time.sleep(0.005)
     assert victim.inflight > 0
+    group = victim.process.pid
+    assert len(group_members(group)) > 1  # the API server and the engine processes it spawned
     victim.process.send_signal(signal.SIGKILL)
     worker.join(timeout=300)
     got = out["rollout"].completions
@@ -170,6 +187,7 @@ def test_a_server_killed_mid_step_loses_and_repeats_nothing(fleet):
     while not victim.healthy and time.monotonic() < deadline:
         time.sleep(1)
     assert victim.healthy and victim.restarts >= 1 and victim.version == fleet.version
+    assert group_members(group) == []  # the killed server's engine processes went with it
     served = fleet.probe(list(range(5, 40)))
     a, b = served.values()
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4  # the restarted server serves the synced weights
