@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 from pathlib import Path
 
 from rollout.registry import (
@@ -20,10 +19,11 @@ from rollout.registry import (
     check_protocol,
     engine_spec,
     register_engine,
+    unhonoured_knobs,
 )
 
 __all__ = ["COMMON_KNOBS", "ENGINES", "EngineConfigError", "EngineSpec", "build_engine", "check_engine_knobs",
-           "parameter_count", "register_engine", "resolve_engine"]
+           "register_engine", "resolve_engine"]
 
 # rollout.engine=auto on a machine without CUDA: below this many parameters HF generate (with its shared prompt
 # prefill) beats vLLM-CPU, whose fixed per-step cost (scheduling, input preparation) outweighs a small model's
@@ -80,39 +80,24 @@ def resolve_engine(rollout_cfg, model_dir: str) -> str:
     """What rollout.engine names, once the model directory is known: in server mode the fleet; a registered name or
     an import path as it is; and `auto` -> 'hf' when vllm is not importable or cannot load the architecture, or on a
     machine without CUDA when the model has fewer than CPU_HF_BELOW_PARAMS parameters, the context is at most
-    CPU_HF_MAX_CONTEXT and every knob set is one the hf engine honours; else 'vllm'. `rollout_cfg`: a RolloutConfig (engine, mode and the knobs)."""
+    CPU_HF_MAX_CONTEXT and every knob set is one the hf engine honours; else 'vllm'.
+    `rollout_cfg`: a RolloutConfig (engine, mode and the knobs)."""
     if rollout_cfg.mode == "server":
         return SERVER_ENGINE
     if rollout_cfg.engine != "auto":
         return rollout_cfg.engine
     if importlib.util.find_spec("vllm") is None or model_type(model_dir) in VLLM_UNSUPPORTED:
         return "hf"
+    from rollout.weights import parameter_count  # imports torch: only once an engine is being chosen
+
     params = parameter_count(model_dir)
     small = params is not None and params < CPU_HF_BELOW_PARAMS and rollout_cfg.max_model_len <= CPU_HF_MAX_CONTEXT
-    if small and knobs_honoured("hf", rollout_cfg):
+    if small and not unhonoured_knobs(engine_spec("hf"), rollout_cfg):
         import torch
 
         if not torch.cuda.is_available():
             return "hf"
     return "vllm"
-
-
-def knobs_honoured(kind: str, rollout_cfg) -> bool:
-    try:
-        check_engine_knobs(kind, rollout_cfg)
-    except EngineConfigError:
-        return False
-    return True
-
-
-def parameter_count(model_dir: str) -> int | None:
-    """Parameters in a local folder's *.safetensors, read from their headers; None without such files (a hub id)."""
-    total = None
-    for path in Path(model_dir).glob("*.safetensors"):
-        with path.open("rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        total = (total or 0) + sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
-    return total
 
 
 def build_engine(kind: str, model_dir: str, rollout_cfg, model_cfg, seed: int = 0):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import math
 import os
 import shutil
 import tempfile
@@ -62,6 +63,20 @@ def checkpoint_names(model_dir: str) -> set[str] | None:
         with safe_open(f, framework="pt") as st:
             names.update(st.keys())
     return names
+
+
+def parameter_count(model_dir: str) -> int | None:
+    """Parameters of a local safetensors checkpoint (headers only); None when not a local safetensors dir."""
+    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    total = 0
+    for f in files:
+        with safe_open(f, framework="pt") as st:
+            total += sum(math.prod(st.get_slice(name).get_shape()) for name in st.keys())
+    return total
 
 
 def stage_safetensors(pairs: Iterable[tuple[str, torch.Tensor]], out_dir: str) -> None:

