@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scripts._follow import follow, tail  # noqa: E402
+from scripts._follow import follow  # noqa: E402
 
 PROMPT = 32
 
@@ -108,8 +108,7 @@ def run_point(args, length: int, checkpointing: bool) -> dict:
     env = os.environ | {"OMP_NUM_THREADS": str(args.threads)}
     label = f"T={length} checkpointing={'on' if checkpointing else 'off'}"
     log = Path(tempfile.gettempdir()) / f"bench_long-T{length}-{'ckpt' if checkpointing else 'plain'}.log"
-    if code := follow(cmd, log, label, env=env):
-        raise SystemExit(f"{label} failed (exit {code}), log {log}:\n{tail(log)}")
+    follow(cmd, log, label, env=env)
     return json.loads(next(line for line in reversed(log.read_text().splitlines()) if line.startswith("{")))
 
 

@@ -44,7 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts._follow import follow, tail  # noqa: E402
+from scripts._follow import follow  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -76,12 +76,6 @@ def path(text: str) -> Path:
     return Path(text).expanduser()
 
 
-def run_logged(cmd: list[str], log: Path, label: str, env: dict | None = None) -> None:
-    """Run `cmd` with its output in `log` (scripts/_follow.py: a line every 10 s); a failure exits with its tail."""
-    if code := follow(cmd, log, label, env=env):
-        raise SystemExit(f"{label} failed (exit {code}), log {log}:\n{tail(log)}")
-
-
 def trl_pins() -> list[str]:
     """What the TRL environment installs: the project's torch and transformers versions (the same model code on
     both sides; torch==X without the +cpu tag still resolves to the CPU wheel here) and trl 1.16."""
@@ -98,8 +92,8 @@ def trl_python(venv: Path) -> Path:
     shutil.rmtree(venv, ignore_errors=True)
     venv.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    run_logged([str(python), "-m", "pip", "install", "--progress-bar", "off", *pins], venv.parent / "trl-install.log",
-               "pip install (TRL environment)")
+    follow([str(python), "-m", "pip", "install", "--progress-bar", "off", *pins], venv.parent / "trl-install.log",
+           "pip install (TRL environment)")
     marker.write_text(json.dumps(pins))
     return python
 
@@ -161,7 +155,7 @@ def run_cispo(name: str, prep: dict, system: str, args, out: Path) -> list[dict]
     cmd = [sys.executable, str(ROOT / "scripts" / "train.py"),
            *run_overrides(WORKLOADS[name], prep["model_dir"], args, system, out)]
     cpus = TRAINER_CPU if system.startswith("server") else args.cpus
-    run_logged(pinned(cmd, cpus), out.with_suffix(".log"), out.name, thread_env())
+    follow(pinned(cmd, cpus), out.with_suffix(".log"), out.name, env=thread_env())
     steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["step"] > 0]
     return [{"step_s": r["time/step_s"], "generate_s": r["time/rollout_s"], "pi_old_s": r["time/old_logp_s"],
              "update_s": r["time/update_s"], "sync_s": r["time/sync_s"],
@@ -178,7 +172,7 @@ def run_trl(name: str, prep: dict, python: Path, args, out: Path) -> tuple[list[
             "shape": {"prompts": args.prompts, "group_size": args.group_size, "updates": args.updates}}
     (out / "spec.json").write_text(json.dumps(spec))
     cmd = [str(python), str(ROOT / "scripts" / "_trl_side.py"), str(out / "spec.json"), str(out / "result.json")]
-    run_logged(pinned(cmd, args.cpus), out.with_suffix(".log"), out.name, thread_env())
+    follow(pinned(cmd, args.cpus), out.with_suffix(".log"), out.name, env=thread_env())
     result = json.loads((out / "result.json").read_text())
     return result["batches"], result["versions"]
 

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from cispo.config import TinyModelConfig
 from cispo.tiny_model import make_tiny_model
 
@@ -83,9 +85,12 @@ def test_follow_logs_the_child_and_speaks_while_it_is_silent(tmp_path, capsys):
 
     child = "import sys, time; print('first', flush=True); time.sleep(1.0); print('last'); sys.exit(3)"
     seen = []
-    code = follow([sys.executable, "-c", child], tmp_path / "child.log", "child", on_line=seen.append, every=0.25)
+    code = follow([sys.executable, "-c", child], tmp_path / "child.log", "child", on_line=seen.append, every=0.25,
+                  check=False)
     assert code == 3
     assert (tmp_path / "child.log").read_text() == "first\nlast\n"
     assert seen == ["first\n", "last\n"]
     beats = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  child: ")]
     assert len(beats) >= 2 and beats[0].endswith("| first")  # lines while the child printed nothing
+    with pytest.raises(SystemExit, match=r"(?s)child failed \(exit 3\), log .*child.log:\nfirst\nlast"):
+        follow([sys.executable, "-c", child], tmp_path / "child.log", "child")
