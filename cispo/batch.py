@@ -38,7 +38,7 @@ class Sample:
     rollout_logp: Tensor  # [loss_len] sampling logprobs reported by the rollout engine
     adv: float
     group: int  # index of the prompt within the step
-    old_logp: Tensor | None = None  # [loss_len] log pi_old, recomputed by the trainer before the updates
+    old_logp: Tensor | None = None  # [loss_len] log pi_old (algo.pi_old: the trainer's forward or rollout_logp)
     # [len(response_ids)] True = a model-generated (trainable) token; None = the leading loss_len tokens are
     loss_mask: list[bool] | None = None
 

@@ -134,6 +134,11 @@ class AlgoConfig:
     clip_high: float = 0.2
     loss_agg: str = "token_group"  # token_group | token_batch | sequence | prompt (see cispo/loss.py)
     tis_cap: float | None = None  # truncated IS correction min(pi_old / pi_rollout, tis_cap); None = off
+    # where pi_old, the ratio's denominator, comes from. trainer: a forward after generation (the ratio sees the
+    # updates only; the engine's logprobs feed tis_cap and the mismatch/* metrics) | engine: the engine's sampling
+    # logprobs, as in M1 (no forward; the ratio carries the train/inference mismatch too; mismatch/* is measured
+    # on the first mini-batch, whose training forward is the trainer's pi_old)
+    pi_old: str = "trainer"
     group_size: int = 8  # completions per prompt
     prompts_per_step: int = 32
     updates_per_step: int = 4  # optimizer steps (mini-batches) per rollout batch; M1 used 16
@@ -161,6 +166,10 @@ class AlgoConfig:
             raise ConfigError("algo.is_weight_min must be <= algo.is_weight_max")
         if self.tis_cap is not None:
             _positive("algo.tis_cap", self.tis_cap)
+        _one_of("algo.pi_old", self.pi_old, {"trainer", "engine"})
+        if self.pi_old == "engine" and self.tis_cap:
+            raise ConfigError("algo.tis_cap weights pi_old against the engine's logprobs, which algo.pi_old=engine "
+                              "makes the same: set algo.tis_cap=null, or algo.pi_old=trainer")
 
 
 @dataclass
@@ -208,7 +217,7 @@ class RolloutConfig:
     server_timeout_s: float = 600.0  # start-up, and the longest a request may wait for a healthy server
     weight_dir: str | None = None  # where weight syncs are written for the servers; null: /dev/shm (or the temp dir)
     # server mode: generation of step s may use the policy of step s - 1 - max_staleness (0 = synchronous); the
-    # stale samples are corrected by the algo.tis_cap weight (cispo/pipeline.py)
+    # stale samples are corrected by the algo.tis_cap weight, or are pi_old with algo.pi_old=engine (cispo/pipeline.py)
     max_staleness: int = 0
 
     def __post_init__(self):
@@ -517,10 +526,18 @@ class Config:
         if self.rollout.max_staleness and self.rollout.mode != "server":
             raise ConfigError("rollout.max_staleness > 0 overlaps generation with the update, which needs "
                               "rollout.mode=server (a colocated engine shares the trainer's devices)")
-        if self.rollout.max_staleness and not self.algo.tis_cap:
+        if self.rollout.max_staleness and not self.algo.tis_cap and self.algo.pi_old == "trainer":
             raise ConfigError(f"rollout.max_staleness={self.rollout.max_staleness} trains on samples of older "
-                              "policies: set algo.tis_cap (e.g. 2.0), the capped weight that corrects for them "
-                              "(cispo/pipeline.py)")
+                              "policies: set algo.tis_cap (e.g. 2.0), the capped weight that corrects for them, "
+                              "or algo.pi_old=engine, which takes the ratio against them (cispo/pipeline.py)")
+        if self.algo.pi_old == "engine":
+            if self.model.routing_replay:
+                raise ConfigError("model.routing_replay replays the experts of the trainer's pi_old pass, which "
+                                  "algo.pi_old=engine skips: set algo.pi_old=trainer")
+            if self.rollout.top_p < 1:
+                raise ConfigError(f"algo.pi_old=engine takes the engine's logprobs under top_p={self.rollout.top_p}, "
+                                  "a truncated distribution the trainer's pi_theta is not: set rollout.top_p=1.0, "
+                                  "or algo.pi_old=trainer")
         if self.model.path == "tiny" and self.rollout.max_model_len > self.model.tiny.max_positions:
             raise ConfigError(f"rollout.max_model_len={self.rollout.max_model_len} is beyond the tiny model's "
                               f"{self.model.tiny.max_positions} positions: raise model.tiny.max_positions to at "

