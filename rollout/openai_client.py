@@ -110,7 +110,7 @@ class OpenAIClient:
 
     @classmethod
     def from_config(cls, cfg) -> "OpenAIClient":
-        """From an EndpointConfig (cispo.config); the key is read from the environment here, or fails fast."""
+        """From an EndpointConfig (cispo.eval_config); the key is read from the environment here, or fails fast."""
         key = read_api_key(cfg.api_key_env, cfg.base_url)
         return cls(cfg.base_url, cfg.model, api_key=key, api_key_env=cfg.api_key_env, concurrency=cfg.concurrency,
                    timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, extra_body=dict(cfg.extra_body))

@@ -10,6 +10,8 @@ shared, and built by the first run). Runs go seed by seed, the staleness values 
 Staleness > 0 sets algo.tis_cap=2.0 (cispo/pipeline.py).
 
 samples/s: responses generated in the RL steps over the steps' wall time (start-up and evaluations excluded).
+overlap ceiling: what perfect overlap could give at staleness 1, from each staleness-0 run: (g + t) / max(g, t),
+with g the trainer's wait for its batch and t the rest of its step; the ratio cannot pass it.
 accuracy: held-out greedy accuracy after the last step, i.e. after the same number of samples in every run.
 Prints a table and writes `<out>/summary.json`.
 """
@@ -61,6 +63,13 @@ def run(k: int, seed: int, args, extra: list[str]) -> dict:
     }
 
 
+def overlap_ceiling(r: dict) -> float:
+    """Samples/s of a perfectly overlapped run over this synchronous (staleness 0) run's: (g + t) / max(g, t), with g
+    the trainer's wait for each batch (generation, the sync's load, grading) and t the rest of its time."""
+    g = r["trainer_idle_s"]
+    return r["rl_s"] / max(g, r["rl_s"] - g)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--staleness", type=int, nargs="+", default=[0, 1, 2])
@@ -95,6 +104,11 @@ def main() -> None:
         summary[k] = {"samples_per_s_median": statistics.median(r["samples_per_s"] for r in mine),
                       "accuracy": [r["after"] for r in mine]}
     base = summary[args.staleness[0]]
+    if args.staleness[0] == 0:  # what perfect overlap could give: the step time over its longer half
+        ceilings = [overlap_ceiling(r) for r in results if r["staleness"] == 0]
+        summary[0]["overlap_ceiling_median"] = statistics.median(ceilings)
+        print(f"staleness 0: overlap ceiling x{statistics.median(ceilings):.2f} (seed by seed: "
+              f"{', '.join(f'{c:.2f}' for c in ceilings)})")
     for k, s in summary.items():
         ratios = [r["samples_per_s"] / b["samples_per_s"] for r, b in zip(
             [r for r in results if r["staleness"] == k], [r for r in results if r["staleness"] == args.staleness[0]])]

@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from cispo.config import ConfigError, EvalRunConfig, register_configs  # noqa: E402
+from cispo.config import ConfigError, register_configs  # noqa: E402
+from cispo.eval_config import EvalRunConfig  # noqa: E402
 from cispo.data import load_splits, prompt_messages  # noqa: E402
 from cispo.evaluation import length_stats, sampled_metrics  # noqa: E402
 from rewards import RewardScorer, row_source  # noqa: E402

@@ -94,3 +94,11 @@ def test_follow_logs_the_child_and_speaks_while_it_is_silent(tmp_path, capsys):
     assert len(beats) >= 2 and beats[0].endswith("| first")  # lines while the child printed nothing
     with pytest.raises(SystemExit, match=r"(?s)child failed \(exit 3\), log .*child.log:\nfirst\nlast"):
         follow([sys.executable, "-c", child], tmp_path / "child.log", "child")
+
+
+def test_bench_async_overlap_ceiling_is_the_step_over_its_longer_half():
+    from scripts.bench_async import overlap_ceiling
+
+    assert overlap_ceiling({"trainer_idle_s": 6.0, "rl_s": 9.0}) == pytest.approx(1.5)  # generation the longer
+    assert overlap_ceiling({"trainer_idle_s": 2.0, "rl_s": 8.0}) == pytest.approx(8 / 6)  # the update the longer
+    assert overlap_ceiling({"trainer_idle_s": 4.0, "rl_s": 8.0}) == pytest.approx(2.0)

@@ -23,10 +23,9 @@ import pytest
 import torch
 from test_openai_client import SERVED, ChatServer
 
-from cispo.config import (
-    DataConfig, EndpointConfig, EvalConfig, EvalRunConfig, ModelConfig, RolloutConfig, TinyModelConfig,
-)
+from cispo.config import DataConfig, ModelConfig, RolloutConfig, TinyModelConfig
 from cispo.data import encode_prompts
+from cispo.eval_config import EndpointConfig, EvalConfig, EvalRunConfig
 from cispo.evaluation import length_stats, pass_at_k, reported_ks, sampled_accuracy, sampled_metrics
 from cispo.tiny_model import make_tiny_model
 from rewards import RewardConfig, RewardResult, RewardScorer, register_reward_fn

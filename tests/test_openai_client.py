@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from cispo.config import EndpointConfig
+from cispo.eval_config import EndpointConfig
 from rollout.openai_client import (
     ChatRequest, EndpointError, MissingAPIKey, ModelNotFound, OpenAIClient,
 )
