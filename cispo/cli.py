@@ -12,6 +12,17 @@ from omegaconf.errors import OmegaConfBaseException
 from cispo.config import Config, ConfigError
 
 
+def register_configs() -> None:
+    """Register the schemas with Hydra's ConfigStore: `schema` (the first entry of configs/train.yaml) and
+    `eval_schema` (configs/eval.yaml)."""
+    from hydra.core.config_store import ConfigStore
+
+    from cispo.eval_config import EvalRunConfig
+
+    ConfigStore.instance().store(name="schema", node=Config)
+    ConfigStore.instance().store(name="eval_schema", node=EvalRunConfig)
+
+
 def to_config(cfg: DictConfig) -> Config:
     """Resolve interpolations and build the dataclasses (their __post_init__ checks run here)."""
     try:
@@ -26,7 +37,7 @@ def to_config(cfg: DictConfig) -> Config:
 
 def report_saved(run_dir: Path) -> None:
     """After a failure: one line on what the run had saved, so nothing saved is taken for lost."""
-    from cispo.checkpoint import list_checkpoints
+    from cispo.train.checkpoint import list_checkpoints
 
     saved = list_checkpoints(run_dir / "checkpoints")
     parts = [f"newest checkpoint {saved[-1]} (trainer.resume=auto continues from it)"] if saved else []

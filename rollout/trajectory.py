@@ -7,7 +7,7 @@ in `__post_init__` and after each append:
              and the forced EOS of an early stop (not sampled from the policy, M1 §3.2)
 `spans` tile [0, len(token_ids)) in order, one per turn segment, each "model" or "env".
 
-cispo.batch.trajectory_sample turns one into a training Sample: all tokens are context, the masked-in ones are the
+cispo.algo.batch.trajectory_sample turns one into a training Sample: all tokens are context, the masked-in ones are the
 loss tokens. Decisions: the prompt ids are kept apart (they are the Sample's prompt); rewards are per environment
 step and the trajectory's reward is their sum.
 """

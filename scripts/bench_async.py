@@ -7,7 +7,7 @@ Each run is `scripts/train.py rollout.mode=server` (the default run's task and m
 pinned to --server-cpus and the trainer pinned to --trainer-cpus (one core each on a 2-core machine), seed S
 (model.tiny.seed is left at its default, so every run starts from the same warm-started model; the cache is
 shared, and built by the first run). Runs go seed by seed, the staleness values of one seed back to back.
-Staleness > 0 sets algo.tis_cap=2.0 (cispo/pipeline.py).
+Staleness > 0 sets algo.tis_cap=2.0 (cispo/sampling/pipeline.py).
 
 samples/s: responses generated in the RL steps over the steps' wall time (start-up and evaluations excluded).
 overlap ceiling: what perfect overlap could give at staleness 1, from each staleness-0 run: (g + t) / max(g, t),

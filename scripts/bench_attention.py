@@ -1,4 +1,4 @@
-"""The bucketing rule of the packed attention (cispo/attention.py), measured: forward + backward of one layer's
+"""The bucketing rule of the packed attention (cispo/model/attention.py), measured: forward + backward of one layer's
 attention over a packed micro-batch, for several values of PAD_SLACK, on several length mixes.
 
     python scripts/bench_attention.py [--threads 1] [--repeats 7] [--out bench_attention.json]
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cispo import attention  # noqa: E402
+from cispo.model import attention  # noqa: E402
 
 SLACKS = [1.0, 1.25, 1.5, 2.0, 4.0, 1e9]
 

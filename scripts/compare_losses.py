@@ -31,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# name -> the Hydra overrides that make it. The ablations differ from a loss in one knob each (see cispo/loss.py):
+# name -> the Hydra overrides that make it. The ablations differ from a loss in one knob each (see cispo/algo/loss.py):
 # inside the trust region CISPO's and PPO's per-token gradients are equal (d(r A)/d theta = sg(r) A grad log pi),
 # so the losses differ in (a) the tokens outside it, which PPO's clip drops and CISPO keeps, and (b) the normaliser.
 # CISPO's rows set clip_high to DAPO's 0.28: without the mask it changes nothing in the loss, and the trust/*

@@ -5,7 +5,7 @@
 
 Each seed is one `scripts/train.py experiment=tiny_tools` run (model.tiny.seed = trainer.seed = rollout.seed = S,
 its own model.cache_dir): the tiny model is built, warm-started on gold calculator traces and direct answers
-(cispo/tool_traces.py), then trained with CISPO on multi-turn trajectories with env=calculator. Reported, on the
+(cispo/start/tool_traces.py), then trained with CISPO on multi-turn trajectories with env=calculator. Reported, on the
 held-out products:
   with the tool      the run's own held-out evaluation (greedy trajectories, calculator answering), at step 0
                      (after the warm start: "before RL") and after the last step
@@ -41,7 +41,7 @@ def compose(args: list[str]):
     from hydra import compose as hydra_compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from cispo.config import register_configs
+    from cispo.cli import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
@@ -49,10 +49,10 @@ def compose(args: list[str]):
 
 
 def without_tool(model_dir: str, cfg, rows: list[dict], scorer) -> float:
-    """Greedy single-turn accuracy on the plain prompts (cispo.data.encode_prompts: no tool, no system message)."""
-    from cispo.data import encode_prompts
-    from cispo.evaluation import greedy_accuracy
-    from rollout.hf_engine import build
+    """Greedy single-turn accuracy on the plain prompts (cispo.data.prompts.encode_prompts: no tool, no system message)."""
+    from cispo.data.prompts import encode_prompts
+    from cispo.sampling.evaluation import greedy_accuracy
+    from rollout.engines.hf_engine import build
 
     engine = build(model_dir, cfg.rollout, cfg.model, cfg.trainer.seed)
     try:
@@ -63,8 +63,8 @@ def without_tool(model_dir: str, cfg, rows: list[dict], scorer) -> float:
 
 
 def run(seed: int, steps: int, eval_size: int, out: Path, extra: list[str]) -> dict:
-    from cispo.data import load_splits
-    from cispo.warm_start import RESULT_FILE, prepare_model
+    from cispo.data.load import load_splits
+    from cispo.start.warm_start import RESULT_FILE, prepare_model
     from rewards import RewardScorer
 
     args = overrides(seed, steps, eval_size, out, extra)

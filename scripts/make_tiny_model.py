@@ -11,7 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cispo.config import ModelConfig, TinyModelConfig  # noqa: E402
-from cispo.tiny_model import make_tiny_model  # noqa: E402
+from cispo.model.tiny_model import make_tiny_model  # noqa: E402
 
 
 def main() -> None:

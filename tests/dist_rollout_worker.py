@@ -38,12 +38,12 @@ def main() -> None:
     args, _ = parser.parse_known_args()
 
     from cispo.config import AlgoConfig, Config, DataConfig, ModelConfig, RolloutConfig, TrainerConfig
-    from cispo.curriculum import Curriculum
-    from cispo.data import PromptStream, encode_prompts
-    from cispo.distributed import build_policy, init_distributed
+    from cispo.sampling.curriculum import Curriculum
+    from cispo.data.prompts import PromptStream, encode_prompts
+    from cispo.train.distributed import build_policy, init_distributed
     from cispo.phases import PhaseMonitor
-    from cispo.pipeline import Synchronous
-    from cispo.sampling import ColocatedSampler
+    from cispo.sampling.pipeline import Synchronous
+    from cispo.sampling.sampler import ColocatedSampler
     from cispo.trainer import rl_step
     from rewards import RewardScorer
     from rewards.config import RewardConfig
@@ -80,7 +80,7 @@ def main() -> None:
     if dist.is_main:
         from transformers import AutoModelForCausalLM
 
-        from rollout.hf_engine import HFEngine
+        from rollout.engines.hf_engine import HFEngine
 
         reference = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
         reference.load_state_dict(weights, strict=False)

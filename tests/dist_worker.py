@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from cispo.batch import Sample, micro_batches, split_groups  # noqa: E402
+from cispo.algo.batch import Sample, micro_batches, split_groups  # noqa: E402
 from cispo.config import AlgoConfig, Config, ModelConfig, RolloutConfig, TrainerConfig  # noqa: E402
 
 STEPS = 2  # update_policy calls (rollout batches); each makes UPDATES optimizer steps
@@ -71,8 +71,8 @@ def case_config(model_dir: str, zero_stage, *, budget: int, gradient_checkpointi
 def run_case(cfg: Config, dist, variant: str = "ok") -> dict:
     """update_policy for STEPS batches from the model's initial weights; metrics, grad norms, final weights."""
     import cispo.trainer as trainer
-    from cispo.distributed import build_policy
-    from cispo.policy import shares_prompts
+    from cispo.train.distributed import build_policy
+    from cispo.model.policy import shares_prompts
 
     torch.manual_seed(0)
     policy, _, updater = build_policy(cfg.model.path, cfg, dist)
@@ -109,8 +109,8 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--export", action="store_true", help="also export the ok variant's policy in HF format")
     args, _ = parser.parse_known_args()  # the deepspeed launcher adds --local_rank
-    from cispo.checkpoint import export_hf
-    from cispo.distributed import init_distributed
+    from cispo.train.checkpoint import export_hf
+    from cispo.train.distributed import init_distributed
 
     out = Path(args.out)
     cfg = case_config(args.model, args.stage, budget=args.budget, gradient_checkpointing=args.gradient_checkpointing)

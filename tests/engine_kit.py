@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from rollout import hf_engine
+from rollout.engines import hf_engine
 
 CALLS: list[tuple] = []  # RecordingEngine's log: (method, detail)
 

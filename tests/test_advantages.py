@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cispo.advantages import group_advantages
+from cispo.algo.advantages import group_advantages
 
 
 def test_group_normalisation_by_hand_population_std():

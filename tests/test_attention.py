@@ -1,4 +1,4 @@
-"""Packed attention with shared prompts (cispo/attention.py): the rows read from position ids, attention equal to
+"""Packed attention with shared prompts (cispo/model/attention.py): the rows read from position ids, attention equal to
 each sequence attending to itself alone, and the tiny model's logprobs and gradients the same whether a group's
 prompt is packed once or with every response."""
 
@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cispo import attention
-from cispo.attention import packed_attention, rows_of
-from cispo.batch import Sample, micro_batches
+from cispo.model import attention
+from cispo.model.attention import packed_attention, rows_of
+from cispo.algo.batch import Sample, micro_batches
 from cispo.config import ModelConfig, TinyModelConfig
-from cispo.policy import load_policy, micro_batch_logprobs, shares_prompts
-from cispo.tiny_model import make_tiny_model
+from cispo.model.policy import load_policy, micro_batch_logprobs, shares_prompts
+from cispo.model.tiny_model import make_tiny_model
 
 
 def test_rows_from_position_ids_by_hand():

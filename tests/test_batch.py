@@ -3,10 +3,10 @@ a separate forward of each sample."""
 
 import torch
 
-from cispo.batch import Sample, micro_batches, split_groups
+from cispo.algo.batch import Sample, micro_batches, split_groups
 from cispo.config import TinyModelConfig
-from cispo.policy import micro_batch_logprobs
-from cispo.tiny_model import make_tiny_model
+from cispo.model.policy import micro_batch_logprobs
+from cispo.model.tiny_model import make_tiny_model
 
 
 def _sample(prompt, response, group, loss_len=None):

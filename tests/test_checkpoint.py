@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cispo.checkpoint import Checkpointer, list_checkpoints, resolve_resume, trim_metrics
+from cispo.train.checkpoint import Checkpointer, list_checkpoints, resolve_resume, trim_metrics
 from cispo.config import ConfigError, TrainerConfig
-from cispo.collective import Dist
-from cispo.optim import TorchUpdater
+from cispo.train.collective import Dist
+from cispo.train.optim import TorchUpdater
 
 REPO = Path(__file__).resolve().parents[1]
 TIMING = ("time", "tokens_per_s", "seconds", "memory/")
@@ -134,7 +134,7 @@ def test_exact_resume_after_sigkill(cache, tmp_path):
 @pytest.mark.skipif(__import__("importlib").util.find_spec("deepspeed") is None, reason="deepspeed not installed")
 def test_zero3_two_ranks_resume_and_export(cache, tmp_path):
     """2-rank ZeRO-3 (torchrun): a run resumed from its step-2 checkpoint repeats step 3 exactly; the step-3
-    checkpoint, exported offline to HF format (python -m cispo.checkpoint export), holds the run's final weights."""
+    checkpoint, exported offline to HF format (python -m cispo.train.checkpoint export), holds the run's final weights."""
     ds = ["trainer.zero_stage=3", "trainer.optimizer_impl=torch", "trainer.steps=3", "trainer.save_every=2",
           "trainer.keep_last=5", "+trainer.deepspeed.zero_optimization.stage3_param_persistence_threshold=0"]
     full = tmp_path / "full"
@@ -146,7 +146,7 @@ def test_zero3_two_ranks_resume_and_export(cache, tmp_path):
     worst = assert_same_steps(metrics(full), metrics(resumed), [3])
     print(f"ZeRO-3 resume, step 3: max |diff| {worst}")
 
-    from cispo.checkpoint import main as checkpoint_cli
+    from cispo.train.checkpoint import main as checkpoint_cli
 
     checkpoint_cli(["export", str(full), str(tmp_path / "export")])  # the newest checkpoint: step 3
     from safetensors.torch import load_file

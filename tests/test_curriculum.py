@@ -1,4 +1,4 @@
-"""The curriculum (cispo/curriculum.py): the staged output window advances on the p99 length and only then,
+"""The curriculum (cispo/sampling/curriculum.py): the staged output window advances on the p99 length and only then,
 dynamic sampling refills zero-variance groups and lays the batch out as one generate call would, solved prompts
 retire, and every piece resumes from its state_dict. Rewards come from the real RewardScorer (math fast path)."""
 
@@ -9,9 +9,9 @@ import json
 import pytest
 
 from cispo.config import ConfigError, CurriculumConfig
-from cispo.curriculum import Curriculum, GroupOutcome, OutputWindow, PassRateTracker, fill_batch
-from cispo.data import PromptStream
-from cispo.sampling import Episode, SampledBatch
+from cispo.sampling.curriculum import Curriculum, GroupOutcome, OutputWindow, PassRateTracker, fill_batch
+from cispo.data.prompts import PromptStream
+from cispo.sampling.sampler import Episode, SampledBatch
 from rewards import RewardConfig, RewardScorer
 from rollout.base import Completion
 
@@ -126,7 +126,7 @@ def problems(correct: list[int]) -> list[dict]:
 
 
 class ScriptedSampler:
-    """A cispo.sampling.Sampler whose k-th completion of a row is right when k < row["k"], graded for real."""
+    """A cispo.sampling.sampler.Sampler whose k-th completion of a row is right when k < row["k"], graded for real."""
 
     def __init__(self, scorer, calls: list, group_size: int = G):
         self.scorer, self.calls, self.group_size = scorer, calls, group_size

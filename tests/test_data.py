@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 
 from cispo.config import ConfigError, DataConfig
-from cispo.data import PromptStream, encode_prompts, load_splits, normalize_tests, prompt_messages
+from cispo.data.load import load_splits
+from cispo.data.prompts import PromptStream, encode_prompts, prompt_messages
+from cispo.data.rows import normalize_tests
 from cispo.manifest import run_manifest, write_run_manifest
-from cispo.tiny_model import build_tokenizer
+from cispo.model.tiny_model import build_tokenizer
 from rewards import RewardConfig, RewardResult, RewardScorer, register_reward_fn
 
 DATA = Path(__file__).parent / "data"

@@ -23,12 +23,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from cispo.batch import Sample, micro_batches
+from cispo.algo.batch import Sample, micro_batches
 from cispo.config import ConfigError, TinyModelConfig, TrainerConfig
-from cispo.collective import Dist
-from cispo.distributed import deepspeed_config, init_distributed
-from cispo.optim import lr_lambda, update_position
-from cispo.tiny_model import make_tiny_model
+from cispo.train.collective import Dist
+from cispo.train.distributed import deepspeed_config, init_distributed
+from cispo.train.optim import lr_lambda, update_position
+from cispo.model.tiny_model import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-5
@@ -210,7 +210,7 @@ def test_default_run_does_not_import_deepspeed(model_dir):
 import sys
 sys.path.insert(0, {str(REPO / 'tests')!r})
 import dist_worker
-from cispo.distributed import init_distributed
+from cispo.train.distributed import init_distributed
 cfg = dist_worker.case_config({model_dir!r}, None, budget=64)
 dist = init_distributed(cfg.trainer)
 result = dist_worker.run_case(cfg, dist)

@@ -13,7 +13,7 @@ import yaml
 
 import engine_kit
 from cispo.config import ConfigError, ModelConfig, RolloutConfig, TinyModelConfig
-from cispo.tiny_model import make_tiny_model
+from cispo.model.tiny_model import make_tiny_model
 from rollout import COMMON_KNOBS, ENGINES, EngineConfigError, build_engine, register_engine, resolve_engine
 from rollout.base import SamplingParams
 
@@ -92,7 +92,7 @@ def test_auto_picks_the_engine_measured_faster_for_the_models_size(model_dir, mo
     from transformers import AutoModelForCausalLM
 
     import rollout
-    from rollout.weights import parameter_count
+    from rollout.engines.weights import parameter_count
 
     params = AutoModelForCausalLM.from_pretrained(model_dir).num_parameters()
     assert parameter_count(str(model_dir)) == params < rollout.CPU_HF_BELOW_PARAMS

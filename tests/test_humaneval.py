@@ -20,7 +20,7 @@ from collections import Counter
 
 import pytest
 
-from cispo.data import humaneval_dataset
+from cispo.data.load import humaneval_dataset
 from rewards import RewardConfig, RewardScorer
 from rewards.sandbox import find_bwrap
 from test_rewards_code import spare_uid_base

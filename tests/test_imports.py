@@ -8,7 +8,7 @@ import pytest
 HEAVY = ("vllm", "deepspeed", "hydra", "omegaconf", "wandb", "transformers")
 
 
-@pytest.mark.parametrize("module", ["cispo.loss", "cispo.advantages", "cispo.logprobs", "cispo.batch"])
+@pytest.mark.parametrize("module", ["cispo.algo.loss", "cispo.algo.advantages", "cispo.model.logprobs", "cispo.algo.batch"])
 def test_pure_module_imports_only_torch(module):
     code = f"import sys, {module}; print(' '.join(m for m in {HEAVY!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -1,4 +1,4 @@
-"""cispo.logprobs.token_logprobs against a float64 log_softmax on the same input values."""
+"""cispo.model.logprobs.token_logprobs against a float64 log_softmax on the same input values."""
 
 from dataclasses import asdict
 
@@ -8,8 +8,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from cispo.config import AlgoConfig
-from cispo.logprobs import CPU_CHUNK, default_chunk_size, token_logprobs
-from cispo.loss import logp_grad, loss_knobs, policy_loss
+from cispo.model.logprobs import CPU_CHUNK, default_chunk_size, token_logprobs
+from cispo.algo.loss import logp_grad, loss_knobs, policy_loss
 
 aten = torch.ops.aten
 
@@ -323,7 +323,7 @@ def test_cuda_bf16_matches_float64(fp32_head):
     ("reinforce", {}),
 ])
 def test_policy_loss_hint_is_exact_and_skips_the_recompute(loss, options):
-    """The trainer's hint: cispo.loss.logp_grad of each chunk's tokens. The backward of the micro-batch's
+    """The trainer's hint: cispo.algo.loss.logp_grad of each chunk's tokens. The backward of the micro-batch's
     policy loss (times a loss scale) then runs no matmul, and the gradients are the recomputing path's."""
     T, chunk = 37, 8
     hidden, weight, targets, adv = make_inputs(T)

@@ -1,4 +1,4 @@
-"""The Triton kernels of cispo.logprobs against their torch twins and float64: on CUDA when there is a device,
+"""The Triton kernels of cispo.model.logprobs against their torch twins and float64: on CUDA when there is a device,
 else on CPU in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 on a machine without one)."""
 
 import pytest
@@ -6,8 +6,8 @@ import torch
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy deprecations inside the interpreter
-from cispo import logprobs_triton  # noqa: E402
-import cispo.logprobs as lp  # noqa: E402
+from cispo.model import logprobs_triton  # noqa: E402
+import cispo.model.logprobs as lp  # noqa: E402
 from test_logprobs import make_inputs, reference, rel_err, run  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

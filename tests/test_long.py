@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from cispo.config import ConfigError, ModelConfig, RolloutConfig, TinyModelConfig
-from cispo.attention import packed_attention
-from cispo.tiny_model import make_tiny_model
+from cispo.model.attention import packed_attention
+from cispo.model.tiny_model import make_tiny_model
 from rollout import ENGINES, build_engine, check_engine_knobs, register_engine
 from rollout.base import SamplingParams
 

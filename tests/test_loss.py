@@ -9,9 +9,9 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from cispo.batch import Sample, micro_batches
+from cispo.algo.batch import Sample, micro_batches
 from cispo.config import AlgoConfig, ConfigError
-from cispo.loss import (
+from cispo.algo.loss import (
     AGGREGATIONS, LOG_RATIO_BOUND, LOSSES, LossOut, logp_grad, loss_knobs, loss_metrics, mismatch_metrics,
     policy_loss, register_loss, sequence_coefficients, tis_weights, trust_region_metrics,
 )
@@ -60,7 +60,7 @@ def test_cispo_clipped_tokens_keep_gradient_ppo_drops_them():
     old = torch.log(torch.full((4,), 0.1))  # ratio 9: past every bound
     adv, coef = torch.ones(4), torch.full((4,), 0.25)
     cispo = policy_loss(logp, old, adv, coef, loss="cispo", **knobs("cispo", is_weight_max=5.0))
-    (g_cispo,) = torch.autograd.grad(cispo.loss, logp)
+    (g_cispo,) = torch.autograd.grad(cispo.algo.loss, logp)
     assert cispo.clipped_high.all()
     torch.testing.assert_close(g_cispo, -0.25 * 5.0 * adv)  # capped weight, gradient still flows
     ppo = policy_loss(logp, old, adv, coef, loss="dapo", **knobs("dapo", clip_low=0.2, clip_high=0.28))
@@ -183,7 +183,7 @@ def test_unified_mask_reproduces_ppo_clip_gradient():
     cispo = policy_loss(logp, old, adv, coef, loss="cispo",
                         **knobs("cispo", is_weight_max=None, unified_mask=True, clip_low=eps, clip_high=eps))
     ppo = policy_loss(logp, old, adv, coef, loss="grpo", **knobs("grpo", clip_low=eps, clip_high=eps))
-    (g_cispo,) = torch.autograd.grad(cispo.loss, logp)
+    (g_cispo,) = torch.autograd.grad(cispo.algo.loss, logp)
     (g_ppo,) = torch.autograd.grad(ppo.loss, logp)
     assert 0 < (~cispo.kept).sum() < 200  # the mask acts on some tokens, not all
     torch.testing.assert_close(g_cispo, g_ppo, rtol=1e-5, atol=1e-7)

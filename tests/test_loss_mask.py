@@ -1,4 +1,4 @@
-"""Loss masks (cispo.batch, multi-turn trajectories): environment tokens are context and nothing else.
+"""Loss masks (cispo.algo.batch, multi-turn trajectories): environment tokens are context and nothing else.
 
 A masked-out token must not reach the loss's numerator (a logit position, a target, a logprob that CISPO's weight,
 TIS or Eq. 7 sees) nor any aggregation's normaliser. Checked three ways: the packed tensors by hand; the
@@ -13,11 +13,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cispo.batch import Sample, micro_batches, trajectory_sample
+from cispo.algo.batch import Sample, micro_batches, trajectory_sample
 from cispo.config import TinyModelConfig
-from cispo.loss import AGGREGATIONS, policy_loss, tis_weights
-from cispo.policy import micro_batch_logprobs
-from cispo.tiny_model import make_tiny_model
+from cispo.algo.loss import AGGREGATIONS, policy_loss, tis_weights
+from cispo.model.policy import micro_batch_logprobs
+from cispo.model.tiny_model import make_tiny_model
 from rollout.trajectory import Trajectory
 
 CAP, CLIP, TIS_CAP = 1.3, 0.2, 1.5

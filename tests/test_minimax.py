@@ -11,15 +11,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from cispo.batch import Sample, micro_batches
+from cispo.algo.batch import Sample, micro_batches
 from cispo.config import TinyModelConfig
-from cispo.logprobs import token_logprobs
-from cispo.minimax import packed_forward, supports_packing
-from rollout.hf_engine import generation_cache
-from cispo.moe import (
+from cispo.model.logprobs import token_logprobs
+from cispo.model.minimax import packed_forward, supports_packing
+from rollout.engines.hf_engine import generation_cache
+from cispo.model.moe import (
     RoutingMeter, RoutingStats, RoutingStore, load_balancing_loss, moe_routers, routing, routing_metrics,
 )
-from cispo.tiny_model import build_model, build_tokenizer
+from cispo.model.tiny_model import build_model, build_tokenizer
 
 TINY = TinyModelConfig(arch="minimax", num_layers=4, intermediate_size=256)  # as configs/model/tiny_minimax.yaml
 
@@ -185,7 +185,7 @@ def test_routing_metrics_by_hand():
 
 
 def test_meter_and_empty_micro_batch(tokenizer):
-    from cispo.batch import empty_micro_batch
+    from cispo.algo.batch import empty_micro_batch
 
     model = _model(tokenizer)
     meter = RoutingMeter(model)
@@ -225,9 +225,9 @@ def test_old_new_mismatch_with_and_without_replay(tokenizer):
     import copy
     from dataclasses import asdict
 
-    from cispo.arithmetic import arithmetic_rows
+    from cispo.data.arithmetic import arithmetic_rows
     from cispo.config import AlgoConfig
-    from cispo.loss import loss_knobs, policy_loss
+    from cispo.algo.loss import loss_knobs, policy_loss
 
     rows = arithmetic_rows(2, 16, 0)[0]
     model = _model(tokenizer).train()
@@ -281,11 +281,11 @@ def test_old_new_mismatch_with_and_without_replay(tokenizer):
 
 
 def test_hf_export_reloads_with_the_same_logits(tokenizer, tmp_path):
-    """The trainer's export (cispo.checkpoint.export_hf) of a MiniMax policy reloads with identical logits."""
-    from cispo.checkpoint import export_hf
+    """The trainer's export (cispo.train.checkpoint.export_hf) of a MiniMax policy reloads with identical logits."""
+    from cispo.train.checkpoint import export_hf
     from cispo.config import TrainerConfig
-    from cispo.distributed import init_distributed
-    from cispo.optim import TorchUpdater
+    from cispo.train.distributed import init_distributed
+    from cispo.train.optim import TorchUpdater
 
     model = _model(tokenizer)
     with torch.no_grad():  # stand-in for training: every weight moves
@@ -331,7 +331,7 @@ def test_generation_cache_masks_left_padding(tokenizer):
 
 def test_hf_engine_sampling_logprobs_match_the_trainer(tokenizer):
     from rollout.base import SamplingParams
-    from rollout.hf_engine import HFEngine
+    from rollout.engines.hf_engine import HFEngine
 
     model = _model(tokenizer)
     prompts = [s.prompt_ids for s in _samples(3)]  # different lengths: the engine left-pads them
@@ -349,7 +349,7 @@ def test_renderer_self_test_passes_on_the_tiny_minimax_template(tokenizer, fmt):
     """configs/model/tiny_minimax.yaml ships the tiny tokenizer's ChatML template: its turn boundaries are
     token-exact in both tool-call formats (Hermes' <tool_call>, M1's <tool_calls>), by the start-up self-test."""
     from cispo.config import EnvConfig
-    from cispo.multiturn import renderer_for
+    from cispo.sampling.tool_rollouts import renderer_for
 
     renderer_for(EnvConfig(name="calculator", tool_format=fmt), tokenizer)
 
@@ -357,12 +357,12 @@ def test_renderer_self_test_passes_on_the_tiny_minimax_template(tokenizer, fmt):
 def test_multiturn_trajectories_on_the_tiny_minimax_engine(tokenizer):
     """Lockstep turns on the HF engine running MiniMax (lightning attention re-reads the whole context each turn):
     the trainer's logprobs of each trajectory's model tokens, through its loss mask, equal the engine's."""
-    from cispo.batch import trajectory_sample
+    from cispo.algo.batch import trajectory_sample
     from rollout.base import SamplingParams
-    from rollout.env import Limits
-    from rollout.hf_engine import HFEngine
-    from rollout.multiturn import lockstep_rollout
-    from rollout.render import make_renderer
+    from rollout.env.environment import Limits
+    from rollout.engines.hf_engine import HFEngine
+    from rollout.env.multiturn import lockstep_rollout
+    from rollout.env.render import make_renderer
     from test_multiturn import ROWS, Countdown
 
     model = _model(tokenizer)
@@ -381,7 +381,7 @@ def test_moe_module_imports_only_torch():
     import sys
 
     heavy = ("transformers", "deepspeed", "vllm", "hydra")
-    code = f"import sys, cispo.moe; print(' '.join(m for m in {heavy!r} if m in sys.modules))"
+    code = f"import sys, cispo.model.moe; print(' '.join(m for m in {heavy!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
 
@@ -395,7 +395,7 @@ def tiny_run(tmp_path_factory):
     from hydra import compose, initialize_config_dir
 
     from cispo.cli import to_config
-    from cispo.config import register_configs
+    from cispo.cli import register_configs
     from cispo.trainer import train
 
     tmp = tmp_path_factory.mktemp("minimax_run")

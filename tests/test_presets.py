@@ -13,9 +13,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from cispo.config import Config, register_configs
-from cispo.curriculum import OutputWindow
-from cispo.data import load_splits, prompt_messages
+from cispo.cli import register_configs
+from cispo.config import Config
+from cispo.sampling.curriculum import OutputWindow
+from cispo.data.load import load_splits
+from cispo.data.prompts import prompt_messages
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -97,7 +99,7 @@ def test_paper_sweep_launches_one_job_per_loss(tmp_path):
         import sys
         sys.path.insert(0, {str(ROOT)!r})
         import hydra
-        from cispo.config import register_configs
+        from cispo.cli import register_configs
         register_configs()
 
         @hydra.main(version_base=None, config_path={str(CONFIGS)!r}, config_name="train")

@@ -1,4 +1,4 @@
-"""The python tool (rollout/python_tool.py) with real bubblewrap: model-written programs run in the sandbox, never in
+"""The python tool (rollout/env/python_tool.py) with real bubblewrap: model-written programs run in the sandbox, never in
 this process; failures, timeouts and floods come back as text; at most `workers` programs run at once, and the
 waiting and running are timed; no bubblewrap stops it at start-up.
 
@@ -15,10 +15,10 @@ import time
 import pytest
 
 from rewards.sandbox import SandboxUnavailable, find_bwrap
-from rollout import python_tool
-from rollout.env import Limits, ToolEnv
-from rollout.python_tool import PythonLimits, PythonRunner
-from rollout.tools import TOOLS
+from rollout.env import python_tool
+from rollout.env.environment import Limits, ToolEnv
+from rollout.env.python_tool import PythonLimits, PythonRunner
+from rollout.env.tools import TOOLS
 from test_rewards_code import spare_uid_base
 
 pytestmark = pytest.mark.skipif(find_bwrap() is None or not os.path.exists("/usr/bin/python3"),

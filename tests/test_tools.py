@@ -1,4 +1,4 @@
-"""Tools and tool environments (rollout/tools.py, rollout/env.py): schemas from signatures, the two tool-call
+"""Tools and tool environments (rollout/env/tools.py, rollout/env/environment.py): schemas from signatures, the two tool-call
 formats with malformed calls answered rather than raised, the calculator refusing anything but arithmetic, and
 ToolEnv's limits (calls per turn, output truncation, timeouts) on the tiny model's tokenizer."""
 
@@ -10,9 +10,9 @@ import time
 import pytest
 
 from cispo.config import TinyModelConfig
-from cispo.tiny_model import build_tokenizer
-from rollout.env import ENVS, Limits, ToolEnv, make_env, register_env
-from rollout.tools import TOOLS, calculator, make_tool, parse_tool_calls, register_tool, tool_schema
+from cispo.model.tiny_model import build_tokenizer
+from rollout.env.environment import ENVS, Limits, ToolEnv, make_env, register_env
+from rollout.env.tools import TOOLS, calculator, make_tool, parse_tool_calls, register_tool, tool_schema
 
 
 def weather(city: str, days: int = 3, metric: bool | None = None, tags: list[str] | None = None) -> str:
@@ -184,7 +184,7 @@ def test_env_modules_import_no_stack():
     import subprocess
     import sys
 
-    code = ("import sys, rollout.env, rollout.tools, rollout.render, rollout.trajectory; "
+    code = ("import sys, rollout.env.environment, rollout.env.tools, rollout.env.render, rollout.trajectory; "
             "print(' '.join(m for m in ('torch', 'transformers', 'vllm', 'cispo') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
@@ -217,7 +217,7 @@ def test_tool_env_prompt_from_chat_messages_and_without_tool_descriptions():
 
 @pytest.mark.parametrize("fmt", ["hermes", "minimax"])
 def test_calls_written_in_a_format_parse_back(fmt):
-    from rollout.tools import format_tool_calls
+    from rollout.env.tools import format_tool_calls
 
     calls = [("calculator", {"expression": "3 * 4"}), ("calculator", {"expression": "7"})]
     parsed = parse_tool_calls("Let me compute.\n" + format_tool_calls(calls, fmt), fmt, TOOLS)

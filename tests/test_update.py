@@ -13,17 +13,17 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from cispo.batch import micro_batches, split_groups
-from cispo.collective import Dist
+from cispo.algo.batch import micro_batches, split_groups
+from cispo.train.collective import Dist
 from cispo.config import AlgoConfig, Config, ConfigError, ModelConfig, RolloutConfig, TinyModelConfig
-from cispo.policy import micro_batch_logprobs
-from cispo.tiny_model import make_tiny_model
+from cispo.model.policy import micro_batch_logprobs
+from cispo.model.tiny_model import make_tiny_model
 from dist_worker import case_config, make_samples
 
 
 def test_the_first_mini_batch_pi_old_is_a_forward_only_pass_bit_for_bit(tmp_path):
     import cispo.trainer as trainer
-    from cispo.distributed import build_policy
+    from cispo.train.distributed import build_policy
 
     model_dir = str(make_tiny_model(TinyModelConfig(), tmp_path))
     cfg = case_config(model_dir, None, budget=64)
@@ -57,8 +57,8 @@ def test_the_first_mini_batch_pi_old_is_a_forward_only_pass_bit_for_bit(tmp_path
 def reference_grads(cfg, model_dir, samples, mini, reference) -> list[torch.Tensor]:
     """The first optimizer step's gradients as the trainer computed them with a separate pi_old pass."""
     import cispo.trainer as trainer
-    from cispo.distributed import build_policy
-    from cispo.loss import logp_grad, loss_knobs, policy_loss
+    from cispo.train.distributed import build_policy
+    from cispo.algo.loss import logp_grad, loss_knobs, policy_loss
 
     torch.manual_seed(0)
     policy, _, updater = build_policy(model_dir, cfg, Dist())
@@ -78,7 +78,7 @@ def engine_old_run(cfg, model_dir, samples, pi_old: str):
     from dataclasses import replace
 
     import cispo.trainer as trainer
-    from cispo.distributed import build_policy
+    from cispo.train.distributed import build_policy
 
     cfg = replace(cfg, algo=replace(cfg.algo, pi_old=pi_old))
     torch.manual_seed(0)
@@ -104,7 +104,7 @@ def test_pi_old_from_the_engine_skips_the_pass_and_trains_against_the_engines_lo
     model_dir = str(make_tiny_model(TinyModelConfig(), tmp_path))
     cfg = case_config(model_dir, None, budget=64)
     torch.manual_seed(0)
-    from cispo.distributed import build_policy
+    from cispo.train.distributed import build_policy
 
     policy, _, _ = build_policy(model_dir, cfg, Dist())
     samples = [s for s in make_samples(0, policy.config.vocab_size) if s.loss_len > 0]

@@ -19,12 +19,12 @@ except Exception as exc:  # ImportError, or the OSError a CUDA-built torchvision
     pytest.skip(f"vllm is not importable here ({type(exc).__name__}: {exc})", allow_module_level=True)
 
 from cispo.config import RolloutConfig, TinyModelConfig
-from cispo.tiny_model import make_tiny_model
+from cispo.model.tiny_model import make_tiny_model
 from engine_kit import first_run_end, repetition_weights
 from rollout.base import SamplingParams, prompt_seed
-from rollout.early_stop import EarlyStopRule
-from rollout.vllm_engine import VLLMEngine
-from rollout.weights import iter_named_tensors
+from rollout.engines.early_stop import EarlyStopRule
+from rollout.engines.vllm_engine import VLLMEngine
+from rollout.engines.weights import iter_named_tensors
 
 K, P = 8, 0.99  # early stop in the shared engine: small K so it can fire within a short budget
 MAX_MODEL_LEN = 256
@@ -257,7 +257,7 @@ def test_early_stop_is_the_same_on_the_hf_engine(engine, originals, prompts, mod
     confident tokens with the forced EOS (logprob 0, out of the loss), the same logprobs."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rollout.hf_engine import HFEngine
+    from rollout.engines.hf_engine import HFEngine
 
     weights = repetition_weights(originals, scale)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -283,7 +283,7 @@ def test_fp32_lm_head_engine(model_dir, prompts):
     """A bf16 engine with M1's fp32 LM head (vLLM head_dtype override) starts and samples sensibly."""
     from transformers import AutoModelForCausalLM
 
-    from rollout.hf_engine import upcast_lm_head
+    from rollout.engines.hf_engine import upcast_lm_head
 
     cfg = RolloutConfig(max_tokens=16, max_model_len=MAX_MODEL_LEN, kv_cache_gb=0.125)
     with VLLMEngine(str(model_dir), cfg, dtype="bfloat16", fp32_lm_head=True) as eng:
@@ -329,7 +329,7 @@ def test_closing_the_engine_keeps_the_trainers_process_group(model_dir, tmp_path
         "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=sys.argv[1])\n"
         "dist.init_process_group('gloo', rank=0, world_size=1)\n"
         "from cispo.config import RolloutConfig\n"
-        "from rollout.vllm_engine import VLLMEngine\n"
+        "from rollout.engines.vllm_engine import VLLMEngine\n"
         f"engine = VLLMEngine({str(model_dir)!r}, RolloutConfig(max_tokens=8, max_model_len=64, kv_cache_gb=0.1))\n"
         "engine.close()\n"
         "assert dist.is_initialized(), 'the engine destroyed the process group'\n"

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from cispo.config import Config, ConfigError, ModelConfig, TrainerConfig, WarmStartConfig
-from cispo.data import load_splits
-from cispo.tiny_model import check_cache_dir
-from cispo.warm_start import RESULT_FILE, prepare_model
+from cispo.data.load import load_splits
+from cispo.model.tiny_model import check_cache_dir
+from cispo.start.warm_start import RESULT_FILE, prepare_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ def test_the_default_schedule_reaches_a_target_on_every_path(seed, threads, tmp_
     # 0.1 is reached at steps 190-220 for seeds 0-4 at 1 and 2 threads; 300 steps leaves room for another CPU
     code = (
         "import json, sys, torch; torch.set_num_threads(%d); sys.path.insert(0, %r)\n"
-        "from cispo.config import *; from cispo.data import load_splits; from cispo.warm_start import prepare_model\n"
+        "from cispo.config import *; from cispo.data import load_splits; from cispo.start.warm_start import prepare_model\n"
         "cfg = Config(model=ModelConfig(cache_dir=%r, tiny=TinyModelConfig(seed=%d),\n"
         "             warm_start=WarmStartConfig(target_accuracy=0.1, max_steps=300)), logger=LoggerConfig(progress=False))\n"
         "print(prepare_model(cfg, load_splits(cfg.data, None).train))\n"
@@ -73,7 +73,7 @@ def test_the_check_is_exact_greedy_decoding(tmp_path):
     do not, and the accuracy moves in steps of 1/rows."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cispo.warm_start import answer_batch, greedy_exact_match
+    from cispo.start.warm_start import answer_batch, greedy_exact_match
 
     cfg = Config(model=ModelConfig(cache_dir=str(tmp_path), warm_start=WarmStartConfig(enabled=False)))
     rows = load_splits(cfg.data, None).train[:4]

