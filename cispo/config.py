@@ -134,6 +134,9 @@ class AlgoConfig:
     clip_high: float = 0.2
     loss_agg: str = "token_group"  # token_group | token_batch | sequence | prompt (see cispo/algo/loss.py)
     tis_cap: float | None = None  # truncated IS correction min(pi_old / pi_rollout, tis_cap); None = off
+    # server mode: generation of step s may use the policy of step s - 1 - max_staleness (0 = synchronous); the
+    # stale samples are corrected by the tis_cap weight, or are pi_old with pi_old=engine (cispo/sampling/pipeline.py)
+    max_staleness: int = 0
     # where pi_old, the ratio's denominator, comes from. trainer: a forward after generation (the ratio sees the
     # updates only; the engine's logprobs feed tis_cap and the mismatch/* metrics) | engine: the engine's sampling
     # logprobs, as in M1 (no forward; the ratio carries the train/inference mismatch too; mismatch/* is measured
@@ -166,10 +169,34 @@ class AlgoConfig:
             raise ConfigError("algo.is_weight_min must be <= algo.is_weight_max")
         if self.tis_cap is not None:
             _positive("algo.tis_cap", self.tis_cap)
+        if self.max_staleness < 0:
+            raise ConfigError(f"algo.max_staleness must be >= 0 (0 = synchronous), got {self.max_staleness}")
         _one_of("algo.pi_old", self.pi_old, {"trainer", "engine"})
         if self.pi_old == "engine" and self.tis_cap:
             raise ConfigError("algo.tis_cap weights pi_old against the engine's logprobs, which algo.pi_old=engine "
                               "makes the same: set algo.tis_cap=null, or algo.pi_old=trainer")
+
+
+@dataclass
+class ServerConfig:
+    """rollout.mode=server: the fleet of vLLM servers (rollout/engines/fleet.py; README: "Rollout servers")."""
+
+    # the trainer starts `count` processes on localhost ports port, port + 1, ..., or connects to `urls` started
+    # elsewhere
+    count: int = 1
+    urls: list[str] = field(default_factory=list)
+    port: int = 8200
+    cpus: list[str] = field(default_factory=list)  # CPU set of each server started here, e.g. ["0", "2-3"]
+    args: list[str] = field(default_factory=list)  # more `vllm serve` arguments, e.g. ["--data-parallel-size", "2"]
+    timeout_s: float = 600.0  # start-up, and the longest a request may wait for a healthy server
+    weight_dir: str | None = None  # where weight syncs are written for the servers; null: /dev/shm (or the temp dir)
+
+    def __post_init__(self):
+        if not self.urls and self.count < 1:
+            raise ConfigError("rollout.mode=server needs rollout.server.count >= 1 or rollout.server.urls")
+        if self.cpus and len(self.cpus) != self.count:
+            raise ConfigError(f"rollout.server.cpus has {len(self.cpus)} entries for rollout.server.count="
+                              f"{self.count}: give one CPU set per server, e.g. [\"0\", \"1\"]")
 
 
 @dataclass
@@ -207,33 +234,14 @@ class RolloutConfig:
     # where rollouts run: colocated (one in-process engine per trainer rank, the default) | server (a fleet of
     # vLLM OpenAI servers, rollout/engines/fleet.py; generation may overlap the update, cispo/sampling/pipeline.py)
     mode: str = "colocated"
-    # server mode: the trainer starts `servers` processes on localhost ports server_port, server_port + 1, ...,
-    # or connects to server_urls started elsewhere (README: "Rollout servers")
-    servers: int = 1
-    server_urls: list[str] = field(default_factory=list)
-    server_port: int = 8200
-    server_cpus: list[str] = field(default_factory=list)  # CPU set of each server started here, e.g. ["0", "2-3"]
-    server_args: list[str] = field(default_factory=list)  # more `vllm serve` arguments, e.g. ["--data-parallel-size", "2"]
-    server_timeout_s: float = 600.0  # start-up, and the longest a request may wait for a healthy server
-    weight_dir: str | None = None  # where weight syncs are written for the servers; null: /dev/shm (or the temp dir)
-    # server mode: generation of step s may use the policy of step s - 1 - max_staleness (0 = synchronous); the
-    # stale samples are corrected by the algo.tis_cap weight, or are pi_old with algo.pi_old=engine (cispo/sampling/pipeline.py)
-    max_staleness: int = 0
+    server: ServerConfig = field(default_factory=ServerConfig)  # rollout.mode=server: the servers
 
     def __post_init__(self):
         _one_of("rollout.sleep_level", self.sleep_level, {0, 1, 2})
         _one_of("rollout.mode", self.mode, {"colocated", "server"})
-        if self.max_staleness < 0:
-            raise ConfigError(f"rollout.max_staleness must be >= 0 (0 = synchronous), got {self.max_staleness}")
-        if self.mode == "server":
-            if self.engine not in ("auto", "vllm-server"):
-                raise ConfigError(f"rollout.mode=server runs vLLM servers, but rollout.engine={self.engine!r}: "
-                                  "leave rollout.engine at auto")
-            if not self.server_urls and self.servers < 1:
-                raise ConfigError("rollout.mode=server needs rollout.servers >= 1 or rollout.server_urls")
-            if self.server_cpus and len(self.server_cpus) != self.servers:
-                raise ConfigError(f"rollout.server_cpus has {len(self.server_cpus)} entries for rollout.servers="
-                                  f"{self.servers}: give one CPU set per server, e.g. [\"0\", \"1\"]")
+        if self.mode == "server" and self.engine not in ("auto", "vllm-server"):
+            raise ConfigError(f"rollout.mode=server runs vLLM servers, but rollout.engine={self.engine!r}: "
+                              "leave rollout.engine at auto")
         _positive("rollout.max_tokens", self.max_tokens)
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise ConfigError(f"rollout.min_tokens={self.min_tokens} must be between 0 (off) and rollout.max_tokens "
@@ -523,13 +531,7 @@ class Config:
     env: EnvConfig = field(default_factory=EnvConfig)
 
     def __post_init__(self):
-        if self.rollout.max_staleness and self.rollout.mode != "server":
-            raise ConfigError("rollout.max_staleness > 0 overlaps generation with the update, which needs "
-                              "rollout.mode=server (a colocated engine shares the trainer's devices)")
-        if self.rollout.max_staleness and not self.algo.tis_cap and self.algo.pi_old == "trainer":
-            raise ConfigError(f"rollout.max_staleness={self.rollout.max_staleness} trains on samples of older "
-                              "policies: set algo.tis_cap (e.g. 2.0), the capped weight that corrects for them, "
-                              "or algo.pi_old=engine, which takes the ratio against them (cispo/sampling/pipeline.py)")
+        self._check_off_policy()
         if self.algo.pi_old == "engine":
             if self.model.routing_replay:
                 raise ConfigError("model.routing_replay replays the experts of the trainer's pi_old pass, which "
@@ -538,8 +540,42 @@ class Config:
                 raise ConfigError(f"algo.pi_old=engine takes the engine's logprobs under top_p={self.rollout.top_p}, "
                                   "a truncated distribution the trainer's pi_theta is not: set rollout.top_p=1.0, "
                                   "or algo.pi_old=trainer")
+            if self.rollout.min_tokens:
+                raise ConfigError(f"algo.pi_old=engine takes the engine's logprobs, which under rollout.min_tokens="
+                                  f"{self.rollout.min_tokens} come from a distribution with the end of sequence "
+                                  "masked out (the trainer's pi_theta is not): set rollout.min_tokens=0, or "
+                                  "algo.pi_old=trainer")
         if self.model.path == "tiny" and self.rollout.max_model_len > self.model.tiny.max_positions:
             raise ConfigError(f"rollout.max_model_len={self.rollout.max_model_len} is beyond the tiny model's "
                               f"{self.model.tiny.max_positions} positions: raise model.tiny.max_positions to at "
                               "least rollout.max_model_len")
+
+    def _check_off_policy(self) -> None:
+        """The rule for samples of older policies (algo.max_staleness > 0), stated once: they run on servers, and
+        their weight against the policy that generated them is bounded. With algo.pi_old=trainer the bound is
+        algo.tis_cap; with algo.pi_old=engine the ratio itself is that weight, so the loss must cap it."""
+        algo = self.algo
+        if not algo.max_staleness:
+            return
+        if self.rollout.mode != "server":
+            raise ConfigError("algo.max_staleness > 0 overlaps generation with the update, which needs "
+                              "rollout.mode=server (a colocated engine shares the trainer's devices)")
+        if algo.pi_old == "trainer":
+            if not algo.tis_cap:
+                raise ConfigError(f"algo.max_staleness={algo.max_staleness} trains on samples of older policies: "
+                                  "set algo.tis_cap (e.g. 2.0), the capped weight that corrects for them, or "
+                                  "algo.pi_old=engine with a loss that caps its IS weight (cispo/sampling/pipeline.py)")
+            return
+        from cispo.algo.loss import weight_cap  # torch, as in AlgoConfig's own checks
+
+        cap = weight_cap(algo.loss)
+        fix = "or use algo.pi_old=trainer with algo.tis_cap (e.g. 2.0)"
+        if cap is None:
+            uses = "does not cap its IS weight" if algo.loss in ("dapo", "grpo") else "does not weight tokens by the ratio"
+            raise ConfigError(f"algo.loss={algo.loss} {uses}, so with algo.pi_old=engine nothing bounds the "
+                              f"correction of samples up to algo.max_staleness={algo.max_staleness} policies old: "
+                              f"use algo.loss=cispo, {fix}")
+        if getattr(algo, cap) is None:
+            raise ConfigError(f"algo.{cap}=null leaves the weight of stale samples unbounded with algo.pi_old=engine "
+                              f"(a token with log-ratio 5 weighs 148): set algo.{cap} (e.g. 5.0), {fix}")
 

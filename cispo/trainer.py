@@ -16,7 +16,7 @@ the loss normaliser of the whole mini-batch; every rank's engine receives the ne
 (the default run) every collective is the identity.
 
 Server mode (rollout.mode=server; cispo/sampling/pipeline.py, rollout/engines/fleet.py): rank 0 alone talks to a fleet of vLLM
-servers, which generate each batch (up to rollout.max_staleness steps ahead of the update) and receive the
+servers, which generate each batch (up to algo.max_staleness steps ahead of the update) and receive the
 weights after each update; every rank trains on the batch rank 0 broadcasts.
 
 Multi-turn tool use (env.name set; cispo/sampling/tool_rollouts.py): each sample is a trajectory of model turns and tool
@@ -188,7 +188,7 @@ def start_rollouts(cfg: Config, kind: str, model_dir: str, run_dir: Path, scorer
         sampler = ColocatedSampler(cfg, fleet, scorer, tokenizer, Dist())  # rank 0 alone talks to the fleet
     probe = encode_prompts(tokenizer, eval_rows[:1], cfg.data)[0]
     return Pipelined(sampler, fleet, curriculum, target=cfg.algo.prompts_per_step, steps=cfg.trainer.steps,
-                     max_staleness=cfg.rollout.max_staleness, dist=dist, probe=probe)
+                     max_staleness=cfg.algo.max_staleness, dist=dist, probe=probe)
 
 
 def rl_step(cfg: Config, step: int, rollouts: Synchronous | Pipelined, updater,

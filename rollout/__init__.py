@@ -53,8 +53,7 @@ register_engine("hf", "rollout.engines.hf_engine:build", honours={"max_model_len
 SERVER_ENGINE = "vllm-server"
 register_engine(SERVER_ENGINE, "rollout.engines.fleet:build", honours={
     "max_model_len", "min_tokens", "kv_cache_gb", "gpu_memory_utilization", "tensor_parallel_size", "enforce_eager",
-    "mode", "servers", "server_urls", "server_port", "server_cpus", "server_args", "server_timeout_s", "weight_dir",
-    "max_staleness",
+    "server",  # rollout.server.*: the servers started or connected to
 })
 
 

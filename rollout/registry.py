@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 Builder = Callable[[str, Any, Any, int], "RolloutEngine"]  # (model_dir, rollout_cfg, model_cfg, seed)
 
 # RolloutConfig fields every engine honours: they reach it as SamplingParams on every generate() call
-COMMON_KNOBS = frozenset({"engine", "max_tokens", "temperature", "top_p", "seed"})
+COMMON_KNOBS = frozenset({"engine", "mode", "max_tokens", "temperature", "top_p", "seed"})  # not engine knobs
 PROTOCOL = ("generate", "load_weights", "sleep", "wake", "close")  # rollout.base.RolloutEngine
 
 
@@ -91,10 +91,19 @@ def engine_spec(kind: str) -> EngineSpec:
     return EngineSpec(obj, frozenset(getattr(obj, "honours", ())) - COMMON_KNOBS)
 
 
-def unhonoured_knobs(spec: EngineSpec, rollout_cfg) -> dict[str, Any]:
-    """The engine knobs of `rollout_cfg` (a RolloutConfig) set away from their default that `spec` ignores."""
-    return {f.name: getattr(rollout_cfg, f.name) for f in dataclasses.fields(rollout_cfg)
-            if f.name not in COMMON_KNOBS | spec.honours and getattr(rollout_cfg, f.name) != _default(f)}
+def unhonoured_knobs(spec: EngineSpec, rollout_cfg) -> dict[str, tuple[Any, Any]]:
+    """The engine knobs of `rollout_cfg` (a RolloutConfig) set away from their default that `spec` ignores:
+    dotted key -> (value, default). A knob group (rollout.server) is honoured or not as a whole and reported by
+    its changed keys."""
+    return {key: change for f in dataclasses.fields(rollout_cfg) if f.name not in COMMON_KNOBS | spec.honours
+            for key, change in _changes(f.name, getattr(rollout_cfg, f.name), _default(f)).items()}
+
+
+def _changes(key: str, value: Any, default: Any) -> dict[str, tuple[Any, Any]]:
+    if dataclasses.is_dataclass(value):
+        return {k: c for f in dataclasses.fields(value)
+                for k, c in _changes(f"{key}.{f.name}", getattr(value, f.name), getattr(default, f.name)).items()}
+    return {} if value == default else {key: (value, default)}
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -110,9 +119,8 @@ def check_engine_knobs(kind: str, rollout_cfg) -> None:
     if not ignored:
         return
     via = f" (rollout.engine={rollout_cfg.engine} resolved to {kind})" if rollout_cfg.engine != kind else ""
-    defaults = {f.name: _default(f) for f in dataclasses.fields(rollout_cfg)}
-    needs = "; ".join(f"rollout.{key}={value!r} needs {_honoured_by(key)} (default {defaults[key]!r})"
-                      for key, value in ignored.items())
+    needs = "; ".join(f"rollout.{key}={value!r} needs {_honoured_by(key.split('.')[0])} (default {default!r})"
+                      for key, (value, default) in ignored.items())
     it, default = ("it", "it at its default") if len(ignored) == 1 else ("them", "them at their defaults")
     raise EngineConfigError(f"{needs}; the {kind} engine{via} cannot honour {it}. Set rollout.engine to such an "
                             f"engine, or leave {default}.")

@@ -1,4 +1,4 @@
-"""Generation ahead of the update: samples/s and held-out accuracy at rollout.max_staleness 0, 1, 2, side by side.
+"""Generation ahead of the update: samples/s and held-out accuracy at algo.max_staleness 0, 1, 2, side by side.
 
     python scripts/bench_async.py [--staleness 0 1 2] [--seeds 0 1 2] [--steps 80] [--server-cpus 0]
                                   [--trainer-cpus 1] [--out runs/bench_async] [-- extra Hydra overrides]
@@ -39,8 +39,8 @@ def run(k: int, seed: int, args, extra: list[str]) -> dict:
     run_dir = args.out / name
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = ["taskset", "-c", args.trainer_cpus, sys.executable, str(ROOT / "scripts" / "train.py"),
-           "rollout.mode=server", f"rollout.max_staleness={k}", f"rollout.server_cpus=[{args.server_cpus}]",
-           f"rollout.server_port={args.port}", f"trainer.seed={seed}", f"rollout.seed={seed}",
+           "rollout.mode=server", f"algo.max_staleness={k}", f"rollout.server.cpus=[{args.server_cpus}]",
+           f"rollout.server.port={args.port}", f"trainer.seed={seed}", f"rollout.seed={seed}",
            f"trainer.steps={args.steps}", "trainer.eval_every=0", f"model.cache_dir={args.out / 'cache'}",
            f"trainer.output_dir={run_dir}", "logger.progress=false", "logger.wandb_mode=disabled",
            *(["algo.tis_cap=2.0"] if k else []), *extra]

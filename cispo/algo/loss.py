@@ -75,10 +75,12 @@ class LossOut:
 
 LossFn = Callable[..., TokenLoss]
 LOSSES: dict[str, LossFn] = {}
+WEIGHT_CAPS: dict[str, str | None] = {}  # loss name -> the knob capping its IS weight (register_loss)
 
 
-def register_loss(name: str) -> Callable[[LossFn], LossFn]:
+def register_loss(name: str, *, weight_cap: str | None = None) -> Callable[[LossFn], LossFn]:
     """Decorator: make `fn(logp [N], ratio [N], adv [N], coef [N], *, knobs...) -> TokenLoss` the loss `name`.
+    `weight_cap`: the knob that bounds the loss's IS weight from above, when it has one (`weight_cap(name)`).
 
     logp carries the gradient; ratio = pi / pi_old is clamped (LOG_RATIO_BOUND) and detached (`ratio_with_grad`
     gives it a gradient); adv is the advantage of each token's response; coef its aggregation coefficient (times
@@ -93,9 +95,18 @@ def register_loss(name: str) -> Callable[[LossFn], LossFn]:
             raise TypeError(f"loss {name!r} must be a function (logp, ratio, adv, coef, *, knobs) -> TokenLoss, "
                             f"got {fn!r}")
         LOSSES[name] = fn
+        WEIGHT_CAPS[name] = weight_cap
         return fn
 
     return register
+
+
+def weight_cap(name: str) -> str | None:
+    """The knob that caps loss `name`'s IS weight (cispo: is_weight_max), or None: the loss ignores the ratio
+    (reinforce) or leaves it unbounded for some tokens (PPO's clip, for a negative advantage). With
+    algo.pi_old=engine and algo.max_staleness > 0 that cap is the only bound on the off-policy weight."""
+    resolve_loss(name)
+    return WEIGHT_CAPS[name]
 
 
 def resolve_loss(name: str) -> LossFn:
@@ -186,7 +197,7 @@ def trust_region_exits(ratio: Tensor, adv: Tensor, clip_low: float, clip_high: f
     return (ratio > 1.0 + clip_high) & (adv > 0), (ratio < 1.0 - clip_low) & (adv < 0)
 
 
-@register_loss("cispo")
+@register_loss("cispo", weight_cap="is_weight_max")
 def cispo(logp: Tensor, ratio: Tensor, adv: Tensor, coef: Tensor, *, is_weight_max: float | None,
           is_weight_min: float | None, unified_mask: bool, clip_low: float, clip_high: float) -> TokenLoss:
     """CISPO: loss_t = -sg(clip(r_t, is_weight_min, is_weight_max)) * A_t * log pi(o_t) [* M_t].

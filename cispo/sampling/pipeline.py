@@ -1,5 +1,5 @@
 """When a step's batch is generated: strictly before its update (`Synchronous`), or ahead of it on a fleet of
-rollout servers while the trainer updates (`Pipelined`, rollout.mode=server, rollout.max_staleness=k).
+rollout servers while the trainer updates (`Pipelined`, rollout.mode=server, algo.max_staleness=k).
 
 The trainer sees either through the same five calls per step: `next(step)` (the FilledBatch to train on),
 `updating()` (around the update), `publish(updater, step)` (the new weights), `finish(filled)` (the curriculum's
@@ -12,15 +12,17 @@ servers load the newest published weights, so every sample of a batch comes from
 carries (`Episode.version`); the batch's staleness is (s - 1) - version, at most k. k = 0 is the synchronous
 loop, on servers. Other ranks receive each batch from rank 0.
 
-The objective under staleness (a decision, AReaL's decoupled PPO objective, Fu et al. 2025): the trainer's
+The objective under staleness (a decision, after AReaL's decoupled PPO objective, Fu et al. 2025): the trainer's
 pi_old, recomputed from its current weights at the start of the update, is the *proximal* policy, and the CISPO
 ratio pi_theta / pi_old and its clip are taken against it, exactly as at k = 0. The engine's sampling logprobs
-are the *behaviour* policy, which is up to k updates older; each token's loss is weighted by the capped
-importance weight min(pi_old / pi_behaviour, algo.tis_cap) (cispo.algo.loss.tis_weights, the same machinery that
-corrects engine/trainer mismatch at k = 0), so rollout.max_staleness > 0 requires algo.tis_cap. Staler tokens
-carry smaller or capped weights rather than being dropped: CISPO keeps every token's gradient.
+are the *behaviour* policy, up to k updates older; each token's loss is weighted by the truncated importance
+weight min(pi_old / pi_behaviour, algo.tis_cap) (TIS; cispo.algo.loss.tis_weights, the same machinery that
+corrects engine/trainer mismatch at k = 0). AReaL drops the tokens whose behaviour weight exceeds its cap; this
+truncates them to the cap instead, because CISPO's premise is that every token keeps its gradient. A stale token's
+weight is not smaller than a fresh one's: it may be anything up to the cap.
 With algo.pi_old=engine there is no proximal policy: pi_old is the behaviour policy itself, so the CISPO ratio
-spans the staleness (and any mismatch) and its weight cap, algo.is_weight_max, bounds it, as in prime-rl.
+spans the staleness (and any mismatch), and the loss's weight cap, algo.is_weight_max, bounds it, as in prime-rl.
+Which configurations may run ahead is one rule, cispo.config.Config._check_off_policy.
 
 Deviations, on purpose: prompts retired by the curriculum stop being drawn up to k steps late (the producer has
 taken them already); the output window moves on a length signal up to k steps old.

