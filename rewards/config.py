@@ -38,10 +38,12 @@ class RewardConfig:
     #   the text after the last "answer is" / "Answer:", else the last non-empty line; math-verify's own
     #   extraction reads only its last candidate in that text, never the reasoning (rewards/math.py, step 2).
     math_mode: str = "strict"
-    # The final answer must be a number literal (-12, 3.5, 1,000); any other answer is "wrong" even when it
-    # equals the gold. For tasks whose question is an expression to evaluate (data.source=arithmetic): without
-    # it \boxed{87+4} is credited as 91, and a policy learns to box the question.
-    math_numeric: bool = False
+    # When the gold is a plain number (56088, -3.5, 1,000, 50%, 5 \text{cm}), the final answer must be one too:
+    # an expression equal to it (\boxed{123 \times 456}, \frac{112176}{2}, 2^{100}) is "wrong". Without it
+    # math-verify credits the computation restated instead of done, and a policy learns to box the question
+    # (\boxed{87+4} within 5 steps). A symbolic gold (\frac{3}{4}, 2\sqrt{3}, a set, an interval) is left to
+    # math-verify's equivalence either way. false: every answer math-verify finds equal is correct.
+    math_numeric: bool = True
     # Marks the end of thinking. A response that opens a think block (think_start) and never closes it has
     # no answer; a response with no marker at all is searched whole (templates that put think_start in the
     # prompt leave only think_end in the response).

@@ -19,9 +19,12 @@ Per response, in the trainer process (microseconds):
         unparseable final answer is not rescued by a number the reasoning happened to contain.
      In both modes an empty final answer (`\boxed{}`, `\boxed{ }`: the instruction's template copied) is
         no answer, so reward.format_score never pays for the box alone.
-     With reward.math_numeric the answer must be a number (`-12`, `3.5`, `1,000`): an expression equal to
-        the gold is wrong. For tasks whose question is the expression (the embedded arithmetic), where boxing
-        `87+4` would otherwise be credited as 91 (a real model learnt exactly that within 5 RL steps).
+     A gold that is a plain number (`is_number`) needs an answer that is one too (reward.math_numeric, on by
+        default): an expression equal to the gold is wrong, because it restates the computation instead of
+        doing it (`87+4` for 91, `\frac{112176}{2}` for 56088; a real model learnt to box the question within
+        5 RL steps). A symbolic gold (a fraction, a radical, a set, an interval, an expression) is left to
+        math-verify's equivalence. In lenient mode the rule applies to the final answer's math, or to what
+        math-verify extracts from its text.
   3. Pre-checks on the answer (`precheck`), which bound what sympy would spend on it rather than its length:
      at most max_answer_digits digits in all its numbers together (a plain number, digits with an optional
      sign and decimal point, is cheap however long: only this applies to it), at most max_answer_chars
@@ -30,8 +33,8 @@ Per response, in the trainer process (microseconds):
      numbers whose value would have more than max_answer_digits digits. Each of these kept math-verify busy
      in sympy until its 5 s alarm (and an alarm cannot interrupt a long C-level bigint operation); here they
      cost a regex and score "rejected". The pool's hard deadline stays the backstop for whatever gets past.
-  4. Normalisation of answer and gold alike (`normalize`): a trailing percent sign is dropped
-     (`strip_percent`) and every empty set (`\varnothing`, `\{\}`, U+2205) is written `\emptyset`.
+  4. Normalisation of answer and gold alike (`normalize`): a trailing percent sign (`strip_percent`) and a
+     leading `=` are dropped, and every empty set (`\varnothing`, `\{\}`, U+2205) is written `\emptyset`.
   5. Fast path (`fast_verdict`): the gold and the answer are both plain integers (any length) or decimals
      of at most 15 significant digits, the common case in arithmetic training. It decides only where
      math-verify would agree: math-verify compares two integers exactly, and when a decimal is involved it
@@ -65,10 +68,19 @@ _PLAIN_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")  # 1,000
 _NO_DIGITS = str.maketrans("", "", "0123456789")
 _PERCENT = re.compile(r"\s*\\?%\s*$")
+_LEADING_EQUALS = re.compile(r"^=\s*")
 _EMPTY_SET = re.compile(r"\\varnothing(?![a-zA-Z])|\\\{\s*\\\}|\u2205")
 _NOT_SEPARATORS = re.compile(r"\\,|" + _THOUSANDS.pattern)  # thin spaces, thousands separators
 _MAX_FAST_DIGITS = 15  # sympy Floats carry 15 significant digits; past that rounding can make values equal
 _FAST_WRONG_GAP = Decimal("1e-5")  # well outside math-verify's 6-decimal rounding
+
+# What may surround a plain number (is_number): a dollar sign before it, a unit after it (a \text, \mathrm or
+# \mbox of letters, or a degree sign), and thousands separated by `,` or `{,}`.
+_NUMERAL = re.compile(r"[-+]?(?:\d+(?:\.\d+)?|\.\d+)")
+_CURRENCY = re.compile(r"^\\\$\s*")
+_UNIT = re.compile(r"(?:\s|\\[ ,;])*(?:\\(?:text|mathrm|mbox)\s*\{[a-zA-Z\s.]*\}|\^\s*(?:\\circ|\{\s*\\circ\s*\}))$")
+_DIGIT_GROUPS = re.compile(r"(?<=\d)(?:,|\{,\})(?=\d{3}(?!\d))")
+_NOT_A_NUMBER = "the gold is a plain number and the answer is not (reward.math_numeric)"
 
 # (pattern, reason): shapes that send sympy into huge integer arithmetic. Numeric bases only, so that
 # symbolic answers such as e^{x^2} or x^{2^n} still reach math-verify.
@@ -268,6 +280,16 @@ def fast_verdict(gold: str, answer: str) -> bool | None:
     return None
 
 
+def is_number(text: str) -> bool:
+    """Whether `text` (normalized) is a plain number: an integer or a decimal, maybe with a sign, thousands
+    separators, a dollar sign or a unit, and maybe after `x =` (the value is what follows the last `=`). An
+    expression, a fraction or scientific notation is not, whatever its value."""
+    if answer_parts(text) > 1:
+        return False
+    value = _CURRENCY.sub("", text.rpartition("=")[2].strip())
+    return bool(_NUMERAL.fullmatch(_DIGIT_GROUPS.sub("", _UNIT.sub("", value))))
+
+
 def strip_percent(text: str) -> str:
     r"""`50\%` -> `50`. math-verify 0.9 cannot parse a boxed percent at all (it falls back to comparing
     strings, so 50 vs 50\% is wrong); like units, the sign is treated as decoration."""
@@ -275,29 +297,30 @@ def strip_percent(text: str) -> str:
 
 
 def normalize(text: str) -> str:
-    r"""An answer or a gold as math-verify gets it: no trailing percent, every empty set `\emptyset`
-    (math-verify 0.9 reads `\varnothing` as a symbol)."""
-    text = strip_percent(text.strip())
+    r"""An answer or a gold as math-verify gets it: no trailing percent, no leading `=` (math-verify 0.9 reads
+    `= 5` as nothing, and `x = 5` as 5), every empty set `\emptyset` (it reads `\varnothing` as a symbol)."""
+    text = _LEADING_EQUALS.sub("", strip_percent(text.strip()))
     return _EMPTY_SET.sub(lambda _: "\\emptyset", text) if "\\" in text or "\u2205" in text else text
 
 
 @functools.lru_cache(maxsize=4096)
-def prepared_gold(gold: str) -> tuple[str, int]:
-    """The gold as math-verify gets it (normalized, without surrounding $), and how many parts it lists;
-    cached, as the responses of a group share their gold."""
+def prepared_gold(gold: str) -> tuple[str, int, bool]:
+    """The gold as math-verify gets it (normalized, without surrounding $), how many parts it lists, and whether
+    it is a plain number; cached, as the responses of a group share their gold."""
     gold = normalize(gold.strip().strip("$"))
-    return gold, answer_parts(gold)
+    return gold, answer_parts(gold), is_number(gold)
 
 
 def prepare_math(response: str, gold: str, *, mode: str, think_start: str, think_end: str,
-                 limits: AnswerLimits, numeric: bool = False) -> Grade | dict:
-    """Grade what can be graded here; otherwise return the worker task {"gold", "answer" | "text"}.
+                 limits: AnswerLimits, numeric: bool = True) -> Grade | dict:
+    """Grade what can be graded here; otherwise return the worker task {"gold", "answer" | "text", "numeric"}.
+    numeric: reward.math_numeric (a plain-number gold needs a plain-number answer).
     Grades made here: "correct" | "wrong" (fast path, info["fast_path"] True) | "no_answer" | "rejected";
     info["extracted"] is the answer text (or None), info["reason"] says why no_answer / rejected."""
     region = answer_region(response, think_start, think_end)
     if region is None:
         return Grade("no_answer", {"extracted": None, "reason": "unclosed think block"})
-    gold, gold_parts = prepared_gold(gold)
+    gold, gold_parts, gold_is_number = prepared_gold(gold)
     found = final_answer(region, gold_parts, lenient=mode == "lenient")
     if found is None:
         return Grade("no_answer", {"extracted": None, "reason": _NO_ANSWER[mode]})
@@ -308,13 +331,13 @@ def prepare_math(response: str, gold: str, *, mode: str, think_start: str, think
     if reason is not None:
         return Grade("rejected", {"extracted": answer[:200], "reason": reason})
     answer = normalize(answer)
-    if numeric and not _PLAIN_NUMBER.fullmatch(_THOUSANDS.sub("", answer)):
-        # reward.math_numeric: `\boxed{87+4}` equals 91, but it is the question copied, not an answer
-        return Grade("wrong", {"extracted": answer, "reason": "not a number (reward.math_numeric)"})
+    numeric = numeric and gold_is_number
+    if numeric and key == "answer" and not is_number(answer):
+        return Grade("wrong", {"extracted": answer, "reason": _NOT_A_NUMBER})
     verdict = fast_verdict(gold, answer)
     if verdict is not None:
         return Grade("correct" if verdict else "wrong", {"extracted": answer, "fast_path": True})
-    return {"gold": gold, key: answer}
+    return {"gold": gold, key: answer, "numeric": numeric}
 
 
 # ---- the grader: the "math" entry of rewards.registry.GRADERS ---------------------------------------------
@@ -396,7 +419,8 @@ class _MathWorker:
 
     def __call__(self, task: dict) -> Grade:
         """task: {"gold": str, "answer": str} (box content, or math read like it) or {"gold": str, "text": str}
-        (lenient mode's final answer text: only math-verify's last candidate in it is read).
+        (lenient mode's final answer text: only math-verify's last candidate in it is read), and "numeric": bool
+        (the gold is a plain number and reward.math_numeric is on, so what is read from the text must be one).
         Grade status: "correct" | "wrong" | "no_answer" (text only) | "gold_unparseable"."""
         gold = self._gold(task["gold"])
         if not gold:
@@ -411,5 +435,7 @@ class _MathWorker:
                 return Grade("no_answer", {"extracted": None})
             # The raw string math-verify matched; str() of a sympy object can itself hang.
             extracted = pred[-1] if isinstance(pred[-1], str) else None
+            if task["numeric"] and not (extracted and is_number(extracted)):
+                return Grade("wrong", {"extracted": extracted, "reason": _NOT_A_NUMBER})
         ok = bool(pred) and self._mv.verify(gold, pred, timeout_seconds=self._alarm_s)
         return Grade("correct" if ok else "wrong", {"extracted": extracted})
