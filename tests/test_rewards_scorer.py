@@ -297,7 +297,7 @@ def test_config_validation_names_the_field(kwargs, message):
 
 def test_close_stops_the_workers():
     scorer = RewardScorer(RewardConfig(num_workers=1))
-    scorer.score(["\\boxed{\\frac{1}{2}}"], [{"answer": "0.5"}])  # not a plain number: starts the pool
+    scorer.score(["\\boxed{\\frac{1}{2}}"], [{"answer": "\\frac{2}{4}"}])  # a symbolic gold: starts the pool
     proc = scorer._pools["math"]._workers[0].proc
     scorer.close()
     deadline = time.monotonic() + 5
