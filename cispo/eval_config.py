@@ -52,7 +52,7 @@ class EvalConfig:
     """Sampled evaluation (scripts/evaluate.py). M1 reports avg@k at temperature 1.0, top_p 0.95."""
 
     k: int = 4  # samples per prompt: avg@k, and pass@j for j = 1, 2, 4, ... <= k
-    temperature: float = 1.0
+    temperature: float = 1.0  # also the trainer's sampled evaluation (trainer.eval_k)
     top_p: float = 0.95
     max_tokens: int | None = None  # response budget (reasoning included); None = rollout.max_tokens
     seed: int | None = 0  # each (prompt, sample) gets a seed derived from this one; None = unseeded

@@ -4,7 +4,7 @@ vllm, deepspeed, hydra, omegaconf or wandb.
 
     from rewards import RewardConfig, RewardScorer
     with RewardScorer(RewardConfig()) as scorer:
-        batch = scorer.score(responses, rows)   # BatchRewards: scores, results, loss_mask, metrics
+        batch = scorer.score(responses, rows)   # BatchRewards: scores, results, trainable, metrics
 """
 
 from rewards.base import RewardFn, RewardResult, register_reward_fn, resolve_reward_fn

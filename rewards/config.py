@@ -79,7 +79,7 @@ class RewardConfig:
     overlong_buffer: int = 0
     overlong_penalty: float = 1.0
     # "score": truncated responses are graded as they are; "mask": still graded (for the metrics), but
-    # BatchRewards.loss_mask is False for them so the trainer leaves them out of the loss.
+    # BatchRewards.trainable is False for them so the trainer leaves them out of the loss.
     truncated: str = "score"
 
     # --- code ----------------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ step; the pools run one after another.
 Scores: a built-in grade's score is correct_score / wrong_score / no_answer_score by status (code in "fraction"
 mode interpolates by the pass fraction), plus format_score when the answer was extracted and graded; a user
 function's result keeps its own score. BatchRewards.scores add the overlong penalty on top. Rows whose gold
-or tests cannot be used ("gold_unparseable", "bad_tests") carry no signal about the response and get loss_mask
-False.
+or tests cannot be used ("gold_unparseable", "bad_tests") carry no signal about the response and are not
+trainable.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class BatchRewards:
 
     scores: result.score + overlong penalty (what the advantages are computed from).
     results: the grade of each response.
-    loss_mask: False = leave this response out of the loss (truncated with reward.truncated="mask", or a
+    trainable: False = leave this response out of the loss (truncated with reward.truncated="mask", or a
         row that cannot be graded).
     penalties: the overlong penalty in each score (<= 0; 0 without reward.overlong_buffer).
     metrics: "reward/mean", "reward/std", "reward/accuracy" (fraction "correct"), "reward/status/<status>"
@@ -58,7 +58,7 @@ class BatchRewards:
 
     scores: list[float]
     results: list[RewardResult]
-    loss_mask: list[bool]
+    trainable: list[bool]
     penalties: list[float]
     metrics: dict[str, float]
 
@@ -201,10 +201,10 @@ class RewardScorer:
                      for length in response_lengths] if cfg.overlong_buffer > 0 else [0.0] * n
         scores = [r.score + p for r, p in zip(results, penalties, strict=True)]
         mask_truncated = cfg.truncated == "mask"
-        loss_mask = [r.status not in UNGRADABLE and not (mask_truncated and truncated[i])
+        trainable = [r.status not in UNGRADABLE and not (mask_truncated and truncated[i])
                      for i, r in enumerate(results)]
-        return BatchRewards(scores, results, loss_mask, penalties,
-                            batch_metrics(results, rows, scores, penalties, loss_mask, truncated, elapsed))
+        return BatchRewards(scores, results, trainable, penalties,
+                            batch_metrics(results, rows, scores, penalties, trainable, truncated, elapsed))
 
 
 def custom_grader(cfg: RewardConfig) -> Grader | None:
@@ -230,7 +230,7 @@ def _outcome_grade(outcome: TaskOutcome) -> Grade:
 
 
 def batch_metrics(results: list[RewardResult], rows: list[Mapping], scores: list[float], penalties: list[float],
-                  loss_mask: list[bool], truncated: list[bool] | None, elapsed: float) -> dict[str, float]:
+                  trainable: list[bool], truncated: list[bool] | None, elapsed: float) -> dict[str, float]:
     """The metrics documented on BatchRewards."""
     n = max(len(results), 1)
     counts = Counter(r.status for r in results)
@@ -240,7 +240,7 @@ def batch_metrics(results: list[RewardResult], rows: list[Mapping], scores: list
         "reward/accuracy": counts["correct"] / n,
         "reward/overlong_penalty_mean": statistics.fmean(penalties) if penalties else 0.0,
         "reward/overlong_frac": sum(p < 0 for p in penalties) / n,
-        "reward/masked_frac": loss_mask.count(False) / n,
+        "reward/masked_frac": trainable.count(False) / n,
         "reward/time_s": elapsed,
     }
     for status in (*STATUSES, *sorted(set(counts) - set(STATUSES))):

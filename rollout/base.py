@@ -48,11 +48,6 @@ class Completion:
     finish_reason: str  # stop | length | early_stop
     text: str  # decoded response, special tokens skipped
 
-    @property
-    def loss_tokens(self) -> int:
-        """Tokens that enter the loss: an early stop's forced EOS was not sampled from the policy (M1 §3.2)."""
-        return len(self.token_ids) - (self.finish_reason == "early_stop")
-
 
 @dataclass
 class Rollout:

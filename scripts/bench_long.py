@@ -8,7 +8,7 @@ weights; speed and memory depend on neither them nor the token ids) with `--resp
 after a 32-token prompt, and measures two phases with cispo.phases.PhaseMonitor:
 
   pi_old   the forward-only pass the trainer runs for every mini-batch but the first (no_grad)
-  update   cispo.trainer.update_policy with one update: the packed micro-batch's forward (attention
+  update   cispo.train.update.update_policy with one update: the packed micro-batch's forward (attention
            cispo.model.policy.packed_attention, LM head cispo.model.logprobs in chunks), the CISPO loss, backward, AdamW
 
 Memory is the process's resident set at its peak in each phase, less the resident set before the first phase
@@ -46,7 +46,7 @@ def worker(length: int, responses: int, checkpointing: bool, threads: int, cache
     from cispo.train.optim import TorchUpdater
     from cispo.model.policy import load_policy, micro_batch_logprobs
     from cispo.model.tiny_model import make_tiny_model
-    from cispo.trainer import update_policy
+    from cispo.train.update import update_policy
 
     torch.set_num_threads(threads)
     tiny = TinyModelConfig(max_positions=81920)
@@ -57,7 +57,7 @@ def worker(length: int, responses: int, checkpointing: bool, threads: int, cache
     updater = TorchUpdater(policy, cfg.trainer, Dist())
     vocab, rng = policy.config.vocab_size, torch.Generator().manual_seed(0)  # the same tokens at every point
     samples = [Sample(prompt_ids=torch.randint(3, vocab, (PROMPT,), generator=rng).tolist(),
-                      response_ids=torch.randint(3, vocab, (length,), generator=rng).tolist(), loss_len=length,
+                      response_ids=torch.randint(3, vocab, (length,), generator=rng).tolist(), loss_mask=[True] * length,
                       rollout_logp=torch.full((length,), -6.0), adv=1.0 if i % 2 else -1.0, group=0)
                for i in range(responses)]
     memory, base = PhaseMonitor(lambda text: print(text, file=sys.stderr, flush=True)), rss_bytes()

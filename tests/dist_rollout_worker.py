@@ -43,7 +43,8 @@ def main() -> None:
     from cispo.train.distributed import build_policy, init_distributed
     from cispo.phases import PhaseMonitor
     from cispo.sampling.pipeline import Synchronous
-    from cispo.sampling.sampler import ColocatedSampler
+    from cispo.sampling.sampler import EngineSampler
+    from rollout.base import EngineSink
     from cispo.trainer import rl_step
     from rewards import RewardScorer
     from rewards.config import RewardConfig
@@ -71,7 +72,9 @@ def main() -> None:
     rows = [{"prompt": f"Tell me about {i}.", "answer": "", "source": "length", "id": i} for i in range(16)]
     with RewardScorer(cfg.reward) as scorer:
         curriculum = Curriculum(cfg.curriculum, PromptStream(rows, 0), cfg.rollout.max_tokens)
-        rollouts = Synchronous(ColocatedSampler(cfg, engine, scorer, tokenizer, dist), curriculum, cfg.algo.prompts_per_step)
+        sink = EngineSink(engine)
+        rollouts = Synchronous(EngineSampler(cfg, engine, sink, scorer, tokenizer, dist), sink, curriculum,
+                               cfg.algo.prompts_per_step)
         metrics, _ = rl_step(cfg, 1, rollouts, updater, PhaseMonitor())
     after = [c.token_ids for c in engine.generate(probes, greedy).completions]
     weights = {name: t.to("cpu", copy=True) for name, t in updater.named_weights()}  # collective under ZeRO-3

@@ -41,17 +41,17 @@ def make_samples(step: int, vocab: int) -> list[Sample]:
     logprobs; one response per batch is left out of the loss (loss_len 0) and one keeps only part of its tokens."""
     g = torch.Generator().manual_seed(1000 + step)
     rand = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
-    samples = []
+    drawn = []  # (prompt, response, group)
     for group in range(GROUPS):
         prompt = torch.randint(3, vocab, (rand(3, 10),), generator=g).tolist()
         for _ in range(GROUP_SIZE):
-            response = torch.randint(3, vocab, (rand(1, 40),), generator=g).tolist()
-            samples.append(Sample(prompt, response, len(response), torch.zeros(0), 0.0, group))
-    samples[4].loss_len = 0
-    samples[7].loss_len = max(1, len(samples[7].response_ids) // 2)
-    for s in samples:
-        s.rollout_logp = -torch.rand(s.loss_len, generator=g) * 3
-        s.adv = float(torch.randn(1, generator=g))
+            drawn.append((prompt, torch.randint(3, vocab, (rand(1, 40),), generator=g).tolist(), group))
+    keep = [len(response) for _, response, _ in drawn]
+    keep[4], keep[7] = 0, max(1, len(drawn[7][1]) // 2)
+    samples = []
+    for (prompt, response, group), n in zip(drawn, keep):
+        logp = -torch.rand(n, generator=g) * 3
+        samples.append(Sample.leading(prompt, response, n, logp, float(torch.randn(1, generator=g)), group))
     return samples
 
 
@@ -70,15 +70,15 @@ def case_config(model_dir: str, zero_stage, *, budget: int, gradient_checkpointi
 
 def run_case(cfg: Config, dist, variant: str = "ok") -> dict:
     """update_policy for STEPS batches from the model's initial weights; metrics, grad norms, final weights."""
-    import cispo.trainer as trainer
+    import cispo.train.update as update
     from cispo.train.distributed import build_policy
     from cispo.model.policy import shares_prompts
 
     torch.manual_seed(0)
     policy, _, updater = build_policy(cfg.model.path, cfg, dist)
-    trainer.micro_batches = micro_batches
+    update.micro_batches = micro_batches
     if variant == "rank_mean":  # the bug the tests must catch: each rank normalises over its own share
-        trainer.micro_batches = lambda samples, mine, budget, agg, norm_over=None, **packing: micro_batches(
+        update.micro_batches = lambda samples, mine, budget, agg, norm_over=None, **packing: micro_batches(
             samples, mine, budget, agg, **packing)
     if variant == "no_world_scale":
         updater.backward = lambda loss: updater.engine.backward(loss)
@@ -92,9 +92,9 @@ def run_case(cfg: Config, dist, variant: str = "ok") -> dict:
         for mini in split_groups(kept, UPDATES):  # this rank's micro-batches (gradient accumulation steps)
             micro.append(len(micro_batches(kept, dist.shard_groups(kept, mini), cfg.trainer.max_tokens_per_micro,
                                            cfg.algo.loss_agg, norm_over=mini, share_prompts=shares_prompts(policy))))
-        metrics.append(trainer.update_policy(cfg, k + 1, updater, samples))
+        metrics.append(update.update_policy(cfg, k + 1, updater, samples))
     weights = {name: t.detach().to("cpu", copy=True) for name, t in updater.named_weights()}
-    trainer.micro_batches = micro_batches
+    update.micro_batches = micro_batches
     return {"metrics": metrics, "norms": norms, "weights": weights, "micro_batches": micro,
             "updater": updater, "policy": policy}
 

@@ -9,8 +9,14 @@ from __future__ import annotations
 import torch
 
 from rollout.engines import hf_engine
+from rollout.trajectory import Trajectory
 
 CALLS: list[tuple] = []  # RecordingEngine's log: (method, detail)
+
+
+def loss_tokens(completion) -> int:
+    """How many of a completion's tokens train: its one-turn trajectory's mask (an early stop's EOS is out)."""
+    return sum(Trajectory.single_turn([], completion, 0).loss_mask)
 
 
 def repetition_weights(originals: dict, scale: float) -> dict:

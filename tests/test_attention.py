@@ -73,7 +73,7 @@ def _groups(vocab: int) -> list[Sample]:
         for _ in range(4):
             n = int(torch.randint(1, 20, (1,), generator=g))
             response = torch.randint(3, vocab, (n,), generator=g).tolist()
-            samples.append(Sample(prompt, response, n, torch.zeros(n), float(torch.randn(1, generator=g)), group))
+            samples.append(Sample.leading(prompt, response, n, torch.zeros(n), float(torch.randn(1, generator=g)), group))
     return samples
 
 

@@ -11,7 +11,7 @@ from cispo.model.tiny_model import make_tiny_model
 
 def _sample(prompt, response, group, loss_len=None):
     n = len(response) if loss_len is None else loss_len
-    return Sample(prompt, response, n, torch.zeros(n), 1.0, group)
+    return Sample.leading(prompt, response, n, torch.zeros(n), 1.0, group)
 
 
 def test_logit_positions_and_targets_by_hand():

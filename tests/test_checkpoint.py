@@ -66,6 +66,11 @@ def metrics(run_dir: Path) -> dict[int, dict]:
     return {r["step"]: {k: v for k, v in r.items() if not any(t in k for t in TIMING)} for r in rows}
 
 
+def prompt_versions(run_dir: Path) -> dict[int, int]:
+    """prompts.jsonl: each step's policy version, the one that generated its samples."""
+    return {r["step"]: r["version"] for r in map(json.loads, (run_dir / "prompts.jsonl").read_text().splitlines())}
+
+
 def assert_same_steps(a: dict, b: dict, steps) -> float:
     """Identical metrics at `steps`; returns the largest absolute difference (0.0 when bitwise equal)."""
     worst = 0.0
@@ -88,6 +93,7 @@ def test_exact_resume_after_sigkill(cache, tmp_path):
     run(train_cmd(*small_run(cache, full, f"trainer.steps={steps}", "logger.samples=3")))
     reference = metrics(full)
     assert sum(reference[s]["train/samples"] for s in range(1, steps + 1)) > 0  # the policy really trains
+    assert prompt_versions(full) == {s: s - 1 for s in range(1, steps + 1)}  # step s samples the policy of s - 1
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(train_cmd(*small_run(cache, killed, f"trainer.steps={steps}", f"trainer.save_every={every}",
@@ -114,6 +120,7 @@ def test_exact_resume_after_sigkill(cache, tmp_path):
                              "logger.samples=3")))  # resume=auto
     resumed = metrics(killed)
     assert sorted(resumed) == list(range(steps + 1))  # rows logged after step k by the killed run were dropped
+    assert prompt_versions(killed) == prompt_versions(full)  # the resumed engine serves the checkpoint's policy
     worst = assert_same_steps(reference, resumed, range(k + 1, steps + 1))
     print(f"killed after checkpoint {k}; steps {k + 1}..{steps} after resume: max |diff| {worst}")
     # samples.jsonl: the first 3 responses of every step, decoded, once each (the killed run's later rows trimmed)

@@ -9,11 +9,13 @@ import json
 import pytest
 
 from cispo.config import ConfigError, CurriculumConfig
-from cispo.sampling.curriculum import Curriculum, GroupOutcome, OutputWindow, PassRateTracker, fill_batch
+from cispo.sampling.curriculum import Curriculum, GroupOutcome, OutputWindow, PassRateTracker
+from cispo.sampling.dynamic import fill as fill_step, fill_batch
 from cispo.data.prompts import PromptStream
 from cispo.sampling.sampler import Episode, SampledBatch
 from rewards import RewardConfig, RewardScorer
 from rollout.base import Completion
+from rollout.trajectory import Trajectory
 
 M1_WINDOWS = [40000, 48000, 56000, 64000, 72000, 80000]
 
@@ -128,6 +130,8 @@ def problems(correct: list[int]) -> list[dict]:
 class ScriptedSampler:
     """A cispo.sampling.sampler.Sampler whose k-th completion of a row is right when k < row["k"], graded for real."""
 
+    multi_turn = False
+
     def __init__(self, scorer, calls: list, group_size: int = G):
         self.scorer, self.calls, self.group_size = scorer, calls, group_size
 
@@ -139,8 +143,9 @@ class ScriptedSampler:
                 text = "\\boxed{7}" if j < row["k"] else "\\boxed{8}"
                 done.append(Completion(i, [1] * (3 + i + j), [-0.1] * (3 + i + j), "stop", text))
         graded = self.scorer.score([c.text for c in done], [rows[c.prompt_index] for c in done])
-        episodes = [Episode(c, r, s, 0.0, m) for c, r, s, m in zip(done, graded.results, graded.scores, graded.loss_mask)]
-        return SampledBatch([[100 + i] for i in range(len(rows))], episodes, self.group_size, 0.5, 0.0)
+        episodes = [Episode(c.prompt_index, Trajectory.single_turn([100 + c.prompt_index], c, 0), r, s, 0.0, m)
+                    for c, r, s, m in zip(done, graded.results, graded.scores, graded.trainable)]
+        return SampledBatch(len(rows), episodes, self.group_size, 0.5, 0.0)
 
 
 def fill(stream, sampler, **kwargs):
@@ -169,12 +174,12 @@ def test_refill_until_the_batch_holds_target_informative_groups(scorer):
     assert [r["id"] for r in filled.rows] == [order[i] for i in (0, 1, 2, 4, 6, 9)]
     # each kept group is its row's, with its grades
     assert [len(g) for g in filled.groups] == [G] * 6
-    for row, prompt, group in zip(filled.rows, filled.prompts, filled.groups):
-        assert prompt[0] >= 100 and 0 < row["k"] < G
+    for row, group in zip(filled.rows, filled.groups):
+        assert 0 < row["k"] < G and all(e.trajectory.prompt_ids[0] >= 100 for e in group)
         assert sum(e.result.status == "correct" for e in group) == row["k"]
         for e in group:
-            assert (e.result.status == "correct") == (e.completion.text == "\\boxed{7}")
-            assert e.score == (e.completion.text == "\\boxed{7}")
+            assert (e.result.status == "correct") == (e.trajectory.text == "\\boxed{7}")
+            assert e.score == (e.trajectory.text == "\\boxed{7}")
     # metrics describe everything generated (11 prompts), not the kept subset
     assert filled.metrics["sampling/prompts"] == 11 and filled.metrics["sampling/rounds"] == 3
     assert filled.metrics["sampling/informative_frac"] == pytest.approx(7 / 11)
@@ -187,7 +192,7 @@ def test_refill_gives_up_after_max_rounds(scorer):
     stream, calls = PromptStream(problems([0, 4, 0, 4, 0, 4]), seed=0), []
     filled = fill(stream, ScriptedSampler(scorer, calls), target=3, max_rounds=3)
     assert len(calls) == 3 and [len(ids) for _, ids in calls] == [3, 3, 3]  # no informative group: full requests
-    assert filled.rows == [] and filled.groups == [] and filled.prompts == []
+    assert filled.rows == [] and filled.groups == []
     assert filled.metrics["sampling/filled"] == 0.0 and filled.metrics["sampling/informative_frac"] == 0.0
     assert filled.metrics["rollout/len_mean"] > 0  # the lengths of what was generated are still reported
 
@@ -207,7 +212,7 @@ def test_curriculum_update_retires_solved_prompts_and_resumes(scorer):
     stream = PromptStream(problems(pattern), seed=1)
     cur = Curriculum(cfg, stream, max_tokens=16)
     sampler = ScriptedSampler(scorer, [])
-    filled = cur.fill(sampler, 1, target=3)
+    filled = fill_step(cur, sampler, 1, target=3)
     metrics = cur.update(filled)
     assert metrics["curriculum/window"] == 8.0  # the window this step used; lengths up to 3 + 2 + 3 = 8 -> advance
     assert metrics["curriculum/window_advanced"] == 1.0 and cur.max_tokens == 16
@@ -220,7 +225,7 @@ def test_curriculum_update_retires_solved_prompts_and_resumes(scorer):
     cur2 = Curriculum(cfg, stream2, max_tokens=16)
     cur2.load_state_dict(state)
     for _ in range(3):
-        a, b = cur.fill(sampler, 2, 3), cur2.fill(sampler, 2, 3)
+        a, b = fill_step(cur, sampler, 2, 3), fill_step(cur2, sampler, 2, 3)
         assert [r["id"] for r in a.rows] == [r["id"] for r in b.rows]
         assert cur.update(a) == cur2.update(b)
     assert stream.retired == stream2.retired == {"p0", "p2"}

@@ -224,7 +224,7 @@ print("deepspeed" in sys.modules, "torch.distributed" in sys.modules and __impor
 
 
 def _samples(lengths_by_group: list[list[int]]) -> list[Sample]:
-    return [Sample([1, 2, 3], [5] * n, n, torch.zeros(n), 1.0, g)
+    return [Sample.leading([1, 2, 3], [5] * n, n, torch.zeros(n), 1.0, g)
             for g, lengths in enumerate(lengths_by_group) for n in lengths]
 
 

@@ -24,7 +24,7 @@ except Exception as exc:  # ImportError, or the OSError a CUDA-built torchvision
 
 from cispo.algo.batch import trajectory_sample
 from cispo.sampling.tool_rollouts import ToolRollouts
-from cispo.sampling.pipeline import filled_from_json
+from cispo.sampling.dynamic import FilledBatch
 from rollout.base import SamplingParams
 from rollout.engines.fleet import Fleet
 from rollout.env.multiturn import rollout_trajectories
@@ -84,7 +84,7 @@ def test_greedy_sessions_are_the_lockstep_trajectories_and_stay_on_one_server(ta
         t.check()
         assert t.prompt_ids == ref.prompt_ids and t.token_ids == ref.token_ids and t.loss_mask == ref.loss_mask
         assert [s.source for s in t.spans] == ["model", "env", "model"]  # a call, its result, the answer
-        assert t.finish_reason == ref.finish_reason == "done"
+        assert t.end == ref.end == "done"
         assert len(session.turns) == t.num_turns and len(set(session.turns)) == 1 and session.moves == 0
     assert {s.turns[0] for s in got.sessions} == {s.url for s in fleet.servers}  # both servers took sessions
     assert got.generate_s > 0 and got.env_s > 0
@@ -150,14 +150,14 @@ def test_server_mode_trains_on_tool_trajectories_and_saves_those_in_flight(taugh
         assert step["train/tokens"] == round(step["rollout/len_mean"] * 16 * (1 - step["rollout/env_token_frac"]))
     state = json.loads((tmp_path / "checkpoints" / "step-000001" / "trainer_state.json").read_text())["state"]
     (saved,) = state["rollouts"]["ready"]  # step 2's batch, generated while step 1 trained
-    filled = filled_from_json(saved["filled"])
+    filled = FilledBatch.from_json(saved["filled"])
     with_tool = 0
-    for group, prompt in zip(filled.groups, filled.prompts):
+    for group in filled.groups:
         for e in group:
             t = e.trajectory
             t.check()
-            assert e.completion.token_ids == t.token_ids
-            s = trajectory_sample(t, prompt, 1.0, 0)
+            assert set(t.versions) == {saved["version"]}  # every token carries the policy that generated the batch
+            s = trajectory_sample(t, 1.0, 0)
             assert s.loss_len == t.num_trainable
             with_tool += t.num_trainable < len(t.token_ids)  # the tool's reply is in the trajectory, not the loss
     assert with_tool > 0

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cispo.config import ModelConfig, RolloutConfig, TinyModelConfig
 from cispo.model.tiny_model import make_tiny_model
-from engine_kit import first_run_end, repetition_weights
+from engine_kit import first_run_end, loss_tokens, repetition_weights
 from rollout import build_engine
 from rollout.base import SamplingParams
 
@@ -80,10 +80,10 @@ def test_repetition_early_stop(scaled_dirs, prompts, scale):
             assert c.token_ids[-1] == eos
             assert all(q > P for q in probs[-K - 1 : -1])
             assert c.logprobs[-1] == 0.0  # forced: every other token was masked
-            assert c.loss_tokens == len(c.token_ids) - 1
+            assert loss_tokens(c) == len(c.token_ids) - 1
         else:
             assert end is None or end == len(c.token_ids), (c.finish_reason, end, probs)  # no run it missed
-            assert c.loss_tokens == len(c.token_ids)
+            assert loss_tokens(c) == len(c.token_ids)
     if scale == 5.0:
         assert reasons.count("early_stop") >= len(reasons) // 2, reasons
     if scale is None:
@@ -109,7 +109,7 @@ def test_greedy_early_stop_after_exactly_k_tokens(scaled_dirs, prompts):
     """Greedy decoding of the repetitive model: K confident tokens, then the forced EOS, in every row."""
     engine = hf_engine(scaled_dirs[5.0])
     out = engine.generate(prompts, SamplingParams(n=2, max_tokens=MAX_TOKENS, temperature=0.0)).completions
-    assert [(len(c.token_ids), c.finish_reason, c.loss_tokens) for c in out] == [(K + 1, "early_stop", K)] * len(out)
+    assert [(len(c.token_ids), c.finish_reason, loss_tokens(c)) for c in out] == [(K + 1, "early_stop", K)] * len(out)
     assert all(c.logprobs[-1] == 0.0 for c in out)
 
 

@@ -60,7 +60,7 @@ def test_cispo_clipped_tokens_keep_gradient_ppo_drops_them():
     old = torch.log(torch.full((4,), 0.1))  # ratio 9: past every bound
     adv, coef = torch.ones(4), torch.full((4,), 0.25)
     cispo = policy_loss(logp, old, adv, coef, loss="cispo", **knobs("cispo", is_weight_max=5.0))
-    (g_cispo,) = torch.autograd.grad(cispo.algo.loss, logp)
+    (g_cispo,) = torch.autograd.grad(cispo.loss, logp)
     assert cispo.clipped_high.all()
     torch.testing.assert_close(g_cispo, -0.25 * 5.0 * adv)  # capped weight, gradient still flows
     ppo = policy_loss(logp, old, adv, coef, loss="dapo", **knobs("dapo", clip_low=0.2, clip_high=0.28))
@@ -141,7 +141,7 @@ def _samples(seed=2, prompts=4, group=3):
         prompt = torch.randint(0, 50, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist()
         for _ in range(group):
             n = int(torch.randint(0, 9, (1,), generator=g))  # 0 = a response left out of the loss
-            out.append(Sample(prompt, list(range(n)), n, torch.zeros(n), float(torch.randn(1, generator=g)), p))
+            out.append(Sample.leading(prompt, list(range(n)), n, torch.zeros(n), float(torch.randn(1, generator=g)), p))
     return out
 
 
@@ -183,7 +183,7 @@ def test_unified_mask_reproduces_ppo_clip_gradient():
     cispo = policy_loss(logp, old, adv, coef, loss="cispo",
                         **knobs("cispo", is_weight_max=None, unified_mask=True, clip_low=eps, clip_high=eps))
     ppo = policy_loss(logp, old, adv, coef, loss="grpo", **knobs("grpo", clip_low=eps, clip_high=eps))
-    (g_cispo,) = torch.autograd.grad(cispo.algo.loss, logp)
+    (g_cispo,) = torch.autograd.grad(cispo.loss, logp)
     (g_ppo,) = torch.autograd.grad(ppo.loss, logp)
     assert 0 < (~cispo.kept).sum() < 200  # the mask acts on some tokens, not all
     torch.testing.assert_close(g_cispo, g_ppo, rtol=1e-5, atol=1e-7)

@@ -44,22 +44,21 @@ def trajectories(vocab: int, seed: int = 0) -> list[tuple[list[int], Trajectory,
 
 
 def as_samples(trajs, advs) -> list[Sample]:
-    return [trajectory_sample(t, p, a, grp) for (p, t, grp), a in zip(trajs, advs)]
+    return [trajectory_sample(t, a, grp) for (_, t, grp), a in zip(trajs, advs)]
 
 
 def test_packed_positions_targets_and_lengths_by_hand():
-    s = Sample([1, 2], [3, 4, 5, 6, 7], 3, torch.tensor([-1.0, -2.0, -3.0]), 1.0, 0,
-               loss_mask=[True, True, False, False, True])
-    (mb,) = micro_batches([s, Sample([8], [9, 10], 2, torch.zeros(2), 1.0, 1)], [0, 1], 100, "token_batch")
+    s = Sample([1, 2], [3, 4, 5, 6, 7], [True, True, False, False, True], torch.tensor([-1.0, -2.0, -3.0]), 1.0, 0)
+    (mb,) = micro_batches([s, Sample.leading([8], [9, 10], 2, torch.zeros(2), 1.0, 1)], [0, 1], 100, "token_batch")
     assert mb.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]  # env tokens 5, 6 stay as context
     assert mb.logit_pos.tolist() == [1, 2, 5, 7, 8]  # 7 is predicted at the position of 6
     assert mb.targets.tolist() == [3, 4, 7, 9, 10]
     assert mb.rollout_logp.tolist() == [-1.0, -2.0, -3.0, 0.0, 0.0]
     assert mb.lengths == [3, 2] and torch.equal(mb.coef, torch.full((5,), 1 / 5))  # 5 trainable tokens, not 7
-    with pytest.raises(ValueError, match="loss_len"):
-        Sample([1], [2, 3], 2, torch.zeros(2), 1.0, 0, loss_mask=[True, False])
-    with pytest.raises(ValueError, match="entries"):
-        Sample([1], [2, 3], 1, torch.zeros(1), 1.0, 0, loss_mask=[True])
+    with pytest.raises(ValueError, match="rollout_logp has 2 entries for 1 loss tokens"):
+        Sample([1], [2, 3], [True, False], torch.zeros(2), 1.0, 0)
+    with pytest.raises(ValueError, match="loss_mask has 1 entries for 2 response tokens"):
+        Sample([1], [2, 3], [True], torch.zeros(1), 1.0, 0)
 
 
 def test_prefix_and_full_masks_equal_the_single_turn_path():
@@ -67,9 +66,8 @@ def test_prefix_and_full_masks_equal_the_single_turn_path():
     plain, masked = [], []
     for k, (n, keep) in enumerate([(5, 5), (4, 2), (3, 0), (6, 6)]):
         resp, logp = list(range(10, 10 + n)), -torch.rand(keep, generator=g)
-        plain.append(Sample([1, 2, 3][: k + 1], resp, keep, logp, float(k) - 1.5, k // 2))
-        masked.append(Sample([1, 2, 3][: k + 1], resp, keep, logp, float(k) - 1.5, k // 2,
-                             loss_mask=[t < keep for t in range(n)]))
+        plain.append(Sample.leading([1, 2, 3][: k + 1], resp, keep, logp, float(k) - 1.5, k // 2))
+        masked.append(Sample([1, 2, 3][: k + 1], resp, [t < keep for t in range(n)], logp, float(k) - 1.5, k // 2))
     for agg in AGGREGATIONS:
         for a, b in zip(micro_batches(plain, [0, 1, 2, 3], 9, agg), micro_batches(masked, [0, 1, 2, 3], 9, agg)):
             for name in ("input_ids", "position_ids", "logit_pos", "targets", "adv", "coef", "rollout_logp"):
@@ -82,8 +80,8 @@ def test_every_normaliser_counts_only_trainable_tokens(agg):
     """The coefficients of a batch with env tokens = those of the same batch with the env tokens cut out."""
     trajs = trajectories(50)
     masked = as_samples(trajs, [1.0] * len(trajs))
-    cut = [Sample(s.prompt_ids, [s.response_ids[t] for t in s.loss_positions()], s.loss_len, s.rollout_logp, 1.0,
-                  s.group) for s in masked]
+    cut = [Sample.leading(s.prompt_ids, [s.response_ids[t] for t in s.loss_positions()], s.loss_len, s.rollout_logp,
+                          1.0, s.group) for s in masked]
     assert sum(len(s.response_ids) for s in masked) > sum(s.loss_len for s in masked)  # env tokens are there
     idx = list(range(len(masked)))
     (a,), (b,) = micro_batches(masked, idx, 10**6, agg), micro_batches(cut, idx, 10**6, agg)

@@ -41,7 +41,7 @@ def _samples(n=6, seed=0, response=12):
         prompt = torch.randint(3, 300, (int(torch.randint(5, 40, (1,), generator=g)),), generator=g).tolist()
         resp = torch.randint(3, 300, (response,), generator=g).tolist()
         adv = 1.0 if k % 2 else -1.0
-        out.append(Sample(prompt, resp, response, torch.zeros(response), adv, group=k // 2))
+        out.append(Sample.leading(prompt, resp, response, torch.zeros(response), adv, group=k // 2))
     return out
 
 
@@ -214,7 +214,7 @@ def _answer_samples(tokenizer, rows):
     out = []
     for k, row in enumerate(rows):
         answer = tokenizer.encode(f"\\boxed{{{row['answer']}}}") + [tokenizer.eos_token_id]
-        out.append(Sample(tokenizer.encode(row["prompt"]), answer, len(answer), torch.zeros(len(answer)), 1.0, k))
+        out.append(Sample.leading(tokenizer.encode(row["prompt"]), answer, len(answer), torch.zeros(len(answer)), 1.0, k))
     return out
 
 
@@ -312,7 +312,7 @@ def _generation_mismatch(model, tokenizer, generate):
                    pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True, output_scores=True)
     new = out.sequences[:, width:]
     sampled = torch.stack([s.log_softmax(-1) for s in out.scores], 1).gather(-1, new[..., None])[..., 0]
-    samples = [Sample(p, new[k].tolist(), 20, sampled[k], 0.0, 0) for k, p in enumerate(prompts)]
+    samples = [Sample.leading(p, new[k].tolist(), 20, sampled[k], 0.0, 0) for k, p in enumerate(prompts)]
     (mb,) = micro_batches(samples, [0, 1, 2], 1 << 20, None)
     with torch.no_grad():
         logp, _ = _logp(model, mb)
@@ -336,7 +336,7 @@ def test_hf_engine_sampling_logprobs_match_the_trainer(tokenizer):
     model = _model(tokenizer)
     prompts = [s.prompt_ids for s in _samples(3)]  # different lengths: the engine left-pads them
     out = HFEngine(model, tokenizer).generate(prompts, SamplingParams(n=2, max_tokens=20, temperature=1.0, seed=0))
-    samples = [Sample(prompts[c.prompt_index], c.token_ids, len(c.token_ids), torch.tensor(c.logprobs), 0.0, 0)
+    samples = [Sample.leading(prompts[c.prompt_index], c.token_ids, len(c.token_ids), torch.tensor(c.logprobs), 0.0, 0)
                for c in out.completions]
     (mb,) = micro_batches(samples, list(range(len(samples))), 1 << 20, None)
     with torch.no_grad():
@@ -368,7 +368,7 @@ def test_multiturn_trajectories_on_the_tiny_minimax_engine(tokenizer):
     model = _model(tokenizer)
     out = lockstep_rollout(HFEngine(model, tokenizer), [Countdown(2) for _ in ROWS], ROWS, make_renderer(tokenizer),
                            SamplingParams(n=1, max_tokens=6, temperature=1.0, seed=0), Limits(token_budget=10_000))
-    samples = [trajectory_sample(t, t.prompt_ids, 1.0, i) for i, t in enumerate(out.trajectories)]
+    samples = [trajectory_sample(t, 1.0, i) for i, t in enumerate(out.trajectories)]
     assert all(t.num_turns == 3 and 0 < s.loss_len < len(t.token_ids) for t, s in zip(out.trajectories, samples))
     (mb,) = micro_batches(samples, list(range(len(samples))), 1 << 20, None)
     with torch.no_grad():

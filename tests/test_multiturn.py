@@ -141,7 +141,7 @@ def check_against_engine(traj: Trajectory, env: Countdown, calls, renderer):
         assert traj.logprobs[span.start:span.stop] == c.logprobs[:n]
         assert all(traj.loss_mask[span.start:span.stop])
         if n < len(c.token_ids):
-            assert traj.finish_reason == "budget" and span is model_spans[-1]
+            assert traj.end == "budget" and span is model_spans[-1]
         if k < len(env.texts):
             assert env.texts[k] == c.text  # the environment read the engine's text
     for a, b in zip(traj.spans, traj.spans[1:]):
@@ -162,11 +162,11 @@ def test_lockstep_rollout_on_the_hf_engine_keeps_the_engines_ids(engine):
     assert [len(c[2]) for c in rec.calls] == [3, 2, 1]  # lockstep: finished trajectories drop out
     assert [c[1].seed for c in rec.calls] == [0, 1, 2] and all(c[1].max_tokens == 6 for c in rec.calls)
     for i, (t, env) in enumerate(zip(trajs, envs)):
-        assert t.finish_reason == "done" and t.num_turns == env.turns + 1
+        assert t.end == "done" and t.num_turns == env.turns + 1
         assert t.rewards == [0.25] * env.turns + [1.0] and t.reward == 0.25 * env.turns + 1.0
         assert t.prompt_ids == renderer.prompt([{"role": "user", "content": ROWS[i]["prompt"]}])
         check_against_engine(t, env, rec.calls, renderer)
-        s = trajectory_sample(t, t.prompt_ids, 1.0, i)
+        s = trajectory_sample(t, 1.0, i)
         assert s.loss_len == sum(len(m) for m in t.model_turns()) == t.num_trainable
         assert s.rollout_logp.tolist() == pytest.approx([lp for m, lp in zip(t.loss_mask, t.logprobs) if m])
 
@@ -181,7 +181,7 @@ def test_budget_and_max_turns(engine):
                              Limits(max_turns=3, token_budget=budget)).trajectories
     cut = 0
     for t, env in zip(trajs, envs):
-        assert len(t.token_ids) <= budget and t.finish_reason in ("budget", "max_turns")
+        assert len(t.token_ids) <= budget and t.end in ("budget", "max_turns")
         check_against_engine(t, env, rec.calls, renderer)
         cut += len(t.token_ids) == budget and len(t.model_turns()[-1]) < rec.calls[1][1].max_tokens
     assert cut == 2, "two second turns were cut short of what the engine returned"
@@ -190,7 +190,7 @@ def test_budget_and_max_turns(engine):
     trajs = lockstep_rollout(rec, [Countdown(99) for _ in ROWS], ROWS, renderer,
                              SamplingParams(n=1, max_tokens=4, seed=1),
                              Limits(max_turns=2, token_budget=10_000)).trajectories
-    assert all(t.finish_reason == "max_turns" and t.num_turns == 2 and t.spans[-1].source == MODEL for t in trajs)
+    assert all(t.end == "max_turns" and t.num_turns == 2 and t.spans[-1].source == MODEL for t in trajs)
     assert all(len(t.rewards) == 2 for t in trajs)  # the last turn was still stepped
 
 
@@ -215,7 +215,7 @@ def test_calculator_episode_through_the_loop(tok):
               "The answer is 84."]
     (t,) = lockstep_rollout(Scripted(tok, script), [env], [{"prompt": "What is (3+4)*12?", "answer": "84"}],
                             renderer, SamplingParams(n=1, max_tokens=64), Limits()).trajectories
-    assert t.finish_reason == "done" and t.rewards == [0.0, 1.0]
+    assert t.end == "done" and t.rewards == [0.0, 1.0]
     text = tok.decode(t.prompt_ids + t.token_ids)
     assert "<|im_start|>tool\n84<|im_end|>\n<|im_start|>assistant\nThe answer is 84.<|im_end|>" in text
     assert [s.source for s in t.spans] == [MODEL, ENV, MODEL]
@@ -248,10 +248,31 @@ def test_trajectory_timeout_and_the_times_of_a_call(engine):
     out = lockstep_rollout(engine, [Sleepy(3, 5.0) for _ in ROWS], ROWS, renderer, sampling,
                            Limits(max_turns=4, trajectory_timeout_s=0.5, token_budget=10_000))
     assert time.perf_counter() - start < 3.0
-    assert all(t.finish_reason == "timeout" and t.num_turns == 1 and t.rewards == [] for t in out.trajectories)
+    assert all(t.end == "timeout" and t.num_turns == 1 and t.rewards == [] for t in out.trajectories)
     assert 0.4 < out.env_s < 3.0 and out.generate_s > 0
     # the deadline falls in the second turn's steps: the first step's reward is kept, no third turn starts
     out = lockstep_rollout(engine, [Sleepy(9, 0.3) for _ in ROWS], ROWS, renderer, sampling,
                            Limits(max_turns=4, trajectory_timeout_s=0.5, token_budget=10_000))
-    assert all(t.finish_reason == "timeout" and t.num_turns == 2 and t.rewards == [0.25] for t in out.trajectories)
+    assert all(t.end == "timeout" and t.num_turns == 2 and t.rewards == [0.25] for t in out.trajectories)
     assert 0.35 < out.env_s <= 0.5 + 0.2 and out.env_s + out.generate_s < 1.0
+
+
+def test_lockstep_never_asks_beyond_the_context_window(engine):
+    """Trajectories of different lengths in one lockstep call: the turn asked for is capped so that the longest
+    context plus it fits max_model_len (the engine refuses anything longer), and a trajectory with no room left
+    in the window ends "budget". Without the cap the long-reply trajectory's third turn asks past the window."""
+    renderer = make_renderer(engine.tokenizer)
+    window = 160
+    from rollout.engines.hf_engine import HFEngine
+
+    capped = HFEngine(engine.model, engine.tokenizer, max_model_len=window)
+    rec = Recording(capped)
+    envs = [Countdown(99, pad) for pad in (0, 30, 0)]  # one environment replies with ~30 more tokens a turn
+    trajs = lockstep_rollout(rec, envs, ROWS, renderer, SamplingParams(n=1, max_tokens=24, seed=3),
+                             Limits(max_turns=6, token_budget=400, max_context=window)).trajectories
+    assert all(len(p) + c[1].max_tokens <= window for c in rec.calls for p in c[0])
+    assert any(c[1].max_tokens < 24 for c in rec.calls)  # some turns were capped by the window
+    long = trajs[1]
+    assert long.end == "budget" and len(long.prompt_ids) + len(long.token_ids) <= window
+    for t, env in zip(trajs, envs):
+        check_against_engine(t, env, rec.calls, renderer)

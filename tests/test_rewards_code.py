@@ -386,4 +386,4 @@ def test_bad_tests_are_masked_not_punished():
     with RewardScorer(cfg) as scorer:
         batch = scorer.score([fenced("print(1)")], [{"source": "code", "tests": {"inputs": ["1"], "outputs": []}}])
     assert batch.results[0].status == "bad_tests"
-    assert batch.loss_mask == [False]
+    assert batch.trainable == [False]

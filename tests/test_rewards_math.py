@@ -246,7 +246,7 @@ def test_a_restated_computation_earns_nothing_by_default():
 
 def test_ungradable_gold_is_masked(strict_batch):
     statuses = [r.status for r in strict_batch.results]
-    assert strict_batch.loss_mask == [s != "gold_unparseable" for s in statuses]
+    assert strict_batch.trainable == [s != "gold_unparseable" for s in statuses]
 
 
 # ---- issue #18 corner cases: one table, both modes -------------------------------------------------------

@@ -88,7 +88,7 @@ def test_truncated_responses(mode, mask):
     responses = ["\\boxed{4}", "<think>and then I ran out of tok", "\\boxed{5}"]
     with RewardScorer(RewardConfig(truncated=mode)) as scorer:
         batch = scorer.score(responses, [{"answer": "4"}] * 3, truncated=[False, True, False])
-    assert batch.loss_mask == mask
+    assert batch.trainable == mask
     assert [r.status for r in batch.results] == ["correct", "no_answer", "wrong"]  # still graded
     assert batch.metrics["reward/truncated_frac"] == pytest.approx(1 / 3)
     assert batch.metrics["reward/masked_frac"] == pytest.approx(mask.count(False) / 3)

@@ -10,6 +10,7 @@ tool and turn metrics, and its loss tokens are the model's tokens of the batch, 
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from dataclasses import replace
 
@@ -23,10 +24,12 @@ from cispo.cli import register_configs
 from cispo.config import Config, ConfigError, EnvConfig
 from cispo.data.load import load_splits
 from cispo.sampling.tool_rollouts import check_config, check_env_renderer
-from cispo.sampling.sampler import ColocatedSampler, episode_sample
+from cispo.sampling.sampler import EngineSampler, episode_sample
 from cispo.model.tiny_model import make_tiny_model
 from cispo.start.warm_start import gold_batch, greedy_exact_match
 from rewards import RewardScorer
+from rollout.base import EngineSink
+from rollout.env.environment import ToolEnv, register_env
 from rollout.trajectory import ENV
 from test_multiturn import THINK_STRIP
 from test_presets import CONFIGS
@@ -138,19 +141,19 @@ def test_sampler_episodes_carry_trajectories_graded_on_the_final_answer(taught):
     path, cfg, rows = taught
     with RewardScorer(cfg.reward) as scorer:
         engine = build(path, cfg.rollout, cfg.model)
-        sampler = ColocatedSampler(cfg, engine, scorer, engine.tokenizer, Dist())
+        sampler = EngineSampler(cfg, engine, EngineSink(engine, version=3), scorer, engine.tokenizer, Dist())
         batch = sampler.sample(rows[:4], step=1, round_index=0, max_tokens=cfg.rollout.max_tokens)
         assert len(batch.episodes) == 4 * cfg.algo.group_size
         with_tool = 0
         for e in batch.episodes:
             t = e.trajectory
-            assert t.prompt_ids == batch.prompts[e.completion.prompt_index]
-            assert e.completion.token_ids == t.token_ids and e.completion.logprobs == t.logprobs
+            assert t.versions == [3] * len(t.token_ids) and e.version == 3  # the sink's served version
             last = t.model_turns()[-1]
-            assert e.completion.text == engine.tokenizer.decode(last, skip_special_tokens=True)
-            regraded = scorer.score([e.completion.text], [rows[e.completion.prompt_index]]).results[0]
+            assert t.text == engine.tokenizer.decode(last, skip_special_tokens=True)
+            regraded = scorer.score([t.text], [rows[e.prompt_index]]).results[0]
             assert e.result.status == regraded.status and e.score == pytest.approx(regraded.score + t.reward)
-            s = episode_sample(e, t.prompt_ids, 1.0, 0)
+            s = episode_sample(e, 1.0, 0)
+            assert s.prompt_ids == t.prompt_ids
             assert s.loss_mask == t.loss_mask and s.loss_len == t.num_trainable
             assert s.rollout_logp.tolist() == pytest.approx([lp for lp, m in zip(t.logprobs, t.loss_mask) if m])
             with_tool += any(sp.source == ENV for sp in t.spans)
@@ -165,6 +168,53 @@ def test_sampler_episodes_carry_trajectories_graded_on_the_final_answer(taught):
         ev = sampler.evaluate(rows)
         assert 0.0 < ev["eval/avg@2"] <= ev["eval/pass@2"] <= 1.0 and ev["eval/accuracy"] == 1.0
         sampler.close()
+
+
+class RandomDayEnv(ToolEnv):
+    """A calculator environment whose reset is not deterministic: a random date line in its system message."""
+
+    async def reset(self, row):
+        messages = await super().reset(row)
+        return [{"role": "system", "content": f"Today is day {random.randrange(10**6)}."}] + messages
+
+
+@register_env("random_day")
+def random_day_env(**options) -> RandomDayEnv:
+    return RandomDayEnv(["calculator"], **options)
+
+
+class ContextRecorder:
+    """The HF engine with the contexts of every generate call kept: what the model was really shown."""
+
+    def __init__(self, inner):
+        self.inner, self.contexts = inner, []
+
+    def generate(self, prompts, sampling):
+        self.contexts += [list(p) for p in prompts]
+        return self.inner.generate(prompts, sampling)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_an_environment_with_a_random_reset_trains_on_the_context_the_engine_saw(taught):
+    """The loss sample's prompt is the trajectory's own, the one the engine continued from, not a second rendering
+    of the row (a second reset of this environment draws another date)."""
+    from rollout.engines.hf_engine import build
+
+    path, cfg, rows = taught
+    cfg = replace(cfg, env=replace(cfg.env, name="random_day"))
+    with RewardScorer(cfg.reward) as scorer:
+        engine = ContextRecorder(build(path, cfg.rollout, cfg.model))
+        sampler = EngineSampler(cfg, engine, EngineSink(engine), scorer, engine.tokenizer, Dist())
+        batch = sampler.sample(rows[:2], step=1, round_index=0, max_tokens=cfg.rollout.max_tokens)
+        sampler.close()
+    seen = {tuple(c) for c in engine.contexts}
+    for group in batch.groups():
+        assert len({tuple(e.trajectory.prompt_ids) for e in group}) > 1  # the resets really differ
+        for e in group:
+            s = episode_sample(e, 1.0, 0)
+            assert s.prompt_ids == e.trajectory.prompt_ids and tuple(s.prompt_ids) in seen
 
 
 def test_one_training_step_trains_on_the_model_tokens_and_logs_the_tools(taught, tmp_path):

@@ -20,7 +20,7 @@ except Exception as exc:  # ImportError, or the OSError a CUDA-built torchvision
 
 from cispo.config import RolloutConfig, TinyModelConfig
 from cispo.model.tiny_model import make_tiny_model
-from engine_kit import first_run_end, repetition_weights
+from engine_kit import first_run_end, loss_tokens, repetition_weights
 from rollout.base import SamplingParams, prompt_seed
 from rollout.engines.early_stop import EarlyStopRule
 from rollout.engines.vllm_engine import VLLMEngine
@@ -238,7 +238,7 @@ def test_repetition_early_stop(engine, originals, prompts, scale):
             assert c.token_ids[-1] == engine.eos_token_id
             assert all(q > P for q in probs[-K - 1 : -1])
             assert c.logprobs[-1] == 0.0  # forced: every other token was masked
-            assert c.loss_tokens == len(c.token_ids) - 1
+            assert loss_tokens(c) == len(c.token_ids) - 1
         else:
             assert end is None or end == len(c.token_ids), (c.finish_reason, end, probs)  # no run it missed
     if scale == 5.0:
@@ -270,9 +270,9 @@ def test_early_stop_is_the_same_on_the_hf_engine(engine, originals, prompts, mod
     finally:
         engine.load_weights(originals)
     theirs = hf.generate(prompts, sampling).completions
-    assert [(len(c.token_ids), c.finish_reason, c.loss_tokens) for c in ours] == [expected] * 6
-    assert [(c.token_ids, c.finish_reason, c.loss_tokens) for c in theirs] == \
-        [(c.token_ids, c.finish_reason, c.loss_tokens) for c in ours]
+    assert [(len(c.token_ids), c.finish_reason, loss_tokens(c)) for c in ours] == [expected] * 6
+    assert [(c.token_ids, c.finish_reason, loss_tokens(c)) for c in theirs] == \
+        [(c.token_ids, c.finish_reason, loss_tokens(c)) for c in ours]
     for a, b in zip(ours, theirs):
         assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
         if a.finish_reason == "early_stop":

@@ -10,19 +10,17 @@ on from its prompt's length; the first response token is predicted from the shar
 of G responses to a P-token prompt then costs P + sum |o_i| tokens instead of G * P + sum |o_i|, and every loss
 token gets the logprob it would get packed whole (tests/test_attention.py).
 
-Loss tokens. By default a sample's loss tokens are its `loss_len` leading response tokens (a single-turn
-completion, less a masked truncation or a forced EOS). A multi-turn trajectory (rollout.trajectory) also carries
-tokens the model did not generate (tool results, chat-template glue): its `loss_mask [len(response_ids)]` says
-which response tokens are the model's, and only those are loss tokens (`loss_len` = their count, or 0 to leave
-the sample out). Masked-out tokens stay in `input_ids` as context and are nowhere else: not a logit position, not
-a target, not in `rollout_logp` / `old_logp`, not in any aggregation's normaliser (`lengths` counts loss tokens).
-So CISPO's weight, the TIS weight and the Eq. 7 mask only ever see trainable tokens. Without a mask every path is
-the one it was before masks existed, value for value.
+Loss tokens. A sample's `loss_mask [len(response_ids)]` says which response tokens train: the model's tokens of
+a trajectory (rollout.trajectory; a single-turn completion is a one-turn trajectory), less a forced EOS; none when
+the response leaves the loss (`trainable=False`: a masked truncation, an ungradable row). `loss_len` is their
+count. Masked-out tokens stay in `input_ids` as context and are nowhere else: not a logit position, not a target,
+not in `rollout_logp` / `old_logp`, not in any aggregation's normaliser (`lengths` counts loss tokens). So CISPO's
+weight, the TIS weight and the Eq. 7 mask only ever see trainable tokens.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -34,31 +32,30 @@ from cispo.algo.loss import sequence_coefficients
 class Sample:
     prompt_ids: list[int]
     response_ids: list[int]
-    loss_len: int  # leading response tokens that enter the loss (0 = left out, e.g. a masked truncation)
-    rollout_logp: Tensor  # [loss_len] sampling logprobs reported by the rollout engine
+    loss_mask: list[bool]  # [len(response_ids)] True = the token trains (module docstring)
+    rollout_logp: Tensor  # [loss_len] sampling logprobs reported by the rollout engine, of the loss tokens
     adv: float
     group: int  # index of the prompt within the step
     old_logp: Tensor | None = None  # [loss_len] log pi_old (algo.pi_old: the trainer's forward or rollout_logp)
-    # [len(response_ids)] True = a model-generated (trainable) token; None = the leading loss_len tokens are
-    loss_mask: list[bool] | None = None
+    loss_len: int = field(init=False)  # how many tokens train
 
     def __post_init__(self):
-        if self.loss_mask is not None:
-            if len(self.loss_mask) != len(self.response_ids):
-                raise ValueError(f"loss_mask has {len(self.loss_mask)} entries for {len(self.response_ids)} "
-                                 "response tokens")
-            if self.loss_len not in (0, sum(map(bool, self.loss_mask))):
-                raise ValueError(f"loss_len {self.loss_len} must be 0 (left out) or the loss_mask's count of "
-                                 f"trainable tokens ({sum(map(bool, self.loss_mask))})")
+        if len(self.loss_mask) != len(self.response_ids):
+            raise ValueError(f"loss_mask has {len(self.loss_mask)} entries for {len(self.response_ids)} "
+                             "response tokens")
+        self.loss_len = sum(map(bool, self.loss_mask))
+        if len(self.rollout_logp) != self.loss_len:
+            raise ValueError(f"rollout_logp has {len(self.rollout_logp)} entries for {self.loss_len} loss tokens")
+
+    @classmethod
+    def leading(cls, prompt_ids: list[int], response_ids: list[int], n: int, rollout_logp: Tensor, adv: float,
+                group: int) -> Sample:
+        """A sample whose first `n` response tokens train (a single-turn completion; tests and benchmarks)."""
+        return cls(prompt_ids, response_ids, [t < n for t in range(len(response_ids))], rollout_logp, adv, group)
 
     def loss_positions(self) -> list[int]:
         """Indices into response_ids of the loss tokens, in order: loss_len of them."""
-        if self.loss_mask is None or self.loss_len == 0:
-            return list(range(self.loss_len))
-        positions = [t for t, m in enumerate(self.loss_mask) if m]
-        if len(positions) != self.loss_len:  # loss_mask or loss_len changed after construction
-            raise ValueError(f"loss_len {self.loss_len} != {len(positions)} trainable tokens in loss_mask")
-        return positions
+        return [t for t, m in enumerate(self.loss_mask) if m]
 
 
 @dataclass
@@ -87,14 +84,14 @@ class MicroBatch:
                                  "old_logp")})
 
 
-def trajectory_sample(trajectory, prompt_ids: list[int], adv: float, group: int) -> Sample:
-    """The Sample of a multi-turn trajectory (duck-typed: `token_ids`, `logprobs` and `loss_mask`, one entry per
-    token, as rollout.trajectory.Trajectory has): every token is context, the masked-in ones are loss tokens, and
-    their sampling logprobs are rollout_logp."""
-    mask = [bool(m) for m in trajectory.loss_mask]
+def trajectory_sample(trajectory, adv: float, group: int, trainable: bool = True) -> Sample:
+    """The Sample of a trajectory (duck-typed: `prompt_ids`, and `token_ids`, `logprobs` and `loss_mask` with one
+    entry per token, as rollout.trajectory.Trajectory has): its own prompt, every token context, the masked-in ones
+    loss tokens with their sampling logprobs as rollout_logp; no loss token when not `trainable`."""
+    mask = [bool(m) and trainable for m in trajectory.loss_mask]
     logp = [lp for lp, m in zip(trajectory.logprobs, mask) if m]
-    return Sample(list(prompt_ids), list(trajectory.token_ids), len(logp), torch.tensor(logp, dtype=torch.float32),
-                  adv, group, loss_mask=mask)
+    return Sample(list(trajectory.prompt_ids), list(trajectory.token_ids), mask,
+                  torch.tensor(logp, dtype=torch.float32), adv, group)
 
 
 def split_groups(samples: list[Sample], parts: int) -> list[list[int]]:

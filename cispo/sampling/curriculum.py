@@ -1,34 +1,23 @@
-"""What to train on as training goes on: the staged output window, dynamic sampling and prompt retirement.
+"""What to train on as training goes on: the staged output window and prompt retirement.
 
-Pure bookkeeping (no model, no engine); the trainer calls it once per step. Each piece keeps a JSON-able
-state_dict, so a resumed run continues with the same window, the same pass-rate history and the same retired
-prompts.
+Pure bookkeeping (no model, no engine); the trainer calls it once per step, and dynamic sampling
+(cispo.sampling.dynamic) takes its prompts and window from it. Each piece keeps a JSON-able state_dict, so a resumed
+run continues with the same window, the same pass-rate history and the same retired prompts.
 
 - OutputWindow (MiniMax-M1 §5): the response budget grows in stages, 40k -> 48k -> ... -> 80k in M1, and moves on
   once the 99th percentile of response length approaches the current window (M1 also waited for the perplexity
   of generated text to converge; we use the length signal only).
-- fill_batch (DAPO dynamic sampling, Yu et al. 2025 §3.2; ScaleRL zero-variance filtering): groups whose rewards
-  are all equal carry no gradient; generate more prompts until the batch holds prompts_per_step informative
-  groups, or until curriculum.sample_rounds rounds have run.
 - PassRateTracker (ScaleRL "no-positive-resampling"): a prompt whose pass rate over all its samples so far
   reaches curriculum.retire_pass_rate (ScaleRL: 0.9) is never sampled again (PromptStream.retire).
-- Curriculum: the three together, as the trainer uses them.
+- Curriculum: the two together with the prompt stream, as the trainer uses them.
 """
 
 from __future__ import annotations
 
-import math
 import threading
-from array import array
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from cispo.config import ConfigError, CurriculumConfig
-from cispo.sampling.tool_rollouts import sum_metrics, trajectory_metrics
-from cispo.sampling.sampler import Episode, Sampler
-from rewards.scorer import batch_metrics
-from rollout.base import Rollout
-from rollout.metrics import SINGLE_TURN_ADVICE, TRAJECTORY_ADVICE, rollout_metrics
 
 
 class OutputWindow:
@@ -79,6 +68,15 @@ class OutputWindow:
         self.stage, self.near = state["stage"], state["near"]
 
 
+@dataclass(frozen=True)
+class GroupOutcome:
+    """One generated group: its prompt's id and how many of its `total` samples were graded "correct"."""
+
+    id: str
+    correct: int
+    total: int
+
+
 class PassRateTracker:
     """Running pass rate per prompt id: correct samples / samples, over every group generated for it."""
 
@@ -111,135 +109,38 @@ class PassRateTracker:
         self.counts = {k: list(v) for k, v in state["counts"].items()}
 
 
-# ---- dynamic sampling ------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GroupOutcome:
-    """One generated group: its prompt's id and how many of its `total` samples were graded "correct"."""
-
-    id: str
-    correct: int
-    total: int
-
-
-@dataclass
-class FilledBatch:
-    """What fill_batch returns: the kept groups.
-
-    rows, prompts: the kept prompts; groups[i] holds prompt i's group_size episodes (cispo.sampling.sampler.Episode).
-    metrics: rollout/* and reward/* over EVERY episode generated this step (the policy's real lengths and
-        accuracy; the kept groups are a biased subset), plus sampling/rounds, sampling/prompts (generated),
-        sampling/informative_frac (of generated groups), sampling/kept (groups), sampling/filled (1 when the
-        batch reached prompts_per_step informative groups); multi-turn: rollout/turns, rollout/finish/*, tool/*,
-        time/generate_s and time/tool_s (cispo.sampling.tool_rollouts).
-    outcomes: every generated group's outcome, for PassRateTracker.
-    """
-
-    rows: list[dict]
-    prompts: list[list[int]]
-    groups: list[list[Episode]]
-    metrics: dict[str, float]
-    outcomes: list[GroupOutcome]
-
-
-def fill_batch(take: Callable[[int], list[dict]], sampler: Sampler, *, step: int, max_tokens: int, target: int,
-               max_rounds: int) -> FilledBatch:
-    """Generate and grade rounds of prompts until `target` groups have unequal rewards (DAPO dynamic sampling).
-
-    take(n): the next n prompt rows (PromptStream.take). Round r calls sampler.sample(rows, step=step,
-    round_index=r, max_tokens=max_tokens). max_rounds == 1: one round of `target` prompts, every group kept
-    (zero-variance ones included: the trainer's algo.drop_zero_variance decides). max_rounds > 1: only informative
-    groups are kept, the first `target` of them; later rounds ask for about as many prompts as the informative
-    rate so far says are missing (at least the deficit, at most `target`). A batch still short after max_rounds is
-    returned short."""
-    keep_all = max_rounds == 1
-    kept: list[tuple[dict, list[int], list[Episode]]] = []  # (row, prompt, episodes)
-    generated: list[tuple[dict, Episode]] = []  # every episode of the step, with its row
-    outcomes: list[GroupOutcome] = []
-    seconds = reward_seconds = env_seconds = 0.0
-    env_metrics: list[dict[str, float]] = []
-    rounds = informative = 0
-    while rounds < max_rounds and len(kept) < target:
-        need = target - len(kept)
-        rate = informative / len(outcomes) if outcomes else 1.0
-        n = target if rounds == 0 else min(target, max(need, math.ceil(need / rate) if rate > 0 else target))
-        rows = take(n)
-        batch = sampler.sample(rows, step=step, round_index=rounds, max_tokens=max_tokens)
-        rounds += 1
-        seconds += batch.seconds
-        reward_seconds += batch.reward_seconds
-        env_seconds += batch.env_seconds
-        env_metrics.append(batch.metrics)
-        generated += [(rows[e.completion.prompt_index], e) for e in batch.episodes]
-        for row, prompt, group in zip(rows, batch.prompts, batch.groups(), strict=True):
-            useful = len(set(array("f", [e.score for e in group]))) > 1  # unequal in float32, as advantages compare
-            informative += useful
-            outcomes.append(GroupOutcome(row["id"], sum(e.result.status == "correct" for e in group), len(group)))
-            if (keep_all or useful) and len(kept) < target:
-                kept.append((row, prompt, group))
-    return FilledBatch([r for r, _, _ in kept], [p for _, p, _ in kept], [g for _, _, g in kept],
-                       step_metrics(generated, seconds, reward_seconds, env_seconds) | sum_metrics(env_metrics) | {
-                           "sampling/rounds": float(rounds), "sampling/prompts": float(len(outcomes)),
-                           "sampling/informative_frac": informative / len(outcomes) if outcomes else 0.0,
-                           "sampling/kept": float(len(kept)), "sampling/filled": float(len(kept) >= target)},
-                       outcomes)
-
-
-def step_metrics(generated: list[tuple[dict, Episode]], seconds: float, reward_seconds: float,
-                 env_seconds: float = 0.0) -> dict[str, float]:
-    """rollout/* and reward/* over (row, episode) pairs: computed once per step, over every round. Multi-turn
-    episodes add the trajectory metrics (cispo.sampling.tool_rollouts.trajectory_metrics) and the step's generation time against
-    its environment time (time/generate_s, time/tool_s)."""
-    episodes = [e for _, e in generated]
-    completions = [e.completion for e in episodes]
-    trajectories = [e.trajectory for e in episodes if e.trajectory is not None]
-    turns = trajectory_metrics(trajectories) | ({"time/generate_s": seconds, "time/tool_s": env_seconds}
-                                                if trajectories else {})
-    advice = TRAJECTORY_ADVICE if trajectories else SINGLE_TURN_ADVICE
-    return rollout_metrics(Rollout(completions, seconds), advice=advice) | batch_metrics(
-        [e.result for e in episodes], [row for row, _ in generated], [e.score for e in episodes],
-        [e.penalty for e in episodes], [e.trainable for e in episodes],
-        [c.finish_reason == "length" for c in completions], reward_seconds) | turns
-
-
 # ---- all of it -------------------------------------------------------------------------------------------------
 
 
 class Curriculum:
     """The window, dynamic sampling and retirement of one run (curriculum.* config).
 
-    Per step: `fill(sampler, step, target)` samples the batch under the current window, and after the
-    update `update(filled)` logs the window that step used, moves the window and retires solved prompts from the
+    Per step: dynamic sampling `take`s prompts under the current window (`max_tokens`), and after the update
+    `update(filled)` logs the window that step used, moves the window and retires solved prompts from the
     stream."""
 
     def __init__(self, cfg: CurriculumConfig, stream, max_tokens: int):
         self.cfg, self.stream = cfg, stream
         self.window = OutputWindow.from_config(cfg, max_tokens)
         self.pass_rates = PassRateTracker(cfg.retire_pass_rate)
-        self.lock = threading.Lock()  # fill may run in a producer thread while the trainer calls update (cispo.sampling.pipeline)
+        self.lock = threading.Lock()  # taken from a producer thread while the trainer updates (pipeline)
 
     @property
     def max_tokens(self) -> int:
-        return self.window.max_tokens
-
-    def fill(self, sampler: Sampler, step: int, target: int) -> FilledBatch:
         with self.lock:
-            max_tokens = self.max_tokens
-        return fill_batch(self._take, sampler, step=step, max_tokens=max_tokens, target=target,
-                          max_rounds=self.cfg.sample_rounds)
+            return self.window.max_tokens
 
-    def _take(self, n: int) -> list[dict]:
+    def take(self, n: int) -> list[dict]:
         with self.lock:
             return self.stream.take(n)
 
-    def update(self, filled: FilledBatch) -> dict[str, float]:
-        """curriculum/window (the window this step used), curriculum/window_stage, curriculum/window_advanced,
+    def update(self, filled) -> dict[str, float]:
+        """`filled`: the step's cispo.sampling.dynamic.FilledBatch. curriculum/window (the window this step used), curriculum/window_stage, curriculum/window_advanced,
         curriculum/retired (prompts retired so far), curriculum/retired_new."""
         with self.lock:
             return self._update(filled)
 
-    def _update(self, filled: FilledBatch) -> dict[str, float]:
+    def _update(self, filled) -> dict[str, float]:
         metrics = self.window.metrics()
         metrics["curriculum/window_advanced"] = float(self.window.update(filled.metrics["rollout/len_p99"]))
         retired = self.pass_rates.update(filled.outcomes)

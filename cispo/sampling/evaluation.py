@@ -16,13 +16,13 @@ from typing import Sequence
 from rollout.base import SamplingParams
 
 
-def grade(scorer, completions, rows: list[dict], max_tokens: int):
-    """BatchRewards of completions (rollout.base.Completion) of `rows` (indexed by prompt_index), with the
-    lengths and truncations that length shaping needs."""
+def grade(scorer, responses, rows: list[dict], max_tokens: int):
+    """BatchRewards of `responses` (anything with `text`, `token_ids` and `finish_reason`: a
+    rollout.trajectory.Trajectory or a rollout.base.Completion), `rows[i]` the row of response i, with the lengths
+    and truncations that length shaping needs."""
     return scorer.score(
-        [c.text for c in completions], [rows[c.prompt_index] for c in completions],
-        response_lengths=[len(c.token_ids) for c in completions], max_tokens=max_tokens,
-        truncated=[c.finish_reason == "length" for c in completions],
+        [r.text for r in responses], rows, response_lengths=[len(r.token_ids) for r in responses],
+        max_tokens=max_tokens, truncated=[r.finish_reason == "length" for r in responses],
     )
 
 
@@ -87,7 +87,7 @@ def sampled_accuracy(engine, prompt_ids: list[list[int]], rows: list[dict], scor
     """eval/avg@k and eval/pass@j of `sampling.n` samples per prompt, graded by the training reward.
     For periodic evaluation in the trainer, next to greedy_accuracy (whose keys it does not overlap)."""
     done = engine.generate(prompt_ids, sampling).completions
-    graded = grade(scorer, done, rows, sampling.max_tokens)
+    graded = grade(scorer, done, [rows[c.prompt_index] for c in done], sampling.max_tokens)
     correct: list[list[bool]] = [[] for _ in prompt_ids]
     for c, result in zip(done, graded.results):
         correct[c.prompt_index].append(result.status == "correct")

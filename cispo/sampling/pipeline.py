@@ -2,15 +2,16 @@
 rollout servers while the trainer updates (`Pipelined`, rollout.mode=server, algo.max_staleness=k).
 
 The trainer sees either through the same five calls per step: `next(step)` (the FilledBatch to train on),
-`updating()` (around the update), `publish(updater, step)` (the new weights), `finish(filled)` (the curriculum's
-bookkeeping, and this module's metrics), and `evaluate(rows)`.
+`updating()` (around the update), `finish(filled)` (the curriculum's bookkeeping, before the new weights can start
+the next batch), `publish(updater, step)` (the new weights), and `evaluate(rows)`. Both talk to a sampler
+(cispo.sampling.sampler) and a weight sink (rollout.base.WeightSink), never to what is behind them.
 
 Pipelined. Rank 0 runs a producer thread that fills the batch of step s (cispo.sampling.curriculum: the window, dynamic
 sampling, retirement) as soon as the trainer has published the policy of step s - 1 - k, i.e. while the trainer
 still updates on steps s - k .. s - 1. Weights move only between batches: before a batch, the producer has the
-servers load the newest published weights, so every sample of a batch comes from one policy version, which it
-carries (`Episode.version`); the batch's staleness is (s - 1) - version, at most k. k = 0 is the synchronous
-loop, on servers. Other ranks receive each batch from rank 0.
+servers load the newest published weights, so every sample of a batch comes from one policy version, which each
+of its tokens carries (the sampler stamps the sink's served version); the batch's staleness is (s - 1) - version,
+at most k. k = 0 is the synchronous loop, on servers. Other ranks receive each batch from rank 0.
 
 The objective under staleness (a decision, after AReaL's decoupled PPO objective, Fu et al. 2025): the trainer's
 pi_old, recomputed from its current weights at the start of the update, is the *proximal* policy, and the CISPO
@@ -27,12 +28,21 @@ Which configurations may run ahead is one rule, cispo.config.Config._check_off_p
 Deviations, on purpose: prompts retired by the curriculum stop being drawn up to k steps late (the producer has
 taken them already); the output window moves on a length signal up to k steps old.
 
-A weight sync is checked: the servers' logprobs of a probe sequence must be nearer the new policy's than the
-old one's (`sync/probe_diff` vs `sync/probe_moved`), beyond the mismatch measured at start-up.
+A weight sync is checked (`check_sync`): the servers' logprobs of a probe sequence, against the trainer's under
+the new and the previous policy, as mean absolute differences over the probe's tokens. A sync is refused when the
+servers are nearer the previous policy than the new one, or further from the new one than SYNC_TOLERANCE times
+the mismatch measured at start-up (equal weights). Its power, stated: servers that skipped the load are caught
+whenever the policy moved more than twice the start-up mismatch (then |served - new| > |served - old| whatever
+the noise, by the triangle inequality); a partial load whenever it leaves the probe more than SYNC_TOLERANCE
+times the start-up mismatch from the new policy. Logged: sync/probe_diff, sync/probe_old_diff, sync/probe_moved,
+sync/probe_floor.
 
-Checkpoints (`paused()` around a save): the producer finishes the batch it is generating and waits; the batches
-generated but not yet trained on are saved with the checkpoint (`state_dict`) and trained on first after a
-resume, so a resumed run neither loses nor repeats prompts, and keeps the samples it had generated.
+Checkpoints (`paused()` around a save): the producer finishes the batch it is generating and waits; a batch is
+queued before the producer lets go of the servers, so a save never sees the prompt stream advanced without its
+batch. The batches generated but not yet trained on are saved with the checkpoint (`state_dict`) and trained on
+first after a resume, so a resumed run neither loses nor repeats prompts, and keeps the samples it had generated.
+A resume that could not honour them stops instead: a colocated run cannot train batches generated ahead, and a
+smaller algo.max_staleness than a saved batch's staleness would train it without its correction.
 """
 
 from __future__ import annotations
@@ -41,15 +51,16 @@ import contextlib
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
-from cispo.sampling.curriculum import Curriculum, FilledBatch, GroupOutcome
-from cispo.sampling.sampler import Episode, feed_weights
-from rewards import RewardResult
-from rollout.base import Completion
-from rollout.trajectory import Span, Trajectory
+from cispo.config import ConfigError
+from cispo.sampling.curriculum import Curriculum
+from cispo.sampling.dynamic import FilledBatch, fill
+from cispo.sampling.sampler import feed_weights
+
+SYNC_TOLERANCE = 4.0  # a sync is refused beyond this many times the start-up mismatch from the new policy
 
 
 class WeightSyncError(RuntimeError):
@@ -59,11 +70,11 @@ class WeightSyncError(RuntimeError):
 class Synchronous:
     """Generate, then update, then sync, on the trainer's own engines (rollout.mode=colocated)."""
 
-    def __init__(self, sampler, curriculum: Curriculum, target: int):
-        self.sampler, self.curriculum, self.target = sampler, curriculum, target
+    def __init__(self, sampler, sink, curriculum: Curriculum, target: int):
+        self.sampler, self.sink, self.curriculum, self.target = sampler, sink, curriculum, target
 
     def next(self, step: int) -> FilledBatch:
-        return self.curriculum.fill(self.sampler, step, self.target)
+        return fill(self.curriculum, self.sampler, step, self.target)
 
     @contextlib.contextmanager
     def updating(self):
@@ -76,10 +87,11 @@ class Synchronous:
     def start(self, updater, version: int) -> None:
         """Before the first step: a resumed run's engines get its weights."""
         if version:
-            self.sampler.push_weights(updater)
+            self.publish(updater, version)
 
     def publish(self, updater, step: int) -> None:
-        self.sampler.push_weights(updater)
+        feed_weights(updater, lambda weights: self.sink.write(weights, step))
+        self.sink.serve(step)  # the step's time/sync_s covers it
 
     def finish(self, filled: FilledBatch) -> dict[str, float]:
         return self.curriculum.update(filled)
@@ -91,10 +103,13 @@ class Synchronous:
         return contextlib.nullcontext()
 
     def state_dict(self) -> dict:
-        return {}
+        return {"mode": "colocated", "ready": []}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        if state.get("ready"):
+            raise ConfigError(f"the checkpoint holds {len(state['ready'])} batch(es) generated ahead by rollout "
+                              "servers, which a colocated run cannot train (they need the staleness correction): "
+                              "resume with rollout.mode=server and the run's algo.max_staleness")
 
     def close(self) -> None:
         self.sampler.close()
@@ -110,25 +125,26 @@ class Produced:
 class Pipelined:
     """Batches generated on rank 0, up to `max_staleness` steps ahead of the update (see the module docstring).
 
-    `sampler`, `fleet`: rank 0's (a cispo.sampling.sampler.ColocatedSampler over rollout.engines.fleet.Fleet, in one process);
-    None on other ranks. `probe`: token ids whose logprobs check each weight sync."""
+    `sampler`, `sink`: rank 0's (a cispo.sampling.sampler.EngineSampler over the server fleet, and the fleet's
+    weight sink); None on other ranks. `probe`: token ids whose logprobs check each weight sync."""
 
-    def __init__(self, sampler, fleet, curriculum: Curriculum, *, target: int, steps: int, max_staleness: int,
+    def __init__(self, sampler, sink, curriculum: Curriculum, *, target: int, steps: int, max_staleness: int,
                  dist, probe: list[int]):
-        self.sampler, self.fleet, self.curriculum, self.dist = sampler, fleet, curriculum, dist
-        self.target, self.steps, self.k, self.probe = target, steps, max_staleness, probe
+        self.sampler, self.sink, self.curriculum, self.dist = sampler, sink, curriculum, dist
+        self.target, self.steps, self.max_staleness, self.probe = target, steps, max_staleness, probe
         self.version = 0  # the newest policy published (RL steps trained)
         self.ready: deque[Produced] = deque()
         self.next_step = 1  # the step the producer fills next
         self.cond = threading.Condition()
-        self.servers = threading.Lock()  # held while the fleet generates a batch, evaluates or loads weights
+        self.servers = threading.Lock()  # held while the servers generate a batch, evaluate or load weights
         self.snapshot: tuple[int, list[float]] | None = None  # (version, probe logprobs) published, not yet served
-        self.served_probe: list[float] | None = None  # the trainer's probe logprobs of what the fleet serves
-        self.floor = 0.0  # fleet vs trainer probe mismatch at the same weights (start-up): numerical noise
+        self.served_probe: list[float] | None = None  # the trainer's probe logprobs of what the servers serve
+        self.floor = 0.0  # servers vs trainer probe mismatch at the same weights (start-up): numerical noise
         self.error: BaseException | None = None
         self.stopping = False
         self.engine_idle = self.trainer_idle = 0.0
-        self.sync_metrics: dict[str, float] = {}
+        self.sync_metrics: dict = {}
+        self.before_queue = None  # a test's hook: called with the servers held, before a batch is queued
         self._thread: threading.Thread | None = None
 
     # ----------------------------------------------------------------------------------------- the producer
@@ -138,21 +154,20 @@ class Pipelined:
                 step = self.next_step
                 tick = time.perf_counter()
                 with self.cond:
-                    self.cond.wait_for(lambda: self.stopping or self.version >= step - 1 - self.k)
+                    self.cond.wait_for(lambda: self.stopping or self.version >= step - 1 - self.max_staleness)
                     if self.stopping:
                         return
                     self.engine_idle += time.perf_counter() - tick
-                with self.servers:
+                with self.servers:  # a checkpoint sees the stream advanced only with the batch queued
                     self._serve_newest()
-                    version = self.fleet.version
-                    filled = self.curriculum.fill(self.sampler, step, self.target)
-                for group in filled.groups:
-                    for e in group:
-                        e.version = version
-                with self.cond:
-                    self.ready.append(Produced(step, filled, version))
-                    self.next_step += 1
-                    self.cond.notify_all()
+                    version = self.sink.served_version
+                    filled = fill(self.curriculum, self.sampler, step, self.target)
+                    if self.before_queue is not None:
+                        self.before_queue()
+                    with self.cond:
+                        self.ready.append(Produced(step, filled, version))
+                        self.next_step += 1
+                        self.cond.notify_all()
         except BaseException as err:  # noqa: BLE001 - handed to the trainer thread, which raises it
             with self.cond:
                 self.error = err
@@ -165,20 +180,12 @@ class Pipelined:
         if snapshot is None:
             return
         version, reference = snapshot
-        self.fleet.serve_weights(version)
-        served = self.fleet.probe(self.probe)
-        diff = max(_max_abs(lp, reference) for lp in served.values())
-        moved = _max_abs(reference, self.served_probe)
+        report = self.sink.serve(version)
+        check = check_sync(self.sink.probe(self.probe), reference, self.served_probe, self.floor)
         self.served_probe = reference
-        sync = self.fleet.last_sync
-        self.sync_metrics = {"sync/seconds": sync["seconds"], "sync/write_s": sync["write_s"],
-                             "sync/load_s": sync["load_s"], "sync/gb_per_s": sync["bytes_per_s"] / 1e9,
-                             "sync/probe_diff": diff, "sync/probe_moved": moved, "sync/servers": float(len(served))}
-        if diff > 0.5 * moved and diff > 10 * self.floor + 1e-4:
-            raise WeightSyncError(
-                f"after the sync of policy v{version} the servers' probe logprobs are {diff:.3g} from the new "
-                f"policy, which moved {moved:.3g} from the one they served (start-up mismatch {self.floor:.3g}): "
-                "they do not serve the new weights")
+        self.sync_metrics = report.metrics() | check.metrics()
+        if check.error:
+            raise WeightSyncError(f"after the sync of policy v{version}: {check.error}")
 
     def _start(self) -> None:
         if self._thread is None and self.dist.is_main:
@@ -215,7 +222,7 @@ class Pipelined:
         """Write the weights of policy `step` for the servers (every rank: gathers are collective under ZeRO-3)
         and the reference probe; the producer has the servers load them before its next batch."""
         reference = probe_logprobs(updater.policy, self.probe)
-        feed_weights(updater, (lambda weights: self.fleet.write_weights(weights, step)) if self.dist.is_main else None)
+        feed_weights(updater, (lambda weights: self.sink.write(weights, step)) if self.dist.is_main else None)
         if self.dist.is_main:
             with self.cond:
                 self.snapshot, self.version = (step, reference), step
@@ -232,9 +239,9 @@ class Pipelined:
             with self.servers:
                 with self.cond:
                     (_, reference), self.snapshot = self.snapshot, None
-                self.fleet.serve_weights(version)
+                self.sink.serve(version)
                 self.served_probe = reference
-                self.floor = max(_max_abs(lp, reference) for lp in self.fleet.probe(self.probe).values())
+                self.floor = max(mean_abs(lp, reference) for lp in self.sink.probe(self.probe).values())
 
     def evaluate(self, rows: list[dict]) -> dict[str, float]:
         """On the newest published weights (waits for the batch being generated)."""
@@ -247,8 +254,8 @@ class Pipelined:
 
     @contextlib.contextmanager
     def paused(self):
-        """No batch is generated inside (the one under way is finished first): the stream, the curriculum and
-        the batches in flight hold still for a checkpoint."""
+        """No batch is generated inside (the one under way is finished and queued first): the stream, the
+        curriculum and the batches in flight hold still for a checkpoint."""
         if not self.dist.is_main:
             yield
             return
@@ -258,13 +265,20 @@ class Pipelined:
     def state_dict(self) -> dict:
         """The batches generated and not yet trained on (call inside `paused()`)."""
         with self.cond:
-            return {"next_step": self.next_step,
-                    "ready": [{"step": p.step, "version": p.version, "filled": filled_to_json(p.filled)}
+            return {"mode": "server", "max_staleness": self.max_staleness, "next_step": self.next_step,
+                    "ready": [{"step": p.step, "version": p.version, "filled": p.filled.to_json()}
                               for p in self.ready]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.next_step = state["next_step"]
-        self.ready = deque(Produced(p["step"], filled_from_json(p["filled"]), p["version"]) for p in state["ready"])
+        ready = [Produced(p["step"], FilledBatch.from_json(p["filled"]), p["version"]) for p in state["ready"]]
+        for p in ready:  # trained at step p.step, after the update of step p.step - 1
+            if p.step - 1 - p.version > self.max_staleness:
+                raise ConfigError(f"the checkpoint holds step {p.step}'s batch, generated by policy v{p.version} "
+                                  f"({p.step - 1 - p.version} steps stale), beyond algo.max_staleness="
+                                  f"{self.max_staleness}: resume with algo.max_staleness >= "
+                                  f"{p.step - 1 - p.version} (the saved run's was {state.get('max_staleness')})")
+        self.next_step = state.get("next_step", 1)
+        self.ready = deque(ready)
 
     def close(self) -> None:
         with self.cond:
@@ -285,23 +299,36 @@ def probe_logprobs(model, ids: list[int]) -> list[float]:
     return logp.gather(-1, x[0, 1:, None]).squeeze(-1).tolist()
 
 
-def _max_abs(a: list[float], b: list[float] | None) -> float:
-    return 0.0 if b is None else max(abs(x - y) for x, y in zip(a, b, strict=True))
+def mean_abs(a: list[float], b: list[float] | None) -> float:
+    """Mean |a_t - b_t| over the probe's tokens (0 without b)."""
+    return 0.0 if b is None else sum(abs(x - y) for x, y in zip(a, b, strict=True)) / max(len(a), 1)
 
 
-# ---- batches in a checkpoint (JSON) -----------------------------------------------------------------------------
+@dataclass
+class SyncCheck:
+    diff: float  # the farthest engine from the new policy: mean |served - new|
+    old_diff: float  # that engine from the previous policy: mean |served - old|
+    moved: float  # mean |new - old|
+    floor: float  # the start-up mismatch
+    error: str  # "" when the sync passes
 
-def filled_to_json(filled: FilledBatch) -> dict:
-    return asdict(filled)
+    def metrics(self) -> dict[str, float]:
+        return {"sync/probe_diff": self.diff, "sync/probe_old_diff": self.old_diff, "sync/probe_moved": self.moved,
+                "sync/probe_floor": self.floor}
 
 
-def filled_from_json(d: dict) -> FilledBatch:
-    def episode(e: dict) -> Episode:
-        t = e.get("trajectory")
-        if t is not None:
-            t = Trajectory(**(t | {"spans": [Span(**span) for span in t["spans"]]}))
-        return Episode(**(e | {"completion": Completion(**e["completion"]), "result": RewardResult(**e["result"]),
-                               "trajectory": t}))
-
-    return FilledBatch(d["rows"], d["prompts"], [[episode(e) for e in group] for group in d["groups"]],
-                       d["metrics"], [GroupOutcome(**o) for o in d["outcomes"]])
+def check_sync(served: dict[str, list[float]], new: list[float], old: list[float] | None, floor: float,
+               tolerance: float = SYNC_TOLERANCE) -> SyncCheck:
+    """Whether every engine serves the new policy (module docstring). `served`: each engine's probe logprobs
+    [T]; `new`, `old`: the trainer's under the policy just published and the one served before [T]; `floor`: the
+    start-up mismatch (mean absolute)."""
+    name, lp = max(served.items(), key=lambda item: mean_abs(item[1], new)) if served else ("", new)
+    diff, old_diff, moved = mean_abs(lp, new), mean_abs(lp, old) if old else float("inf"), mean_abs(new, old)
+    error = ""
+    if diff > old_diff:
+        error = (f"{name} is nearer the previous policy ({old_diff:.3g}) than the new one ({diff:.3g}): it did "
+                 "not load the new weights")
+    elif diff > tolerance * floor + 1e-4:
+        error = (f"{name} is {diff:.3g} from the new policy, beyond {tolerance:g}x the start-up mismatch "
+                 f"({floor:.3g}; the policy moved {moved:.3g}): it loaded part of the new weights at most")
+    return SyncCheck(diff, old_diff if old else 0.0, moved, floor, error)

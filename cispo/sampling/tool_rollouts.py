@@ -4,7 +4,7 @@ trajectory on a server fleet (rollout.mode=server; rollout.env.multiturn).
     check_config(cfg)                          # before any work: knobs this path cannot honour
     check_env_renderer(cfg, model_dir)         # before the policy and the engine load: the renderer self-test
     tools = ToolRollouts(cfg, tokenizer)       # in the sampler
-    made = tools.generate(engine, rows, sampling)   # Generated: n trajectories per row, as Completions too
+    made = tools.generate(engine, rows, sampling)   # Generated: n trajectories per row
 
 One environment per trajectory (rollout.env.environment.make_env(env.name, ...)), on the row with its prompt as chat messages
 (cispo.data.prompts.prompt_messages: data.instruction and data.system_prompt apply); turns in lockstep on a colocated
@@ -16,11 +16,14 @@ Decisions:
   (rewards.RewardScorer), on its final answer: the text of its last model turn. Its score is that grade's score,
   plus the overlong penalty of its whole length against env.token_budget, plus the environment's own rewards (the
   sum of Trajectory.rewards; ToolEnv gives none).
-- As a rollout.base.Completion (what grading, rollout metrics and samples.jsonl read): the whole trajectory's ids
-  and logprobs (environment tokens with logprob 0), the last turn's text, finish_reason "early_stop" for an early
-  stop, "length" when the last turn did not end in the stop token (cut by rollout.max_tokens or env.token_budget),
-  else "stop". So rollout/len_* are trajectory lengths. Training uses the trajectory itself (Episode.trajectory,
-  cispo.algo.batch.trajectory_sample): only the model's tokens are loss tokens.
+- What grading, rollout metrics and samples.jsonl read of a trajectory (`finish_trajectory`): its text is the
+  last model turn's, its finish_reason "early_stop" for an early stop, "length" when a budget cut it (the last
+  turn did not end in the stop token, or the environment's reply did not fit env.token_budget), else "stop". So
+  rollout/len_* are trajectory lengths, and both budget truncations count as truncations. Only the model's
+  tokens are loss tokens (cispo.algo.batch.trajectory_sample).
+- One grader per episode: the reward's graders grade the final answer, so an environment that grades it too
+  (ToolEnv's `reward`) is refused (its reward would count the answer twice); environments may still reward
+  intermediate steps, which add to the grade.
 - Seeds: the sampler's seed s becomes s * env.max_turns, and turn t samples with s * max_turns + t, so no two
   turns of any two calls share a seed.
 - Metrics (`Generated.metrics`, additive so that rounds and ranks sum): tool/calls, tool/errors, tool/seconds
@@ -33,7 +36,6 @@ Decisions:
 
 from __future__ import annotations
 
-import asyncio
 import statistics
 from collections import Counter
 from collections.abc import Sequence
@@ -42,20 +44,19 @@ from dataclasses import dataclass, field, replace
 from cispo.config import Config, ConfigError, EnvConfig
 from cispo.data.prompts import prompt_messages
 from rollout.env import python_tool
-from rollout.base import Completion, SamplingParams
+from rollout.base import SamplingParams
 from rollout.env.environment import Env, Limits, make_env
 from rollout.env.multiturn import rollout_trajectories
 from rollout.env.render import check_renderer, make_renderer, self_test_conversation
-from rollout.trajectory import ENV, Trajectory
+from rollout.trajectory import ENDS, ENV, Trajectory
 
 
 @dataclass
 class Generated:
-    """One generate call's samples: n per row, grouped; each completion's prompt_index is its row in the call."""
+    """One generate call's samples: n per row, grouped (trajectories[k] is of row k // n)."""
 
-    completions: list[Completion]
+    trajectories: list[Trajectory]
     seconds: float  # generation wall time
-    trajectories: list[Trajectory] | None = None  # multi-turn: the trajectory of each completion
     env_seconds: float = 0.0  # wall time of the environment steps
     metrics: dict[str, float] = field(default_factory=dict)  # additive counts and seconds (tool/*)
 
@@ -100,11 +101,13 @@ def check_env_renderer(cfg: Config, model_dir: str) -> None:
     renderer_for(cfg.env, AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code))
 
 
-def limits_of(env: EnvConfig) -> Limits:
-    """The env.* limits as the rollout loop and the environments take them."""
+def limits_of(env: EnvConfig, max_model_len: int | None = None) -> Limits:
+    """The env.* limits as the rollout loop and the environments take them; `max_model_len`: the engine's window
+    (rollout.max_model_len), which bounds every turn too."""
     return Limits(max_turns=env.max_turns, max_calls_per_turn=env.max_calls_per_turn,
                   max_output_tokens=env.max_output_tokens, tool_timeout_s=env.tool_timeout_s,
-                  token_budget=env.token_budget, trajectory_timeout_s=env.trajectory_timeout_s)
+                  token_budget=env.token_budget, trajectory_timeout_s=env.trajectory_timeout_s,
+                  max_context=max_model_len)
 
 
 class ToolRollouts:
@@ -114,10 +117,15 @@ class ToolRollouts:
     def __init__(self, cfg: Config, tokenizer, sandbox: bool = True):
         check_config(cfg)
         self.cfg, self.env_cfg, self.tokenizer = cfg, cfg.env, tokenizer
-        self.limits = limits_of(cfg.env)
+        self.limits = limits_of(cfg.env, cfg.rollout.max_model_len)
         self.renderer = renderer_for(cfg.env, tokenizer)
         self.python = None
         env = self.new_env()  # a bad env option fails here, before any step
+        if getattr(env, "reward", None) is not None:
+            raise ConfigError(f"env.name={cfg.env.name!r} builds an environment that grades the final answer itself "
+                              "(ToolEnv reward=...), which the reward's graders grade already: the answer would "
+                              "count twice. Leave the environment's reward unset and register the grader instead "
+                              "(rewards.register_grader)")
         if sandbox and "python" in getattr(env, "tools", {}):
             r = cfg.reward
             self.python = python_tool.configure(python_tool.PythonLimits(
@@ -139,14 +147,6 @@ class ToolRollouts:
         """The row as an environment sees it: its prompt as chat messages."""
         return dict(row, prompt=prompt_messages(row, self.cfg.data))
 
-    def prompts(self, rows: Sequence[dict]) -> list[list[int]]:
-        """The prompt ids every trajectory of each row starts from (its environment's first messages, rendered)."""
-
-        async def first_messages():
-            return await asyncio.gather(*(self.new_env().reset(self.env_row(r)) for r in rows))
-
-        return [self.renderer.prompt(messages) for messages in asyncio.run(first_messages())]
-
     def generate(self, engine, rows: Sequence[dict], sampling: SamplingParams) -> Generated:
         """`sampling.n` trajectories of each row, grouped."""
         n = sampling.n
@@ -154,25 +154,25 @@ class ToolRollouts:
         seed = None if sampling.seed is None else sampling.seed * self.limits.max_turns
         result = rollout_trajectories(engine, envs, [self.env_row(r) for r in rows for _ in range(n)],
                                       self.renderer, replace(sampling, n=1, seed=seed), self.limits)
-        completions = [trajectory_completion(t, k // n, self.tokenizer, self.renderer.stop_id)
-                       for k, t in enumerate(result.trajectories)]
+        for t in result.trajectories:
+            finish_trajectory(t, self.tokenizer, self.renderer.stop_id)
         metrics = tool_metrics(envs) | (self.python.take_metrics() if self.python else {})
         if result.sessions:
             metrics["rollout/session_moves"] = float(sum(s.moves for s in result.sessions))
-        return Generated(completions, result.generate_s, result.trajectories, result.env_s, metrics)
+        return Generated(result.trajectories, result.generate_s, result.env_s, metrics)
 
     def close(self) -> None:
         if self.python is not None:
             self.python.close()
 
 
-def trajectory_completion(t: Trajectory, prompt_index: int, tokenizer, stop_id: int) -> Completion:
-    """A trajectory as a Completion (see the module docstring)."""
+def finish_trajectory(t: Trajectory, tokenizer, stop_id: int) -> None:
+    """Set what grading reads of a finished trajectory: its text and finish_reason (see the module docstring)."""
     turns = t.model_turns()
     last = turns[-1] if turns else []
-    finish = ("early_stop" if t.finish_reason == "early_stop" else "stop" if last[-1:] == [stop_id] else "length")
-    return Completion(prompt_index, list(t.token_ids), list(t.logprobs), finish,
-                      tokenizer.decode(last, skip_special_tokens=True))
+    cut = t.end == "budget" or last[-1:] != [stop_id]
+    t.finish_reason = "early_stop" if t.end == "early_stop" else "length" if cut else "stop"
+    t.text = tokenizer.decode(last, skip_special_tokens=True)
 
 
 def tool_metrics(envs: Sequence[Env]) -> dict[str, float]:
@@ -197,20 +197,17 @@ def tool_metrics(envs: Sequence[Env]) -> dict[str, float]:
     return out
 
 
-FINISH_REASONS = ("done", "max_turns", "budget", "early_stop", "timeout")
-
-
 def trajectory_metrics(trajectories: Sequence[Trajectory], prefix: str = "rollout/") -> dict[str, float]:
-    """rollout/turns (mean model turns), rollout/finish/<reason> (fractions), rollout/env_token_frac (share of the
-    response tokens the environment wrote); {} for no trajectories."""
+    """rollout/turns (mean model turns), rollout/finish/<end> (fractions, by Trajectory.end), rollout/env_token_frac
+    (share of the response tokens the environment wrote); {} for no trajectories."""
     if not trajectories:
         return {}
-    reasons = Counter(t.finish_reason for t in trajectories)
+    reasons = Counter(t.end for t in trajectories)
     total = sum(len(t.token_ids) for t in trajectories)
     env_tokens = sum(s.stop - s.start for t in trajectories for s in t.spans if s.source == ENV)
     return {f"{prefix}turns": statistics.fmean(t.num_turns for t in trajectories),
             f"{prefix}env_token_frac": env_tokens / total if total else 0.0,
-            **{f"{prefix}finish/{r}": reasons[r] / len(trajectories) for r in FINISH_REASONS}}
+            **{f"{prefix}finish/{r}": reasons[r] / len(trajectories) for r in ENDS}}
 
 
 def sum_metrics(parts: Sequence[dict[str, float]]) -> dict[str, float]:

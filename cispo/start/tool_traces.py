@@ -75,8 +75,8 @@ def tool_sequences(tokenizer, rows: Sequence[dict], cfg: Config) -> list[tuple[l
                               SamplingParams(n=1, max_tokens=cfg.rollout.max_tokens), tools.limits)
     out = []
     for t in result.trajectories:
-        if t.finish_reason != "done":
-            raise ConfigError(f"a gold tool trace ended with {t.finish_reason!r}, not done: raise env.token_budget "
+        if t.end != "done":
+            raise ConfigError(f"a gold tool trace ended with {t.end!r}, not done: raise env.token_budget "
                               "(or rollout.max_tokens) so that a call, its result and the answer fit")
         labels = [-100] * len(t.prompt_ids) + [i if m else -100 for i, m in zip(t.token_ids, t.loss_mask)]
         out.append((t.prompt_ids + t.token_ids, labels))

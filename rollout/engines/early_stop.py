@@ -7,7 +7,7 @@ forced to be EOS. Probability = of the sampled token under the model's raw next-
 logits before temperature and top-p), so the rule is a property of the policy, whatever the sampling temperature.
 Forcing sets every logit but EOS's to -inf and EOS's to 0, so the forced EOS has log-probability exactly 0 under
 every temperature and top-p: engines report it with logprob 0.0 and finish_reason "early_stop", and the trainer
-leaves it out of the loss (`Completion.loss_tokens`): it was not sampled from the policy.
+leaves it out of the loss (rollout.trajectory.Trajectory.single_turn masks it): it was not sampled from the policy.
 
 Since p >= 0.5, "the sampled token had probability > p" is exactly "it was the argmax and the argmax had
 probability > p": an engine keeps two numbers per sequence and step (`top_token`), never a vocabulary-sized row.

@@ -79,7 +79,7 @@ class RepetitionEarlyStop(LogitsProcessor):
     """rollout.engines.early_stop's rule as a vLLM V1 logits processor: halt a sequence once `k` consecutive sampled
     tokens each had probability > `p` (M1: k=3000, p=0.99): from then on every token but EOS is masked, so the
     next token is EOS. The engine reports that completion with finish_reason="early_stop"; its EOS was not
-    sampled from the policy, so the trainer masks it out of the loss (Completion.loss_tokens).
+    sampled from the policy, so the trainer masks it out of the loss (rollout.trajectory.Trajectory.single_turn).
 
     Probability = of the sampled token under the model's raw next-token distribution (softmax of the logits
     before temperature and top-p; this processor changes the argmax, so vLLM runs it before temperature). It is

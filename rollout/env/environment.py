@@ -44,6 +44,7 @@ class Limits:
     tool_timeout_s: float = 10.0
     token_budget: int = 1024  # response tokens of a trajectory over all turns, generated and environment alike
     trajectory_timeout_s: float = 600.0  # wall clock of a trajectory, generation and environment steps alike
+    max_context: int | None = None  # prompt + response tokens the engine holds (rollout.max_model_len); None: no cap
 
 
 INVALID = "invalid"  # the ToolStats name of calls that name no tool of the environment

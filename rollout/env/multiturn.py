@@ -11,19 +11,23 @@ Lockstep (any engine), each turn:
   4. not done: `renderer.turn_boundary` ids are appended as environment tokens (mask False, logprob 0)
 Sessions (a rollout.base.SessionEngine, the fleet): every trajectory runs steps 1-4 on its own, one request per
 turn (`engine.complete`) on its session's server, so a trajectory waiting on its tool holds nobody else back and
-a fast one is not held back by a slow one. Same appends, same limits, same finish reasons.
+a fast one is not held back by a slow one. Same appends, same limits, same ends (Trajectory.end).
 Generated ids are never re-encoded: the text goes to the environment, the ids stay in the trajectory.
 
 Decisions:
 - `sampling.max_tokens` is the per-turn cap. The one engine call asks for the largest remaining allowance of the
   active trajectories; a trajectory whose own `limits.token_budget` runs out mid-turn keeps the prefix of its
-  turn that fits (a prefix of a sample is a sample of the prefix, logprobs unchanged), finish "budget". So a
+  turn that fits (a prefix of a sample is a sample of the prefix, logprobs unchanged), end "budget". So a
   context may reach prompt + token_budget - 1 tokens with a whole turn asked after it: the engine's
   max_model_len must hold prompt + token_budget + sampling.max_tokens (cispo.sampling.tool_rollouts.check_config).
 - An environment reply that leaves no room for one generated token ends the trajectory before it is appended
-  (finish "budget"); so does a turn that used the budget up exactly.
+  (end "budget"); so does a turn that used the budget up exactly.
+- The engine's window (`limits.max_context`, rollout.max_model_len) bounds each trajectory's room too: context +
+  turn must fit it. In lockstep the one call asks for no more than the tightest active context leaves, so a
+  trajectory next to a long one may get a shorter turn (as if rollout.max_tokens were lower for that turn); a
+  trajectory with no room left in the window ends "budget" before the call.
 - After the last allowed turn (`limits.max_turns`) the environment still steps (its reward counts), but nothing
-  more is appended (finish "max_turns"). An early stop ends the trajectory without an environment step.
+  more is appended (end "max_turns"). An early stop ends the trajectory without an environment step.
 - Seeds: turn t asks with seed `sampling.seed + t`, so turns draw different streams (None stays None). In
   lockstep the engine gives the i-th active context its own stream of that seed (rollout.base.prompt_seed); a
   session's request for trajectory k asks with prompt_seed(sampling.seed + t, k, 1), which does not depend on
@@ -31,7 +35,7 @@ Decisions:
 - A session asks for exactly the turn its budget has room for (lockstep asks for the largest room of the batch).
 - `limits.trajectory_timeout_s` is one deadline for the call (its trajectories start together): no turn starts
   after it, an environment step still running at it is abandoned, and the trajectories still active end with
-  finish "timeout" (the rewards of the steps they finished are kept). The first turn always runs.
+  end "timeout" (the rewards of the steps they finished are kept). The first turn always runs.
 - The result times the engine calls (`generate_s`) and the environment steps (`env_s`), each as the wall time
   during which at least one of them ran: in lockstep the environments of one turn step concurrently; with
   sessions generation and tools overlap, so the two may add up to more than the call took.
@@ -92,12 +96,18 @@ async def run_lockstep(engine, envs: Sequence[Env], rows: Sequence[Mapping[str, 
     for turn in range(limits.max_turns):
         if turn and time.monotonic() >= deadline:
             for i in active:
-                trajs[i].finish_reason = "timeout"
+                trajs[i].end = "timeout"
             break
         if not active:
             break
-        room = {i: limits.token_budget - len(trajs[i].token_ids) for i in active}
-        ask = replace(sampling, max_tokens=min(sampling.max_tokens, max(room.values())),
+        room = {i: _room(trajs[i], limits) for i in active}
+        for i in [i for i in active if room[i] < 1]:
+            trajs[i].end = "budget"
+        active = [i for i in active if room[i] >= 1]
+        if not active:
+            break
+        window = min(_window_room(trajs[i], limits) for i in active)
+        ask = replace(sampling, max_tokens=min(sampling.max_tokens, max(room[i] for i in active), window),
                       seed=None if sampling.seed is None else sampling.seed + turn)
         tick = time.perf_counter()
         rollout = engine.generate([trajs[i].context() for i in active], ask)
@@ -108,7 +118,7 @@ async def run_lockstep(engine, envs: Sequence[Env], rows: Sequence[Mapping[str, 
         env_s += time.perf_counter() - tick
         for (i, _), step in zip(stepping, steps):
             _add_step(trajs[i], step, turn, renderer, limits)
-        active = [i for i in active if not trajs[i].finish_reason]
+        active = [i for i in active if not trajs[i].end]
     return MultiTurnResult(trajs, generate_s, env_s)
 
 
@@ -126,9 +136,12 @@ async def run_sessions(engine: SessionEngine, envs: Sequence[Env], rows: Sequenc
         t = Trajectory(renderer.prompt(await env.reset(rows[k])))
         for turn in range(limits.max_turns):
             if turn and time.monotonic() >= deadline:
-                t.finish_reason = "timeout"
+                t.end = "timeout"
                 break
-            room = limits.token_budget - len(t.token_ids)
+            room = _room(t, limits)
+            if room < 1:
+                t.end = "budget"
+                break
             ask = replace(sampling, max_tokens=min(sampling.max_tokens, room),
                           seed=None if sampling.seed is None else prompt_seed(sampling.seed + turn, k, 1))
             with generating():
@@ -138,12 +151,22 @@ async def run_sessions(engine: SessionEngine, envs: Sequence[Env], rows: Sequenc
             with stepping():
                 step = await _step_until(env, c.text, deadline)
             _add_step(t, step, turn, renderer, limits)
-            if t.finish_reason:
+            if t.end:
                 break
         return t
 
     trajs = await asyncio.gather(*(one(k) for k in range(len(envs))))
     return MultiTurnResult(list(trajs), generating.total, stepping.total, sessions)
+
+
+def _window_room(t: Trajectory, limits: Limits) -> int:
+    """Tokens the engine's window has left after `t`'s context."""
+    return limits.max_context - len(t.context()) if limits.max_context else 1 << 62
+
+
+def _room(t: Trajectory, limits: Limits) -> int:
+    """Tokens `t` may still generate: within its budget and the engine's window."""
+    return min(limits.token_budget - len(t.token_ids), _window_room(t, limits))
 
 
 def _add_turn(t: Trajectory, c: Completion, room: int) -> bool:
@@ -154,27 +177,27 @@ def _add_turn(t: Trajectory, c: Completion, room: int) -> bool:
         trainable[-1] = False  # the forced EOS was not sampled from the policy
     t.add_model(c.token_ids[:keep], c.logprobs[:keep], trainable)
     if c.finish_reason == "early_stop":
-        t.finish_reason = "early_stop"
+        t.end = "early_stop"
     elif keep == room:
-        t.finish_reason = "budget"
-    return not t.finish_reason
+        t.end = "budget"
+    return not t.end
 
 
 def _add_step(t: Trajectory, step: Step | None, turn: int, renderer, limits: Limits) -> None:
     """Record the environment's step after turn `turn` (None: it ran past the deadline), and append its reply
     unless the trajectory ends here."""
     if step is None:
-        t.finish_reason = "timeout"
+        t.end = "timeout"
         return
     t.rewards.append(float(step.reward))
     if step.done:
-        t.finish_reason = "done"
+        t.end = "done"
     elif turn == limits.max_turns - 1:
-        t.finish_reason = "max_turns"
+        t.end = "max_turns"
     else:
         env_ids = renderer.turn_boundary(t.model_turns()[-1], step.observation or [])
         if len(t.token_ids) + len(env_ids) >= limits.token_budget:
-            t.finish_reason = "budget"
+            t.end = "budget"
         else:
             t.add_env(env_ids)
 
