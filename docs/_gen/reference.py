@@ -129,7 +129,9 @@ def all_config_keys() -> list[str]:
 
 
 def cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    """Text for a table cell: pipes escaped, and angle brackets outside `code` shown as written, not taken for HTML."""
+    parts = text.replace("|", "\\|").replace("\n", " ").split("`")
+    return "`".join(p if i % 2 else p.replace("<", "&lt;").replace(">", "&gt;") for i, p in enumerate(parts))
 
 
 def preset_summary(path: Path) -> str:
@@ -188,16 +190,15 @@ def configuration_page() -> str:
         "built and names the nearest real one. A value is checked against the rules in the dataclass's "
         "`__post_init__`, which name the key and the fix.",
         "",
-        "## Presets",
-        "",
-        "| group | preset | what it sets |",
-        "|---|---|---|",
+        "The presets (`GROUP=NAME`) are [at the end](#presets).",
     ]
+    for name, cls, used in schema_sections():
+        lines += section_tables(name, cls, f"read by `cispo {used.replace(', ', '` and `cispo ')}`", "##")
+    lines += ["", "## Presets", "", "Each file of `configs/GROUP/`, with the comment at its top.", "",
+              "| group | preset | what it sets |", "|---|---|---|"]
     for group in sorted(p for p in configs.iterdir() if p.is_dir()):
         for preset in sorted(group.glob("*.yaml")):
             lines.append(f"| `{group.name}` | `{group.name}={preset.stem}` | {cell(preset_summary(preset))} |")
-    for name, cls, used in schema_sections():
-        lines += section_tables(name, cls, f"read by `cispo {used.replace(', ', '` and `cispo ')}`", "##")
     return "\n".join(lines) + "\n"
 
 
