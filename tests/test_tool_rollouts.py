@@ -23,7 +23,7 @@ from cispo.train.collective import Dist
 from cispo.cli import register_configs
 from cispo.config import Config, ConfigError, EnvConfig
 from cispo.data.load import load_splits
-from cispo.sampling.tool_rollouts import check_config, check_env_renderer
+from cispo.sampling.tool_rollouts import ToolRollouts, check_config, check_env_renderer
 from cispo.sampling.sampler import EngineSampler, episode_sample
 from cispo.model.tiny_model import make_tiny_model
 from cispo.start.warm_start import gold_batch, greedy_exact_match
@@ -215,6 +215,21 @@ def test_an_environment_with_a_random_reset_trains_on_the_context_the_engine_saw
         for e in group:
             s = episode_sample(e, 1.0, 0)
             assert s.prompt_ids == e.trajectory.prompt_ids and tuple(s.prompt_ids) in seen
+
+
+@register_env("graded_calculator")
+def graded_calculator_env(**options) -> ToolEnv:
+    return ToolEnv(["calculator"], reward=lambda text, row: 1.0, **options)
+
+
+def test_an_environment_that_grades_the_answer_itself_is_refused(taught):
+    """The reward's graders grade the final answer; an environment that grades it too would add it twice."""
+    from transformers import AutoTokenizer
+
+    path, cfg, _ = taught
+    cfg = replace(cfg, env=replace(cfg.env, name="graded_calculator"))
+    with pytest.raises(ConfigError, match=r"env.name='graded_calculator' .* grades the final answer itself"):
+        ToolRollouts(cfg, AutoTokenizer.from_pretrained(path), sandbox=False)
 
 
 def test_one_training_step_trains_on_the_model_tokens_and_logs_the_tools(taught, tmp_path):
