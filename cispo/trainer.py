@@ -29,32 +29,26 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from cispo.algo.advantages import group_advantages
-from cispo.algo.batch import MicroBatch, Sample, even, micro_batches, split_groups
 from cispo.train.checkpoint import (
     Checkpointer, checkpoint_name, checkpoint_step, export_hf, resolve_resume, trim_metrics,
 )
-from cispo.config import AlgoConfig, Config, ConfigError
+from cispo.config import Config, ConfigError
 from cispo.sampling.curriculum import Curriculum, FilledBatch
 from cispo.train.collective import Dist
 from cispo.data.load import load_splits
 from cispo.data.prompts import PromptStream, encode_prompts
 from cispo.train.distributed import build_policy, init_distributed
+from cispo.train.update import update_policy
 from cispo.model.gguf import GGUF_PREFIX
 from cispo.logging import RunLogger
 from cispo.manifest import write_run_manifest
 from cispo.phases import PhaseMonitor
-from cispo.model.moe import RoutingMeter, RoutingStore, routing
-from cispo.algo.loss import (
-    LossOut, logp_grad, loss_knobs, loss_metrics, mismatch_metrics, policy_loss, tis_weights, trust_region_metrics,
-)
-from cispo.train.optim import lr_lambda, update_position
-from cispo.model.policy import micro_batch_logprobs, model_device, shares_prompts
 from cispo.sampling.pipeline import Pipelined, Synchronous
 from cispo.sampling.tool_rollouts import check_config as check_env_config, check_env_renderer
 from cispo.sampling.sampler import ColocatedSampler, episode_sample
@@ -236,131 +230,6 @@ def log_samples(path: Path, step: int, batch: FilledBatch, tokenizer, count: int
         for row, e in episodes:
             f.write(json.dumps({"step": step, "id": row["id"], "score": e.score, "status": e.result.status,
                                 "response": tokenizer.decode(e.completion.token_ids)}) + "\n")
-
-
-def update_policy(cfg: Config, step: int, updater, samples: list[Sample]) -> dict:
-    """pi_old for every sample, then up to `algo.updates_per_step` optimizer steps over mini-batches of prompt
-    groups (fewer when fewer groups are left), at the learning rates of RL step `step` (cispo.train.optim).
-
-    The first mini-batch trains on the weights pi_old is taken from, so its pi_old is its own training forward's
-    logp, detached, and only the other mini-batches get a forward-only pi_old pass (one forward fewer per step
-    for 1 / updates_per_step of the tokens; the training forward's logp equals the forward-only pass's bit for
-    bit, so the update is unchanged: tests/test_update.py). With algo.pi_old=engine, pi_old is each sample's
-    rollout_logp and no mini-batch gets a pi_old pass.
-
-    Each rank computes pi_old for, and trains on, its share of every mini-batch (updater.dist; all of it in one
-    process), with the aggregation coefficients of the whole mini-batch; metrics are over all ranks."""
-    algo, tokens_per_micro, dist, policy = cfg.algo, cfg.trainer.max_tokens_per_micro, updater.dist, updater.model
-    head = dict(temperature=cfg.rollout.temperature, fp32_head=cfg.model.fp32_lm_head)
-    device = model_device(policy)
-    samples = [s for s in samples if s.loss_len > 0]
-    if not samples:
-        return {"train/updates": 0, "time/old_logp_s": 0.0}
-    started = time.perf_counter()
-    minis = split_groups(samples, algo.updates_per_step)
-    shares = [dist.shard_groups(samples, mini) for mini in minis]
-    mine = sorted(i for share in shares for i in share)
-    packing = dict(share_prompts=shares_prompts(policy))  # a group's prompt packed once (cispo/model/attention.py)
-    # MoE: the experts of the pi_old pass are recorded (routing-drift metrics) and, with model.routing_replay,
-    # replayed in the training forwards; a dense model makes every routing() block a no-op
-    store, meter = RoutingStore(), RoutingMeter(policy)
-    engine_old = algo.pi_old == "engine"  # pi_old = the engine's sampling logprobs: no forward-only pass
-    if engine_old:
-        for s in samples:
-            s.old_logp = s.rollout_logp
-    first = set(shares[0])
-    pending = [] if engine_old else [i for i in mine if i not in first]
-    with torch.no_grad():
-        for mb in even(micro_batches(samples, pending, tokens_per_micro, None, **packing), dist):
-            with routing(policy, mb, store, record=True):
-                logps = micro_batch_logprobs(policy, mb, **head).logp
-            for i, logp in zip(mb.sample_ids, mb_split(logps, mb.lengths)):
-                samples[i].old_logp = logp.cpu()
-    old_logp_s = time.perf_counter() - started  # the forward-only pi_old passes (all mini-batches but the first)
-    schedule = lr_lambda(cfg.trainer, cfg.trainer.steps * algo.updates_per_step)
-    knobs = loss_knobs(algo.loss, asdict(algo))  # the algo fields the loss names, read once per step
-    outs, losses, norms, entropy, grads, updates = [], [], [], [], [], []
-    fresh, fresh_rollout = [], []  # algo.pi_old=engine: the first mini-batch's trainer logp, for mismatch/*
-    for j, (mini, share) in enumerate(zip(minis, shares)):
-        total = 0.0
-        mini_tokens = sum(len(samples[i].prompt_ids) + len(samples[i].response_ids) for i in mini)
-        for mb in even(micro_batches(samples, share, tokens_per_micro, algo.loss_agg, norm_over=mini, **packing),
-                       dist):
-            own_old = j == 0 and not engine_old  # pi_old is this forward's logp (see the docstring)
-            # backward inside the block: a gradient-checkpointing recompute must see the same routing
-            with routing(policy, mb, store, record=j == 0, replay=cfg.model.routing_replay and j > 0) as cap:
-                mb = mb.to(device)
-                if own_old:
-                    mb.old_logp = torch.zeros_like(mb.rollout_logp)
-
-                def hint(logp, rows, mb=mb, own_old=own_old):
-                    # the LM head computes its gradients in the forward pass from the loss's (3 matmuls, not 4)
-                    if own_old:
-                        mb.old_logp[rows] = logp.detach()
-                    return logp_grad(logp, **loss_inputs(mb, algo, knobs, rows))
-
-                tl = micro_batch_logprobs(policy, mb, **head, grad_hint=hint)
-                if own_old:
-                    mb.old_logp = tl.logp.detach().clone()
-                    for i, logp in zip(mb.sample_ids, mb_split(mb.old_logp, mb.lengths)):
-                        samples[i].old_logp = logp.cpu()
-                out = policy_loss(tl.logp, **loss_inputs(mb, algo, knobs))
-                loss = out.loss
-                if cfg.model.moe_aux_loss_coef and mb.sample_ids:  # token share of the mini-batch's aux loss
-                    aux = cap.aux_loss().to(loss.device)
-                    loss = loss + cfg.model.moe_aux_loss_coef * (mb.num_tokens / mini_tokens) * aux
-                updater.backward(loss)
-            meter.add(cap.stats)
-            total += out.loss.item()
-            if mb.sample_ids:  # not an empty pass that only keeps the ranks in step
-                if engine_old and j == 0:
-                    fresh.append(tl.logp)
-                    fresh_rollout.append(mb.rollout_logp)
-                outs.append(out)
-                entropy.append(tl.entropy)
-                grads.append(logp_grad(tl.logp, **loss_inputs(mb, algo, knobs)))  # elementwise, for trust/*
-                updates.append(torch.full_like(out.ratio, j))
-        position = update_position(step, j, len(minis), algo.updates_per_step)  # the schedule runs over RL steps
-        norms.append(updater.step(cfg.trainer.lr * schedule(position)))
-        losses.append(total)
-    losses = dist.sum(losses)  # each rank's share of each mini-batch loss
-    old = global_cat(dist, [samples[i].old_logp for i in mine])
-    if engine_old:
-        metrics = mismatch_metrics(global_cat(dist, fresh), global_cat(dist, fresh_rollout))
-    else:
-        metrics = mismatch_metrics(old, global_cat(dist, [samples[i].rollout_logp for i in mine]))
-    # every rank's tokens (flags travel as 0/1 floats, which loss_metrics reads)
-    gathered = LossOut(torch.zeros(()), **{f.name: global_cat(dist, [getattr(o, f.name) for o in outs])
-                                           for f in fields(LossOut)[1:]})
-    trust = trust_region_metrics(gathered.ratio, gathered.adv, global_cat(dist, grads), global_cat(dist, updates),
-                                 algo.clip_low, algo.clip_high)
-    return metrics | loss_metrics([gathered]) | trust | meter.metrics(reduce=dist.sum) | {
-        "loss/value": sum(losses) / len(losses),
-        "loss/entropy": global_cat(dist, entropy).mean().item(),
-        "train/grad_norm": sum(norms) / len(norms),
-        "train/lr": updater.lr,
-        "time/old_logp_s": old_logp_s,
-        "train/updates": len(norms),
-        "train/tokens": int(old.numel()),
-    }
-
-
-def loss_inputs(mb: MicroBatch, algo: AlgoConfig, knobs: dict, rows: slice = slice(None)) -> dict:
-    """`policy_loss`'s arguments besides logp, for the loss tokens `rows` of a micro-batch; `knobs` are the algo
-    fields the loss names (cispo.algo.loss.loss_knobs)."""
-    tis = tis_weights(mb.old_logp[rows], mb.rollout_logp[rows], algo.tis_cap) if algo.tis_cap else None
-    return dict(old_logp=mb.old_logp[rows], adv=mb.adv[rows], coef=mb.coef[rows], tis_weight=tis, loss=algo.loss,
-                **knobs)
-
-
-def global_cat(dist, tensors: list[torch.Tensor]) -> torch.Tensor:
-    """This rank's per-token values and all other ranks', concatenated."""
-    return dist.cat(torch.cat([t.detach().float().cpu() for t in tensors]) if tensors else torch.zeros(0))
-
-
-def mb_split(values: torch.Tensor, lengths: list[int]) -> list[torch.Tensor]:
-    """Split a micro-batch's flat per-token values [N] back into one tensor per sample (none for an empty pass)."""
-    return list(values.detach()[: sum(lengths)].split(lengths))
 
 
 def due(every: int, step: int) -> bool:

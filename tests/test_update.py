@@ -22,7 +22,7 @@ from dist_worker import case_config, make_samples
 
 
 def test_the_first_mini_batch_pi_old_is_a_forward_only_pass_bit_for_bit(tmp_path):
-    import cispo.trainer as trainer
+    import cispo.train.update as update
     from cispo.train.distributed import build_policy
 
     model_dir = str(make_tiny_model(TinyModelConfig(), tmp_path))
@@ -30,7 +30,7 @@ def test_the_first_mini_batch_pi_old_is_a_forward_only_pass_bit_for_bit(tmp_path
     torch.manual_seed(0)
     policy, _, updater = build_policy(model_dir, cfg, Dist())
     samples = [s for s in make_samples(0, policy.config.vocab_size) if s.loss_len > 0]
-    first = trainer.split_groups(samples, cfg.algo.updates_per_step)[0]
+    first = update.split_groups(samples, cfg.algo.updates_per_step)[0]
     assert first and len(first) < len(samples)
     with torch.no_grad():  # pi_old as a separate forward-only pass computes it, before any update, packed as the
         reference = {}     # trainer packs: the first mini-batch alone, the others together
@@ -46,7 +46,7 @@ def test_the_first_mini_batch_pi_old_is_a_forward_only_pass_bit_for_bit(tmp_path
         return step(lr)
 
     updater.step = capture
-    stats = trainer.update_policy(cfg, 1, updater, samples)
+    stats = update.update_policy(cfg, 1, updater, samples)
     assert stats["train/updates"] == cfg.algo.updates_per_step
     for i, s in enumerate(samples):  # the training forward's pi_old (first mini-batch) and the pass's (others)
         assert torch.equal(s.old_logp, reference[i]), i
@@ -56,7 +56,7 @@ def test_the_first_mini_batch_pi_old_is_a_forward_only_pass_bit_for_bit(tmp_path
 
 def reference_grads(cfg, model_dir, samples, mini, reference) -> list[torch.Tensor]:
     """The first optimizer step's gradients as the trainer computed them with a separate pi_old pass."""
-    import cispo.trainer as trainer
+    import cispo.train.update as update
     from cispo.train.distributed import build_policy
     from cispo.algo.loss import logp_grad, loss_knobs, policy_loss
 
@@ -66,9 +66,9 @@ def reference_grads(cfg, model_dir, samples, mini, reference) -> list[torch.Tens
         samples[i].old_logp = reference[i]
     knobs = loss_knobs(cfg.algo.loss, asdict(cfg.algo))
     for mb in micro_batches(samples, mini, 64, cfg.algo.loss_agg, share_prompts=True):
-        hint = lambda logp, rows, mb=mb: logp_grad(logp, **trainer.loss_inputs(mb, cfg.algo, knobs, rows))  # noqa: E731
+        hint = lambda logp, rows, mb=mb: logp_grad(logp, **update.loss_inputs(mb, cfg.algo, knobs, rows))  # noqa: E731
         tl = micro_batch_logprobs(policy, mb, temperature=1.0, fp32_head=False, grad_hint=hint)
-        updater.backward(policy_loss(tl.logp, **trainer.loss_inputs(mb, cfg.algo, knobs)).loss)
+        updater.backward(policy_loss(tl.logp, **update.loss_inputs(mb, cfg.algo, knobs)).loss)
     return [p.grad.clone() for p in policy.parameters()]
 
 
@@ -77,23 +77,23 @@ def engine_old_run(cfg, model_dir, samples, pi_old: str):
     forward-only pi_old passes)."""
     from dataclasses import replace
 
-    import cispo.trainer as trainer
+    import cispo.train.update as update
     from cispo.train.distributed import build_policy
 
     cfg = replace(cfg, algo=replace(cfg.algo, pi_old=pi_old))
     torch.manual_seed(0)
     policy, _, updater = build_policy(model_dir, cfg, Dist())
-    passes, forward = [], trainer.micro_batch_logprobs
+    passes, forward = [], update.micro_batch_logprobs
 
     def counting(*args, **kwargs):
         passes.append(not torch.is_grad_enabled())
         return forward(*args, **kwargs)
 
-    trainer.micro_batch_logprobs = counting
+    update.micro_batch_logprobs = counting
     try:
-        stats = trainer.update_policy(cfg, 1, updater, samples)
+        stats = update.update_policy(cfg, 1, updater, samples)
     finally:
-        trainer.micro_batch_logprobs = forward
+        update.micro_batch_logprobs = forward
     return [p.detach().clone() for p in policy.parameters()], stats, sum(passes)
 
 
@@ -172,3 +172,42 @@ def test_off_policy_configs_without_a_bounded_correction_are_refused(algo, rollo
 def test_engine_pi_old_with_a_capped_cispo_weight_may_run_ahead():
     Config(algo=AlgoConfig(pi_old="engine", max_staleness=2, is_weight_max=5.0), rollout=RolloutConfig(mode="server"))
     Config(algo=AlgoConfig(loss="reinforce", tis_cap=2.0, max_staleness=1), rollout=RolloutConfig(mode="server"))
+
+
+@pytest.mark.parametrize("algo", [dict(), dict(loss="dapo", tis_cap=2.0)])
+def test_the_trust_gradient_is_the_loss_gradient_the_hint_sent_back(tmp_path, algo):
+    """trust/* reads d loss / d log pi per token from the grad hint (LossHint.grad), chunk by chunk: the same numbers,
+    bit for bit, as autograd of the micro-batch's whole loss at the forward's logp; also when the forward is its own
+    pi_old (taken row by row before each chunk's gradient, and the TIS weight with it)."""
+    from dataclasses import replace
+
+    from cispo.algo.loss import logp_grad, loss_knobs
+    from cispo.model.logprobs import CPU_CHUNK
+    from cispo.train.distributed import build_policy
+    from cispo.train.update import LossHint, PiOld, loss_inputs
+
+    model_dir = str(make_tiny_model(TinyModelConfig(), tmp_path))
+    cfg = case_config(model_dir, None, budget=64)
+    cfg = replace(cfg, algo=replace(cfg.algo, **algo))
+    torch.manual_seed(0)
+    policy, _, _ = build_policy(model_dir, cfg, Dist())
+    samples = [s for s in make_samples(0, policy.config.vocab_size) if s.loss_len > 0]
+    for s in samples:  # a pi_old away from the policy, so that ratios and clips are not all 1 and none
+        s.old_logp = s.rollout_logp + 0.3 * torch.randn(s.loss_len, generator=torch.Generator().manual_seed(s.group))
+    knobs = loss_knobs(cfg.algo.loss, asdict(cfg.algo))
+    (mb,) = micro_batches(samples, list(range(len(samples))), 1 << 20, cfg.algo.loss_agg, share_prompts=True)
+    assert len(mb.targets) > 2 * CPU_CHUNK  # several chunks
+    for own in (None, PiOld(samples, 0, 0.0)):
+        if own is not None:
+            assert own.expect(0, mb)
+        hint = LossHint(mb, cfg.algo, knobs, own)
+        tl = micro_batch_logprobs(policy, mb, temperature=1.0, fp32_head=False, grad_hint=hint)
+        if own is not None:
+            assert torch.equal(mb.old_logp, tl.logp.detach())
+        assert torch.equal(hint.grad, logp_grad(tl.logp, **loss_inputs(mb, cfg.algo, knobs)))
+        assert hint.grad.abs().sum() > 0
+    with torch.no_grad():  # a forward that never asks the hint: no gradient to report, and it says so
+        hint = LossHint(mb, cfg.algo, knobs, None)
+        micro_batch_logprobs(policy, mb, temperature=1.0, fp32_head=False, grad_hint=hint)
+    with pytest.raises(RuntimeError, match="grad_hint"):
+        hint.grad

@@ -35,7 +35,7 @@ import functools
 import importlib
 import inspect
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields as dataclass_fields
 
 import torch
 from torch import Tensor
@@ -71,6 +71,13 @@ class LossOut:
     clipped_low: Tensor  # [N] bool: the lower bound acted on this token
     kept: Tensor  # [N] bool: the token passes gradient to log pi (False: masked by Eq. 7 or by the PPO clip)
     adv: Tensor  # [N] the advantage of the token's response, detached (its sign splits the clip fractions)
+
+    @classmethod
+    def cat(cls, outs: list[LossOut], cat: Callable[[list[Tensor]], Tensor] = torch.cat) -> LossOut:
+        """The per-token fields [N] of several results joined by `cat` (e.g. across ranks, as 0/1 floats for the
+        flags); `loss` is 0, as a sum over micro-batches it would not be one micro-batch's loss."""
+        per_token = dataclass_fields(cls)[1:]
+        return cls(torch.zeros(()), **{f.name: cat([getattr(o, f.name) for o in outs]) for f in per_token})
 
 
 LossFn = Callable[..., TokenLoss]
