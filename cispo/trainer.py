@@ -39,24 +39,26 @@ from cispo.train.checkpoint import (
     Checkpointer, checkpoint_name, checkpoint_step, export_hf, resolve_resume, trim_metrics,
 )
 from cispo.config import Config, ConfigError
-from cispo.sampling.curriculum import Curriculum, FilledBatch
+from cispo.sampling.curriculum import Curriculum
+from cispo.sampling.dynamic import FilledBatch
 from cispo.train.collective import Dist
 from cispo.data.load import load_splits
 from cispo.data.prompts import PromptStream, encode_prompts
 from cispo.train.distributed import build_policy, init_distributed
 from cispo.train.update import update_policy
 from cispo.model.gguf import GGUF_PREFIX
+from cispo.model.lora import check_lora
 from cispo.logging import RunLogger
 from cispo.manifest import write_run_manifest
 from cispo.phases import PhaseMonitor
 from cispo.sampling.pipeline import Pipelined, Synchronous
 from cispo.sampling.tool_rollouts import check_config as check_env_config, check_env_renderer
-from cispo.sampling.sampler import ColocatedSampler, episode_sample
+from cispo.sampling.sampler import EngineSampler, episode_sample
 from cispo.model.tiny_model import check_cache_dir
 from cispo.start.warm_start import prepare_model
 from rewards import RewardScorer
 from rollout import build_engine, resolve_engine
-from rollout.engines.fleet import build as start_fleet
+from rollout.engines.adapter_sink import make_sink
 
 
 PROMPTS_LOG = "prompts.jsonl"
@@ -109,6 +111,7 @@ def train(cfg: Config) -> TrainResult:
         check_env_renderer(cfg, model_dir)  # env.name set: the chat template's turn boundaries, self-tested
         kind = resolve_engine(cfg.rollout, model_dir)
         cfg.rollout.check_engine(kind)  # a rollout knob the resolved engine cannot honour stops the run here
+        check_lora(cfg, kind, model_dir)  # model.lora.* the engine cannot serve, or the model lacks, stops it too
         _, tokenizer, updater = build_policy(model_dir, cfg, dist)
         stream = PromptStream(train_rows, cfg.data.seed)
         curriculum = Curriculum(cfg.curriculum, stream, cfg.rollout.max_tokens)
@@ -174,14 +177,18 @@ def start_rollouts(cfg: Config, kind: str, model_dir: str, run_dir: Path, scorer
     say(f"starting the rollout engine ({kind}) ...")
     if cfg.rollout.mode == "colocated":
         engine = build_engine(kind, model_dir, cfg.rollout, cfg.model, cfg.trainer.seed)  # one per rank
-        return Synchronous(ColocatedSampler(cfg, engine, scorer, tokenizer, dist), curriculum,
+        sink = make_sink(engine, cfg.model)  # EngineSink, or AdapterSink (the adapter only) with model.lora.rank
+        return Synchronous(EngineSampler(cfg, engine, sink, scorer, tokenizer, dist), sink, curriculum,
                            cfg.algo.prompts_per_step)
-    fleet = sampler = None
-    if dist.is_main:
+    sampler = sink = None
+    if dist.is_main:  # rank 0 alone talks to the servers
+        from rollout.engines.fleet import build as start_fleet
+
         fleet = start_fleet(model_dir, cfg.rollout, cfg.model, cfg.trainer.seed, log_dir=run_dir / "servers")
-        sampler = ColocatedSampler(cfg, fleet, scorer, tokenizer, Dist())  # rank 0 alone talks to the fleet
+        sink = fleet.sink
+        sampler = EngineSampler(cfg, fleet, sink, scorer, tokenizer, Dist())
     probe = encode_prompts(tokenizer, eval_rows[:1], cfg.data)[0]
-    return Pipelined(sampler, fleet, curriculum, target=cfg.algo.prompts_per_step, steps=cfg.trainer.steps,
+    return Pipelined(sampler, sink, curriculum, target=cfg.algo.prompts_per_step, steps=cfg.trainer.steps,
                      max_staleness=cfg.algo.max_staleness, dist=dist, probe=probe)
 
 
@@ -195,11 +202,12 @@ def rl_step(cfg: Config, step: int, rollouts: Synchronous | Pipelined, updater,
     generated = time.perf_counter()
     adv = group_advantages(torch.tensor([[e.score for e in group] for group in filled.groups]).view(-1, algo.group_size),
                            std_norm=algo.adv_std_norm, level=algo.adv_norm)
-    samples = [episode_sample(e, filled.prompts[g], float(adv.adv[g, k]), g)  # a trajectory's: its loss mask
+    samples = [episode_sample(e, float(adv.adv[g, k]), g)  # under its own prompt, its loss mask
                for g, group in enumerate(filled.groups) if not (algo.drop_zero_variance and adv.zero_variance[g])
                for k, e in enumerate(group)]
     with rollouts.updating(), monitor.phase("update", f"step {step}"):  # pi_old and the updates
         stats = update_policy(cfg, step, updater, samples)
+    bookkeeping = rollouts.finish(filled)  # before the new weights can start the next batch: retired prompts stay out
     updated = time.perf_counter()
     with monitor.phase("sync", f"step {step}"):
         rollouts.publish(updater, step)
@@ -207,7 +215,7 @@ def rl_step(cfg: Config, step: int, rollouts: Synchronous | Pipelined, updater,
     # pi_old, the updates, the weight sync
     phases = {"time/rollout_s": generated - started, "time/update_s": updated - generated - stats["time/old_logp_s"],
               "time/sync_s": time.perf_counter() - updated}
-    return filled.metrics | rollouts.finish(filled) | stats | phases | monitor.metrics() | {
+    return filled.metrics | bookkeeping | stats | phases | monitor.metrics() | {
         "adv/zero_variance_frac": adv.zero_variance.float().mean().item(),
         "train/samples": len(samples),
     }, filled
@@ -229,7 +237,7 @@ def log_samples(path: Path, step: int, batch: FilledBatch, tokenizer, count: int
     with path.open("a") as f:
         for row, e in episodes:
             f.write(json.dumps({"step": step, "id": row["id"], "score": e.score, "status": e.result.status,
-                                "response": tokenizer.decode(e.completion.token_ids)}) + "\n")
+                                "response": tokenizer.decode(e.trajectory.token_ids)}) + "\n")
 
 
 def due(every: int, step: int) -> bool:
