@@ -211,3 +211,21 @@ def test_the_trust_gradient_is_the_loss_gradient_the_hint_sent_back(tmp_path, al
         micro_batch_logprobs(policy, mb, temperature=1.0, fp32_head=False, grad_hint=hint)
     with pytest.raises(RuntimeError, match="grad_hint"):
         hint.grad
+
+
+def test_mismatch_is_measured_on_tokens_of_the_current_policy_and_staleness_apart():
+    """At algo.max_staleness > 0 a stale token's old-vs-rollout gap holds the updates in between as well as the
+    train/inference mismatch: mismatch/* must not mix them (M1 Fig. 3 compares the same weights)."""
+    from cispo.algo.loss import mismatch_metrics
+
+    old = torch.tensor([-1.0, -2.0, -0.5, -1.5, -3.0, -0.2])
+    rollout = old + torch.tensor([0.01, -0.01, 0.02, 0.5, -0.7, 0.6])  # three fresh tokens, three stale ones
+    versions = torch.tensor([4, 4, 4, 2, 3, 2])
+    m = mismatch_metrics(old, rollout, versions, version=4)
+    assert m["mismatch/logp_abs_diff"] == pytest.approx((0.01 + 0.01 + 0.02) / 3)
+    assert m["staleness/token_frac"] == 0.5 and m["staleness/logp_abs_diff"] == pytest.approx((0.5 + 0.7 + 0.6) / 3)
+    same = mismatch_metrics(old, rollout)  # no versions: every token is the current policy's, as before
+    assert same["mismatch/logp_abs_diff"] == pytest.approx((0.01 + 0.01 + 0.02 + 0.5 + 0.7 + 0.6) / 6)
+    fresh_only = mismatch_metrics(old[:3], rollout[:3], versions[:3], version=4)
+    assert fresh_only["staleness/token_frac"] == 0.0 and "staleness/logp_abs_diff" not in fresh_only
+    assert fresh_only["mismatch/logp_abs_diff"] == m["mismatch/logp_abs_diff"]

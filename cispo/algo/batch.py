@@ -37,6 +37,7 @@ class Sample:
     adv: float
     group: int  # index of the prompt within the step
     old_logp: Tensor | None = None  # [loss_len] log pi_old (algo.pi_old: the trainer's forward or rollout_logp)
+    versions: Tensor | None = None  # [loss_len] the policy version that sampled each loss token (None: the current)
     loss_len: int = field(init=False)  # how many tokens train
 
     def __post_init__(self):
@@ -68,6 +69,7 @@ class MicroBatch:
     coef: Tensor  # [N] aggregation coefficient (see cispo.algo.loss.sequence_coefficients)
     rollout_logp: Tensor  # [N]
     old_logp: Tensor | None  # [N]
+    versions: Tensor | None  # [N] the policy version of each loss token (None: every sample's is the current)
     sample_ids: list[int]  # which samples, in order
     lengths: list[int]  # loss_len of each
 
@@ -90,8 +92,9 @@ def trajectory_sample(trajectory, adv: float, group: int, trainable: bool = True
     loss tokens with their sampling logprobs as rollout_logp; no loss token when not `trainable`."""
     mask = [bool(m) and trainable for m in trajectory.loss_mask]
     logp = [lp for lp, m in zip(trajectory.logprobs, mask) if m]
+    versions = torch.tensor([v for v, m in zip(trajectory.versions, mask) if m], dtype=torch.long)
     return Sample(list(trajectory.prompt_ids), list(trajectory.token_ids), mask,
-                  torch.tensor(logp, dtype=torch.float32), adv, group)
+                  torch.tensor(logp, dtype=torch.float32), adv, group, versions=versions)
 
 
 def split_groups(samples: list[Sample], parts: int) -> list[list[int]]:
@@ -140,7 +143,7 @@ def empty_micro_batch() -> MicroBatch:
     return MicroBatch(
         input_ids=torch.zeros(1, 1, dtype=torch.long), position_ids=torch.zeros(1, 1, dtype=torch.long),
         logit_pos=torch.zeros(1, dtype=torch.long), targets=torch.zeros(1, dtype=torch.long), adv=zero, coef=zero,
-        rollout_logp=zero, old_logp=zero, sample_ids=[], lengths=[],
+        rollout_logp=zero, old_logp=zero, versions=None, sample_ids=[], lengths=[],
     )
 
 
@@ -153,7 +156,7 @@ def even(mbs: list[MicroBatch], dist) -> list[MicroBatch]:
 
 
 def _collate(samples: list[Sample], ids: list[int], coef: Tensor, share_prompts: bool) -> MicroBatch:
-    tokens, positions, logit_pos, targets, adv, tok_coef, rollout, old = [], [], [], [], [], [], [], []
+    tokens, positions, logit_pos, targets, adv, tok_coef, rollout, old, versions = [], [], [], [], [], [], [], [], []
     prompt, prompt_end = None, 0  # the prompt laid down last, and the packed index after it
     for i, c in zip(ids, coef.tolist()):
         s = samples[i]
@@ -173,6 +176,8 @@ def _collate(samples: list[Sample], ids: list[int], coef: Tensor, share_prompts:
         rollout.append(s.rollout_logp)
         if s.old_logp is not None:
             old.append(s.old_logp)
+        if s.versions is not None:
+            versions.append(s.versions)
     return MicroBatch(
         input_ids=torch.tensor([tokens]),
         position_ids=torch.tensor([positions]),
@@ -182,6 +187,7 @@ def _collate(samples: list[Sample], ids: list[int], coef: Tensor, share_prompts:
         coef=torch.tensor(tok_coef, dtype=torch.float32),
         rollout_logp=torch.cat(rollout) if rollout else torch.zeros(0),
         old_logp=torch.cat(old) if len(old) == len(ids) else None,
+        versions=torch.cat(versions) if ids and len(versions) == len(ids) else None,
         sample_ids=ids,
         lengths=[samples[i].loss_len for i in ids],
     )

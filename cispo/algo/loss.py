@@ -339,14 +339,26 @@ def trust_region_metrics(ratio: Tensor, adv: Tensor, grad: Tensor, update: Tenso
     return metrics
 
 
-def mismatch_metrics(old_logp: Tensor, rollout_logp: Tensor) -> dict[str, float]:
+def mismatch_metrics(old_logp: Tensor, rollout_logp: Tensor, versions: Tensor | None = None,
+                     version: int = -1) -> dict[str, float]:
     """Trainer vs rollout engine on the same sampled tokens [N]: mean |diff| of logprobs and the Pearson
-    correlation of the token probabilities (M1 Fig. 3 reports 0.987 -> 0.997 after its fp32 head fix)."""
+    correlation of the token probabilities (M1 Fig. 3 reports 0.987 -> 0.997 after its fp32 head fix).
+
+    `versions` [N]: the policy that sampled each token; `version`: the one pi_old is. Only tokens sampled by it
+    (or of unknown version, -1) measure the train/inference mismatch; the others also differ by the updates in
+    between, and go to staleness/token_frac (their share) and staleness/logp_abs_diff."""
+    out: dict[str, float] = {}
+    if versions is not None and versions.numel():
+        stale = (versions != version) & (versions >= 0)
+        out["staleness/token_frac"] = stale.float().mean().item()
+        if stale.any():
+            out["staleness/logp_abs_diff"] = (old_logp[stale] - rollout_logp[stale]).abs().mean().item()
+        old_logp, rollout_logp = old_logp[~stale], rollout_logp[~stale]
     if old_logp.numel() < 2:
-        return {}
+        return out
     p, q = old_logp.double().exp(), rollout_logp.double().exp()
     corr = torch.corrcoef(torch.stack([p, q]))[0, 1]
-    return {
+    return out | {
         "mismatch/logp_abs_diff": (old_logp - rollout_logp).abs().mean().item(),
         "mismatch/prob_pearson": corr.item(),
     }

@@ -62,7 +62,7 @@ def update_policy(cfg: Config, step: int, updater, samples: list[Sample]) -> dic
         position = update_position(step, j, len(minis), algo.updates_per_step)  # the schedule runs over RL steps
         stats.norms.append(updater.step(cfg.trainer.lr * schedule(position)))
     mine = [samples[i] for i in sorted(i for share in shares for i in share)]
-    return stats.gather(dist, mine, algo) | passes.meter.metrics(reduce=dist.sum) | {
+    return stats.gather(dist, mine, algo, version=step - 1) | passes.meter.metrics(reduce=dist.sum) | {
         "train/lr": updater.lr,
         "time/old_logp_s": pi_old.seconds,
     }
@@ -233,6 +233,7 @@ class StepStats:
     updates: list[Tensor] = field(default_factory=list)  # [N] the optimizer step the tokens trained in
     fresh: list[Tensor] = field(default_factory=list)  # [N] mismatch_in_training: the training forward's logp
     fresh_rollout: list[Tensor] = field(default_factory=list)  # [N] and the engine's
+    fresh_versions: list[Tensor] = field(default_factory=list)  # [N] and the versions that sampled them
     losses: list[float] = field(default_factory=list)  # per optimizer step: this rank's share of the loss
     norms: list[float] = field(default_factory=list)  # per optimizer step: the gradient norm before clipping
 
@@ -241,20 +242,24 @@ class StepStats:
         if self.mismatch_in_training and j == 0:
             self.fresh.append(tl.logp.detach())
             self.fresh_rollout.append(mb.rollout_logp)
+            self.fresh_versions.append(token_versions(mb.versions, len(mb.rollout_logp)))
         self.outs.append(out)
         self.entropy.append(tl.entropy)
         self.grads.append(grad)
         self.updates.append(torch.full_like(out.ratio, j))
 
-    def gather(self, dist: Dist, samples: list[Sample], algo: AlgoConfig) -> dict:
-        """loss/*, trust/*, mismatch/* and train/* over every rank's tokens; `samples`: this rank's, with pi_old."""
+    def gather(self, dist: Dist, samples: list[Sample], algo: AlgoConfig, version: int) -> dict:
+        """loss/*, trust/*, mismatch/*, staleness/* and train/* over every rank's tokens; `samples`: this rank's,
+        with pi_old; `version`: the policy pi_old is (RL steps trained)."""
         cat = functools.partial(global_cat, dist)
         losses = dist.sum(self.losses)  # each rank's share of each mini-batch loss
         old = cat([s.old_logp for s in samples])
         if self.mismatch_in_training:
-            metrics = mismatch_metrics(cat(self.fresh), cat(self.fresh_rollout))
+            pairs = cat(self.fresh), cat(self.fresh_rollout), cat(self.fresh_versions)
         else:
-            metrics = mismatch_metrics(old, cat([s.rollout_logp for s in samples]))
+            pairs = old, cat([s.rollout_logp for s in samples]), cat([token_versions(s.versions, s.loss_len)
+                                                                      for s in samples])
+        metrics = mismatch_metrics(*pairs, version=version)
         tokens = LossOut.cat(self.outs, cat)  # flags travel as 0/1 floats, which loss_metrics reads
         trust = trust_region_metrics(tokens.ratio, tokens.adv, cat(self.grads), cat(self.updates), algo.clip_low,
                                      algo.clip_high)
@@ -265,6 +270,12 @@ class StepStats:
             "train/updates": len(self.norms),
             "train/tokens": int(old.numel()),
         }
+
+
+def token_versions(versions: Tensor | None, n: int) -> Tensor:
+    """The policy version of each of n loss tokens [n]; -1 where unknown (a sample made without versions, counted
+    as the current policy's)."""
+    return versions if versions is not None else torch.full((n,), -1, dtype=torch.long)
 
 
 def global_cat(dist: Dist, tensors: list[Tensor]) -> Tensor:
