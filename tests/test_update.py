@@ -124,10 +124,16 @@ def test_pi_old_from_the_engine_skips_the_pass_and_trains_against_the_engines_lo
     assert all(torch.equal(a, b) for a, b in zip(recomputed, taken))
     assert stats["mismatch/logp_abs_diff"] < 1e-6
 
-    for s in samples:  # an engine whose logprobs are 0.3 below the trainer's
-        s.rollout_logp = s.rollout_logp - 0.3
+    shift = {i: 0.1 * (1 + i % 5) for i in range(len(samples))}  # an engine off by a different amount per sample
+    for i, s in enumerate(samples):
+        s.rollout_logp = s.rollout_logp - shift[i]
     shifted, stats, _ = engine_old_run(cfg, model_dir, samples, "engine")
-    assert abs(stats["mismatch/logp_abs_diff"] - 0.3) < 1e-4
+    # measured on the first mini-batch's tokens only (its training forward is the trainer's logp): the token mean
+    # of their shifts, not the mean over every token
+    first_tokens = [shift[i] for i in first for _ in range(samples[i].loss_len)]
+    every_token = [shift[i] for i in range(len(samples)) for _ in range(samples[i].loss_len)]
+    assert abs(stats["mismatch/logp_abs_diff"] - sum(first_tokens) / len(first_tokens)) < 1e-4
+    assert abs(sum(first_tokens) / len(first_tokens) - sum(every_token) / len(every_token)) > 1e-3
     assert not all(torch.equal(a, b) for a, b in zip(recomputed, shifted))
 
 
