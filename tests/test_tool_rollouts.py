@@ -171,11 +171,16 @@ def test_sampler_episodes_carry_trajectories_graded_on_the_final_answer(taught):
 
 
 class RandomDayEnv(ToolEnv):
-    """A calculator environment whose reset is not deterministic: a random date line in its system message."""
+    """A calculator environment whose reset is not deterministic (a random date line in its system message), and
+    which rewards each tool turn with 0.125 (an intermediate reward, added to the grade of the final answer)."""
 
     async def reset(self, row):
         messages = await super().reset(row)
         return [{"role": "system", "content": f"Today is day {random.randrange(10**6)}."}] + messages
+
+    async def step(self, assistant_text):
+        step = await super().step(assistant_text)
+        return step if step.done else replace(step, reward=step.reward + 0.125)
 
 
 @register_env("random_day")
@@ -215,6 +220,9 @@ def test_an_environment_with_a_random_reset_trains_on_the_context_the_engine_saw
         for e in group:
             s = episode_sample(e, 1.0, 0)
             assert s.prompt_ids == e.trajectory.prompt_ids and tuple(s.prompt_ids) in seen
+            t = e.trajectory  # the score: the grade of the final answer plus each tool turn's 0.125, once each
+            assert e.score == pytest.approx(e.result.score + e.penalty + t.reward)
+    assert any(e.trajectory.reward > 0 for e in batch.episodes)
 
 
 @register_env("graded_calculator")
