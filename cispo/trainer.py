@@ -247,7 +247,8 @@ def due(every: int, step: int) -> bool:
 class NoLogger:
     """Ranks other than 0 log nothing."""
 
-    history: list = []
+    def __init__(self):
+        self.history: list = []
 
     def log(self, step: int, metrics: dict) -> None:
         pass

@@ -98,11 +98,6 @@ def _looks_moe(model) -> bool:
     return any((getattr(config, k, None) or 0) > 1 for k in ("num_local_experts", "num_experts", "n_routed_experts"))
 
 
-def is_moe(model) -> bool:
-    """Whether `model` has routers this module can capture and replay."""
-    return bool(moe_routers(model))
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # what a forward routed
 

@@ -74,6 +74,16 @@ def _jsonable(value):
     return repr(value)
 
 
+ROUND_STRIDE = 1_000_003  # a prime beyond any step count: rounds of dynamic sampling never share a seed
+
+
+def call_seed(seed: int, step: int, round_index: int, rank: int, world_size: int) -> int:
+    """The seed of one rank's `sample` call (rollout.seed = `seed`). The seeds below it derive from it in their
+    own modules: sample j of prompt i in a call gets its own stream (rollout.base.prompt_seed), and turn t of a
+    multi-turn call uses seed * env.max_turns + t (cispo.sampling.tool_rollouts, rollout.env.multiturn)."""
+    return (seed + step) * world_size + rank + round_index * ROUND_STRIDE
+
+
 def episode_sample(e: Episode, adv: float, group: int) -> Sample:
     """The loss sample of an episode: its trajectory under the trajectory's own prompt (the context the engine
     continued from), the model's tokens as loss tokens; none when the episode is not trainable."""
@@ -141,7 +151,7 @@ class EngineSampler:
         sampling = SamplingParams(
             n=cfg.algo.group_size, max_tokens=max_tokens, temperature=cfg.rollout.temperature,
             top_p=cfg.rollout.top_p, min_tokens=min(cfg.rollout.min_tokens, max_tokens),
-            seed=(cfg.rollout.seed + step) * dist.world_size + dist.rank + round_index * 1_000_003,
+            seed=call_seed(cfg.rollout.seed, step, round_index, dist.rank, dist.world_size),
         )
         version = self.sink.served_version  # the engine does not change weights inside a call
         made = self._generate(rows[lo:hi], sampling, version)
