@@ -87,21 +87,10 @@ class RunState:
 
 
 def train(cfg: Config) -> TrainResult:
-    if cfg.model.path == "tiny" or cfg.model.path.startswith(GGUF_PREFIX):
-        check_cache_dir(cfg.model.cache_dir)
-    check_env_config(cfg)  # env.name set: the knobs multi-turn rollouts cannot honour stop the run here
-    dist = init_distributed(cfg.trainer)  # one process: plain torch; under a launcher: DeepSpeed ZeRO
-    seed_everything(cfg.trainer.seed, cfg.trainer.threads)
-    if cfg.algo.prompts_per_step < dist.world_size or cfg.data.eval_size < dist.world_size:
-        raise ConfigError(f"algo.prompts_per_step and data.eval_size must be >= the number of ranks "
-                          f"({dist.world_size})")
+    dist = start_processes(cfg)
     started = time.perf_counter()
     say = (lambda text: print(text, flush=True)) if dist.is_main else (lambda text: None)  # noqa: E731
-    run_dir = Path(dist.broadcast_object(cfg.trainer.output_dir))  # a ${now:...} may differ between ranks
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-        write_run_manifest(cfg, run_dir)  # resolved config, package version, git commit, library versions
+    run_dir = open_run_dir(cfg, dist)
     scorer = RewardScorer(cfg.reward)
     with scorer:
         splits = load_splits(cfg.data, scorer)  # every row checked here: bad rows stop the run or are counted
@@ -124,24 +113,14 @@ def train(cfg: Config) -> TrainResult:
         checkpoints = Checkpointer(run_dir / "checkpoints", cfg.trainer.keep_last, dist)
         resume = resolve_resume(cfg.trainer.resume, run_dir)
         start = checkpoint_step(resume) if resume else 0
-        history = trim_metrics(run_dir / "metrics.jsonl", start) if resume and dist.is_main else []
-        if resume and dist.is_main:
-            trim_metrics(run_dir / PROMPTS_LOG, start)
-            trim_metrics(run_dir / SAMPLES_LOG, start)
-        logger = (RunLogger(cfg.logger, run_dir, asdict(cfg), total_steps=cfg.trainer.steps) if dist.is_main
-                  else NoLogger())
-        logger.history = history + logger.history  # the plot covers the steps before a resume too
+        logger = open_logger(cfg, run_dir, dist, start)
         if resume:  # last before the loop: the RNG states continue from the moment the checkpoint was taken
             checkpoints.load(resume, updater, stateful)
         rollouts.start(updater, start)  # the engines get the weights of step `start` (resumed, or servers)
         try:
             if not resume:
-                say(f"held-out evaluation before RL ({len(eval_rows)} problems) ...")
-                tick = time.perf_counter()
-                run.eval_before = rollouts.evaluate(eval_rows)
-                say(f"held-out accuracy before RL: {run.eval_before['eval/accuracy']:.3f}")
-                logger.log(0, run.eval_before | splits.report.metrics() | {"time/eval_s": time.perf_counter() - tick,
-                                                                            "time/startup_s": tick - started})
+                run.eval_before = evaluate_before(rollouts, eval_rows, logger, say, splits.report.metrics() | {
+                    "time/startup_s": time.perf_counter() - started})
             eval_after = run.eval_before
             monitor = PhaseMonitor(say)  # memory/<phase>_peak_gb (rank 0's in the log); a line every 10 s
             for step in range(start + 1, cfg.trainer.steps + 1):
@@ -149,10 +128,8 @@ def train(cfg: Config) -> TrainResult:
                 metrics, batch = rl_step(cfg, step, rollouts, updater, monitor)
                 metrics["time/step_s"] = time.perf_counter() - tick
                 if dist.is_main:
-                    log_prompts(run_dir / PROMPTS_LOG, step, batch)
-                    if cfg.logger.samples:
-                        log_samples(run_dir / SAMPLES_LOG, step, batch, tokenizer, cfg.logger.samples)
-                if step == cfg.trainer.steps or due(cfg.trainer.eval_every, step):
+                    log_batch(cfg, run_dir, step, batch, tokenizer)
+                if due(cfg.trainer.eval_every, step) or step == cfg.trainer.steps:
                     tick = time.perf_counter()
                     eval_after = rollouts.evaluate(eval_rows)
                     metrics |= eval_after | {"time/eval_s": time.perf_counter() - tick}
@@ -168,6 +145,55 @@ def train(cfg: Config) -> TrainResult:
     final = export_hf(updater, run_dir / "final", tokenizer)
     dist.close()
     return TrainResult(run_dir, final, run.eval_before, eval_after)
+
+
+def start_processes(cfg: Config):
+    """What stops a run before any work (the cache dir, the env knobs, the ranks), the process group and the
+    seeds; returns the Dist (one process: plain torch; under a launcher: DeepSpeed ZeRO)."""
+    if cfg.model.path == "tiny" or cfg.model.path.startswith(GGUF_PREFIX):
+        check_cache_dir(cfg.model.cache_dir)
+    check_env_config(cfg)  # env.name set: the knobs multi-turn rollouts cannot honour stop the run here
+    dist = init_distributed(cfg.trainer)
+    seed_everything(cfg.trainer.seed, cfg.trainer.threads)
+    if cfg.algo.prompts_per_step < dist.world_size or cfg.data.eval_size < dist.world_size:
+        raise ConfigError(f"algo.prompts_per_step and data.eval_size must be >= the number of ranks "
+                          f"({dist.world_size})")
+    return dist
+
+
+def open_run_dir(cfg: Config, dist) -> Path:
+    """trainer.output_dir, with the resolved config and the run manifest (package and library versions, git
+    commit) written into it by rank 0."""
+    run_dir = Path(dist.broadcast_object(cfg.trainer.output_dir))  # a ${now:...} may differ between ranks
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        write_run_manifest(cfg, run_dir)
+    return run_dir
+
+
+def open_logger(cfg: Config, run_dir: Path, dist, start: int):
+    """Rank 0's RunLogger (a NoLogger elsewhere). Resuming at step `start`: the logs lose the rows of later steps,
+    and the plot keeps the steps before."""
+    if not dist.is_main:
+        return NoLogger()
+    history = trim_metrics(run_dir / "metrics.jsonl", start) if start else []
+    if start:
+        trim_metrics(run_dir / PROMPTS_LOG, start)
+        trim_metrics(run_dir / SAMPLES_LOG, start)
+    logger = RunLogger(cfg.logger, run_dir, asdict(cfg), total_steps=cfg.trainer.steps)
+    logger.history = history + logger.history
+    return logger
+
+
+def evaluate_before(rollouts, eval_rows: list[dict], logger, say, extra: dict) -> dict:
+    """The held-out metrics before RL, logged at step 0 with `extra` (the data report, the start-up time)."""
+    say(f"held-out evaluation before RL ({len(eval_rows)} problems) ...")
+    tick = time.perf_counter()
+    metrics = rollouts.evaluate(eval_rows)
+    say(f"held-out accuracy before RL: {metrics['eval/accuracy']:.3f}")
+    logger.log(0, metrics | extra | {"time/eval_s": time.perf_counter() - tick})
+    return metrics
 
 
 def start_rollouts(cfg: Config, kind: str, model_dir: str, run_dir: Path, scorer, tokenizer, dist, curriculum,
@@ -219,6 +245,13 @@ def rl_step(cfg: Config, step: int, rollouts: Synchronous | Pipelined, updater,
         "adv/zero_variance_frac": adv.zero_variance.float().mean().item(),
         "train/samples": len(samples),
     }, filled
+
+
+def log_batch(cfg: Config, run_dir: Path, step: int, batch: FilledBatch, tokenizer) -> None:
+    """prompts.jsonl, and samples.jsonl when logger.samples is set."""
+    log_prompts(run_dir / PROMPTS_LOG, step, batch)
+    if cfg.logger.samples:
+        log_samples(run_dir / SAMPLES_LOG, step, batch, tokenizer, cfg.logger.samples)
 
 
 def log_prompts(path: Path, step: int, batch: FilledBatch) -> None:
