@@ -31,7 +31,7 @@ from pathlib import Path  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from rewards import RewardConfig, RewardScorer  # noqa: E402
-from rewards.code import DRIVER  # noqa: E402
+from rewards.code_drivers import DRIVER  # noqa: E402
 from rewards.sandbox import Sandbox, SandboxLimits  # noqa: E402
 
 THINK = "<think>" + "Let me work through this step by step. " * 12 + "</think>\n"
