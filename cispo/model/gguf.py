@@ -327,58 +327,27 @@ def import_gguf(
         f"({', '.join(f'{k} x{v}' for k, v in sorted(counts.items()))}), {info.file_bytes / 1e6:.0f} MB")
 
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoTokenizer, GenerationConfig
 
     torch_dtype = getattr(torch, dtype)
-    src_dir, src_name = str(gguf_file.parent), gguf_file.name
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staged = Path(out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}")
-    if staged.exists():
-        shutil.rmtree(staged)  # our own leftover (same pid), never the user's folder
-    staged.mkdir()
+    staged = _staging_dir(out_dir)
     try:
         with _phase(f"dequantising the weights to {dtype}", log, timings):
-            kwargs = {}
-            with contextlib.suppress(ImportError):
-                from transformers.utils.quantization_config import GgufConfig
-
-                # the newer loader could otherwise keep weights packed (when `kernels` is installed)
-                if "dequantize" in GgufConfig.__init__.__code__.co_varnames:
-                    kwargs["quantization_config"] = GgufConfig(dequantize=True)
-            try:
-                gguf_model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=src_name, dtype=torch_dtype,
-                                                                  **kwargs)
-            except ValueError as exc:
-                if "Unrecognized configuration class" not in str(exc):
-                    raise
-                config = AutoConfig.from_pretrained(src_dir, gguf_file=src_name)
-                raise GGUFImportError(f"{gguf_file.name}: model type {config.model_type!r} is not a causal LM "
-                                      "(AutoModelForCausalLM has no class for it); cispo trains causal LMs") from None
-            config, state = gguf_model.config, gguf_model.state_dict()
-            del gguf_model
+            config, state = _dequantised(gguf_file, torch_dtype)
 
         with _phase("building the dense model", log, timings):
-            config = type(config).from_dict({k: v for k, v in config.to_dict().items() if k != "quantization_config"})
-            config.dtype = torch_dtype
-            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
-            if missing or unexpected:
-                raise GGUFImportError(f"{gguf_file.name}: the dequantised weights do not fit {type(model).__name__}: "
-                                      f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+            model = _dense_model(gguf_file, config, state, torch_dtype)
             del state
-            model.eval()
             num_parameters = sum(p.numel() for p in model.parameters())
-            if config.tie_word_embeddings:
-                assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
 
         with _phase("writing the safetensors", log, timings):
+            config = model.config
             model.generation_config = GenerationConfig.from_model_config(config)
             model.save_pretrained(staged)
             del model
 
         with _phase("rebuilding the tokenizer", log, timings):
-            tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=src_name)
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
             tokenizer.save_pretrained(staged)
 
         _install(staged, out_dir, log)
@@ -394,6 +363,57 @@ def import_gguf(
     log(f"wrote {out_dir} ({result.out_bytes / 1e6:.0f} MB, {num_parameters / 1e6:.1f}M parameters, {dtype}"
         f"{', tied embeddings' if result.tied_embeddings else ''}) in {result.seconds:.0f}s")
     return result
+
+
+def _staging_dir(out_dir: Path) -> Path:
+    """An empty folder beside `out_dir` to write into; `_install` moves it into place once complete."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}")
+    if staged.exists():
+        shutil.rmtree(staged)  # our own leftover (same pid), never the user's folder
+    staged.mkdir()
+    return staged
+
+
+def _dequantised(gguf_file: Path, torch_dtype) -> tuple[object, dict]:
+    """The GGUF's config and its weights dequantised to `torch_dtype` (transformers' GGUF loader)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    src_dir, src_name = str(gguf_file.parent), gguf_file.name
+    kwargs = {}
+    with contextlib.suppress(ImportError):
+        from transformers.utils.quantization_config import GgufConfig
+
+        # the newer loader could otherwise keep weights packed (when `kernels` is installed)
+        if "dequantize" in GgufConfig.__init__.__code__.co_varnames:
+            kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    try:
+        gguf_model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=src_name, dtype=torch_dtype, **kwargs)
+    except ValueError as exc:
+        if "Unrecognized configuration class" not in str(exc):
+            raise
+        config = AutoConfig.from_pretrained(src_dir, gguf_file=src_name)
+        raise GGUFImportError(f"{gguf_file.name}: model type {config.model_type!r} is not a causal LM "
+                              "(AutoModelForCausalLM has no class for it); cispo trains causal LMs") from None
+    return gguf_model.config, gguf_model.state_dict()
+
+
+def _dense_model(gguf_file: Path, config, state: dict, torch_dtype):
+    """A plain (unquantised) model of `config` holding `state`; GGUFImportError when the weights do not fit it."""
+    from transformers import AutoModelForCausalLM
+
+    config = type(config).from_dict({k: v for k, v in config.to_dict().items() if k != "quantization_config"})
+    config.dtype = torch_dtype
+    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise GGUFImportError(f"{gguf_file.name}: the dequantised weights do not fit {type(model).__name__}: "
+                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.eval()
+    if config.tie_word_embeddings:
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    return model
 
 
 # ------------------------------------------------------------------------------------------ model.path=gguf:
