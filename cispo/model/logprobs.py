@@ -95,20 +95,12 @@ def token_logprobs(
     Returns:
         TokenLogprobs with logp [T] and entropy [T], float32.
     """
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        shapes = f"{tuple(hidden.shape)} and {tuple(weight.shape)}"
-        raise ValueError(f"expected hidden [T, H] and weight [V, H], got {shapes}")
-    if targets.shape != hidden.shape[:1] or targets.dtype != torch.int64:
-        raise ValueError(f"expected targets [T={hidden.shape[0]}] int64, got {tuple(targets.shape)} {targets.dtype}")
-    if hidden.dtype != weight.dtype or hidden.dtype not in _DTYPES:
-        raise ValueError(f"hidden and weight must share one of {_DTYPES}, got {hidden.dtype} and {weight.dtype}")
+    _check_inputs(hidden, weight, targets, mask)
     if chunk_size is None:
         chunk_size = default_chunk_size(weight.shape[0], hidden.dtype, fp32_head, hidden.device)
     if not temperature > 0 or chunk_size < 1:
         raise ValueError(f"need temperature > 0 and chunk_size >= 1, got {temperature} and {chunk_size}")
     if mask is not None:
-        if mask.shape != targets.shape or mask.dtype != torch.bool:
-            raise ValueError(f"expected mask [T={hidden.shape[0]}] bool, got {tuple(mask.shape)} {mask.dtype}")
         kept = mask.nonzero().squeeze(1)
         hint = grad_hint and (lambda logp, rows: grad_hint(logp, kept[rows]))
         inner = token_logprobs(hidden[kept], weight, targets[kept], temperature=temperature, fp32_head=fp32_head,
@@ -120,6 +112,19 @@ def token_logprobs(
     logp, entropy = _ChunkedLogprobs.apply(hidden, weight, targets, float(temperature), fp32_head, chunk_size,
                                            grad_hint)
     return TokenLogprobs(logp=logp, entropy=entropy)
+
+
+def _check_inputs(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tensor | None) -> None:
+    """ValueError naming the argument whose shape or dtype does not fit `token_logprobs`."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        shapes = f"{tuple(hidden.shape)} and {tuple(weight.shape)}"
+        raise ValueError(f"expected hidden [T, H] and weight [V, H], got {shapes}")
+    if targets.shape != hidden.shape[:1] or targets.dtype != torch.int64:
+        raise ValueError(f"expected targets [T={hidden.shape[0]}] int64, got {tuple(targets.shape)} {targets.dtype}")
+    if hidden.dtype != weight.dtype or hidden.dtype not in _DTYPES:
+        raise ValueError(f"hidden and weight must share one of {_DTYPES}, got {hidden.dtype} and {weight.dtype}")
+    if mask is not None and (mask.shape != targets.shape or mask.dtype != torch.bool):
+        raise ValueError(f"expected mask [T={hidden.shape[0]}] bool, got {tuple(mask.shape)} {mask.dtype}")
 
 
 def default_chunk_size(vocab: int, dtype: torch.dtype, fp32_head: bool, device: torch.device) -> int:
