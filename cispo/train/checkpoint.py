@@ -11,7 +11,8 @@ Layout under `<output_dir>/checkpoints/`:
                               registered stateful objects (the prompt stream, ...; JSON-serialisable)
       rng/rank-00000.pt       python and torch (and CUDA) RNG states, one file per rank
       policy/                 plain torch: model.safetensors + optimizer.pt; DeepSpeed: deepspeed/ (ZeRO
-                              partitions of every rank, the LR schedule)
+                              partitions of every rank, the LR schedule); with LoRA (model.lora.rank) the
+                              adapter instead of the model: adapter/ (PEFT format), and no frozen base weights
       hf/                     config.json + tokenizer, so `python -m cispo.train.checkpoint export` needs nothing else
     .tmp-step-000015/         a save in progress, or one interrupted by a crash (removed by the next save)
     latest                    the name of the newest complete checkpoint (informational)
@@ -133,6 +134,7 @@ class Checkpointer:
         torch.save(rng_state(), tmp / "rng" / f"rank-{dist.rank:05d}.pt")
         if dist.is_main:
             meta = {"step": step, "world_size": dist.world_size, "zero_stage": updater.zero_stage,
+                    "lora_rank": _lora_rank(updater),
                     "state": {key: obj.state_dict() for key, obj in stateful.items()}}
             (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1))
             updater.policy.config.save_pretrained(tmp / "hf")
@@ -162,6 +164,9 @@ class Checkpointer:
             raise ConfigError(f"checkpoint {path} holds ZeRO partitions of {meta['world_size']} ranks, this run has "
                               f"{dist.world_size}: resume with the same number of ranks, or export it and start "
                               "from the HF weights")
+        if meta.get("lora_rank", 0) != _lora_rank(updater):
+            raise ConfigError(f"checkpoint {path} was written with model.lora.rank={meta.get('lora_rank', 0)}, this run "
+                              f"has {_lora_rank(updater)}: resume with the same model.lora settings")
         updater.load(path / "policy")
         for key, obj in stateful.items():
             if key in meta["state"]:
@@ -173,10 +178,24 @@ class Checkpointer:
         return int(meta["step"])
 
 
+def _lora_rank(updater) -> int:
+    lora = getattr(updater, "lora", None)
+    return lora.spec.rank if lora is not None else 0
+
+
 def export_hf(updater, out: Path, tokenizer) -> Path:
     """The policy in Hugging Face format at `out` (collective under ZeRO-3: every rank calls it; rank 0 writes
-    `out.tmp` and renames it to `out`)."""
+    `out.tmp` and renames it to `out`). With LoRA: the adapter folder (PEFT format) at `out`, and with
+    model.lora.export_merged the merged model in HF format at <out>-merged (cispo.model.lora.export_adapter)."""
     dist, out = updater.dist, Path(out)
+    if getattr(updater, "lora", None) is not None:
+        state = {name: tensor.to("cpu", copy=True) for name, tensor in updater.named_weights()}
+        if dist.is_main:
+            from cispo.model.lora import export_adapter
+
+            export_adapter(state, updater.lora, out, tokenizer, merged=updater.lora.spec.export_merged)
+        dist.barrier()
+        return out
     state = {}
     for name, tensor in updater.named_weights():
         if dist.is_main:
@@ -213,11 +232,19 @@ def trim_metrics(path: Path, step: int) -> list[dict]:
 
 
 def export_checkpoint(checkpoint: Path, out: Path) -> Path:
-    """Offline HF export of a saved checkpoint (plain torch or DeepSpeed, any ZeRO stage), on CPU."""
+    """Offline HF export of a saved checkpoint (plain torch or DeepSpeed, any ZeRO stage), on CPU. A LoRA
+    checkpoint: the base model with its adapter merged in (the adapter folder itself is policy/adapter)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     checkpoint, out = Path(checkpoint), Path(out)
     policy_dir = checkpoint / "policy"
+    from cispo.model.lora import ADAPTER_DIR, is_adapter_checkpoint, merge_adapter
+
+    if is_adapter_checkpoint(policy_dir):
+        merge_adapter(policy_dir / ADAPTER_DIR, out)
+        if any((checkpoint / "hf").glob("tokenizer*")):
+            AutoTokenizer.from_pretrained(checkpoint / "hf").save_pretrained(out)
+        return out
     if (policy_dir / "model.safetensors").exists():
         from safetensors.torch import load_file
 

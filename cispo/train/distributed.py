@@ -207,13 +207,23 @@ def build_policy(model_dir: str, cfg, dist: Dist):
     trainer = cfg.trainer
     if trainer.zero_stage is None:
         policy, tokenizer = load_policy(model_dir, cfg.model)
-        return policy, tokenizer, TorchUpdater(policy, trainer, dist)
+        return policy, tokenizer, TorchUpdater(policy, trainer, dist, lora=_lora(policy, cfg, model_dir))
     # with trainer.bf16 DeepSpeed casts the working copy to bf16 and keeps fp32 master weights, whatever
     # model.dtype the checkpoint is loaded in
     ds_config = deepspeed_config(trainer, dist.world_size)
     with _zero3_init(ds_config):
         policy, tokenizer = load_policy(model_dir, cfg.model)
-    return policy, tokenizer, DeepSpeedUpdater(policy, trainer, ds_config, dist)
+    # ZeRO-3: the adapters are added after the partitioned load; deepspeed.initialize partitions them too
+    return policy, tokenizer, DeepSpeedUpdater(policy, trainer, ds_config, dist, lora=_lora(policy, cfg, model_dir))
+
+
+def _lora(policy, cfg, model_dir: str):
+    """model.lora.rank > 0: the adapters injected into `policy` (cispo.model.lora), the same on every rank."""
+    if not cfg.model.lora.rank:
+        return None
+    from cispo.model.lora import apply_lora
+
+    return apply_lora(policy, cfg.model, model_dir, cfg.trainer.seed)
 
 
 @contextlib.contextmanager
@@ -245,11 +255,12 @@ class DeepSpeedUpdater:
     """The DeepSpeed engine behind TorchUpdater's interface.
 
     `model` is what micro_batch_logprobs calls (the engine around PolicyLogprobs); `policy` is the HF model
-    (parameter names for weight sync and export)."""
+    (parameter names for weight sync and export). `lora`: the policy's adapter (cispo.model.lora.LoraPolicy); only
+    its parameters reach the optimizer, and checkpoints leave the frozen base out."""
 
-    def __init__(self, policy, cfg: TrainerConfig, ds_config: dict, dist: Dist):
+    def __init__(self, policy, cfg: TrainerConfig, ds_config: dict, dist: Dist, lora=None):
         deepspeed = _import_deepspeed()
-        self.policy, self.dist, self.cfg = policy, dist, cfg
+        self.policy, self.dist, self.cfg, self.lora = policy, dist, cfg, lora
         self.ds_config = ds_config
         self.zero_stage = ds_config["zero_optimization"]["stage"]
         self.zero3 = self.zero_stage == 3
@@ -303,11 +314,20 @@ class DeepSpeedUpdater:
     def save(self, path: Path) -> None:
         """Collective: every rank writes its partitions under path/deepspeed (a shared filesystem when
         multi-node)."""
-        self.engine.save_checkpoint(str(path), tag=DS_TAG, save_latest=False)
+        lora = self.lora is not None
+        self.engine.save_checkpoint(str(path), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=lora)
+        if lora:  # also as a PEFT folder: the offline export reads it without DeepSpeed
+            state = dict(self.named_weights())
+            if self.dist.is_main:
+                from cispo.model.lora import save_adapter
+
+                save_adapter(self.lora, path, state)
 
     def load(self, path: Path) -> None:
+        # with LoRA the checkpoint holds no frozen base: those parameters keep the model folder's weights
         loaded, _ = self.engine.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
-                                                load_lr_scheduler_states=False)
+                                                load_lr_scheduler_states=False,
+                                                load_module_strict=self.lora is None)
         if loaded is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}/{DS_TAG}")
 
@@ -315,8 +335,9 @@ class DeepSpeedUpdater:
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF name, full tensor) of every parameter, in named_parameters order. Collective under ZeRO-3: every
         rank must consume the whole iterator. ZeRO-3 parameters are gathered one bucket of about
-        trainer.sync_bucket_mb at a time and yielded as copies (the gather buffers are released)."""
-        named = list(self.policy.named_parameters())
+        trainer.sync_bucket_mb at a time and yielded as copies (the gather buffers are released). With LoRA: the
+        adapter's tensors only, under PEFT keys (cispo.model.lora)."""
+        named = list(self.lora.params.items() if self.lora is not None else self.policy.named_parameters())
         if not self.zero3:
             for name, p in named:
                 yield name, p.detach()

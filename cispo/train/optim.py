@@ -29,6 +29,7 @@ class Updater(Protocol):
     policy: torch.nn.Module  # the Hugging Face model (parameter names for weight sync and export)
     dist: Dist  # the data-parallel world (one process for TorchUpdater)
     zero_stage: int | None  # None: plain torch; the DeepSpeed ZeRO stage otherwise (checkpoints record it)
+    lora: object | None  # cispo.model.lora.LoraPolicy when model.lora.rank > 0: only the adapter trains
 
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate the gradient of one micro-batch's share of the mini-batch loss."""
@@ -50,7 +51,8 @@ class Updater(Protocol):
     def load(self, path: Path) -> None: ...
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF name, tensor) of every parameter, for weight sync and HF export."""
+        """What training changes, for weight sync and export: (HF name, tensor) of every parameter; with LoRA
+        (`lora` set) the adapter's tensors only, under PEFT keys (cispo.model.lora)."""
 
 
 def warmup_lambda(warmup_steps: int):
@@ -84,12 +86,14 @@ def update_position(step: int, update: int, updates: int, per_step: int) -> floa
 
 
 class TorchUpdater:
-    """Plain torch AdamW in one process (trainer.zero_stage null)."""
+    """Plain torch AdamW in one process (trainer.zero_stage null). `lora`: the policy's adapter
+    (cispo.model.lora.LoraPolicy); then the checkpoints hold the adapter and the optimizer, not the base."""
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainerConfig, dist: Dist | None = None):
+    def __init__(self, model: torch.nn.Module, cfg: TrainerConfig, dist: Dist | None = None, lora=None):
         self.model = self.policy = model
         self.dist, self.grad_clip = dist or Dist(), cfg.grad_clip
         self.zero_stage = None
+        self.lora = lora
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay
@@ -124,16 +128,29 @@ class TorchUpdater:
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        save_model(self.policy, str(path / "model.safetensors"))  # handles tied weights
+        if self.lora is not None:
+            from cispo.model.lora import save_adapter
+
+            save_adapter(self.lora, path)  # the base is the model folder's, unchanged
+        else:
+            save_model(self.policy, str(path / "model.safetensors"))  # handles tied weights
         torch.save(self.state_dict(), path / "optimizer.pt")
 
     def load(self, path: Path) -> None:
         from safetensors.torch import load_model
 
         path = Path(path)
-        load_model(self.policy, str(path / "model.safetensors"), strict=True)
+        if self.lora is not None:
+            from cispo.model.lora import load_adapter
+
+            load_adapter(self.lora, path)
+        else:
+            load_model(self.policy, str(path / "model.safetensors"), strict=True)
         self.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
 
     def named_weights(self):
+        if self.lora is not None:
+            yield from self.lora.named_tensors()
+            return
         for name, p in self.policy.named_parameters():
             yield name, p.detach()

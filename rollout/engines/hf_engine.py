@@ -13,6 +13,10 @@ linear-state list out to every layer first: transformers' own indexes past its e
 M1's repetition early stop (rollout.engines.early_stop) runs as a transformers logits processor (`HFRepetitionEarlyStop`)
 with the vLLM engine's semantics: same trigger, forced EOS with log-probability 0, finish_reason "early_stop".
 Honoured knobs: rollout.max_model_len, early_stop_k, early_stop_p (rollout/__init__.py).
+
+LoRA (model.lora.rank > 0): the engine's copy gets the same PEFT layers as the policy (rollout.engines.lora) and
+serves the trainer's adapter through rollout.engines.adapter_sink.AdapterSink: `write_adapter` keeps the tensors of a
+version, `serve_adapter` copies them into the PEFT layers; the base weights stay those of the model folder.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from transformers.models.minimax.modeling_minimax import MiniMaxCache
 from rollout.base import Completion, Rollout, SamplingParams
 from rollout.engines.checks import check_request
 from rollout.engines.early_stop import EarlyStopRule, force_eos, top_token
+from rollout.engines import lora as adapters
 
 
 def upcast_lm_head(model) -> None:
@@ -125,24 +130,30 @@ class HFEngine:
     before generating (None = unchecked). `batch_size`: sequences per generate() call (bounds the KV cache)."""
 
     def __init__(self, model, tokenizer, *, fp32_lm_head: bool = False, batch_size: int = 256,
-                 early_stop: EarlyStopRule | None = None, max_model_len: int | None = None):
+                 early_stop: EarlyStopRule | None = None, max_model_len: int | None = None, lora=None):
+        """`lora`: serve a LoRA adapter of this spec (cispo.config.LoraConfig; None or rank 0: full weights)."""
+        if lora is not None and lora.rank:
+            adapters.inject(model, lora)  # lora_B = 0: the base's outputs until the first adapter is served
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.early_stop = early_stop
         self.max_model_len = max_model_len
+        self._adapter = adapters.adapter_parameters(model) if lora is not None and lora.rank else None
+        self._staged: tuple[int, dict[str, torch.Tensor]] | None = None
         if fp32_lm_head:
             upcast_lm_head(self.model)
 
     @classmethod
     def from_pretrained(cls, path: str, *, dtype: str = "float32", fp32_lm_head: bool = False,
                         trust_remote_code: bool = False, early_stop_k: int = 0, early_stop_p: float = 0.99,
-                        max_model_len: int | None = None) -> "HFEngine":
+                        max_model_len: int | None = None, lora=None) -> "HFEngine":
         """Tokenizer and early-stop rule first: a rule that cannot run fails before the weights load."""
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         early_stop = EarlyStopRule.from_settings(early_stop_k, early_stop_p, tokenizer.eos_token_id)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
-        return cls(model, tokenizer, fp32_lm_head=fp32_lm_head, early_stop=early_stop, max_model_len=max_model_len)
+        return cls(model, tokenizer, fp32_lm_head=fp32_lm_head, early_stop=early_stop, max_model_len=max_model_len,
+                   lora=lora)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> Rollout:
@@ -220,6 +231,26 @@ class HFEngine:
                 raise KeyError(f"load_weights: the rollout model has no parameter {name!r}")
             params[name].copy_(tensor)
 
+    # ------------------------------------------------------------------------------------------------ LoRA
+    def write_adapter(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Keep the adapter of policy `version` (PEFT keys); `serve_adapter` switches to it."""
+        if self._adapter is None:
+            raise ValueError("write_adapter: this engine was built without LoRA (model.lora.rank=0)")
+        self._staged = (version, {key: t.detach().to("cpu", copy=True) for key, t in named_tensors})
+
+    def serve_adapter(self, version: int) -> None:
+        if self._staged is None or self._staged[0] != version:
+            raise ValueError(f"serve_adapter(v{version}): no adapter of that version was written")
+        adapters.load_into(self._adapter, self._staged[1].items(), "HF engine")
+        self._staged = None
+
+    @torch.no_grad()
+    def prompt_logprobs(self, ids: list[int]) -> list[float]:
+        """log p(ids[t] | ids[:t]) for t >= 1 under the weights (and adapter) served, at temperature 1."""
+        x = torch.tensor([ids], device=self.model.device)
+        logp = self.model(input_ids=x).logits[0, :-1].float().log_softmax(-1)
+        return logp.gather(-1, x[0, 1:, None]).squeeze(-1).tolist()
+
     def sleep(self) -> None:
         """Nothing to free: the HF engine has no KV cache between calls."""
 
@@ -237,4 +268,5 @@ def build(model_dir: str, rollout_cfg, model_cfg, seed: int = 0) -> HFEngine:
         model_dir, dtype=model_cfg.dtype, fp32_lm_head=model_cfg.fp32_lm_head,
         trust_remote_code=model_cfg.trust_remote_code, early_stop_k=rollout_cfg.early_stop_k,
         early_stop_p=rollout_cfg.early_stop_p, max_model_len=rollout_cfg.max_model_len,
+        lora=getattr(model_cfg, "lora", None),
     )

