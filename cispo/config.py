@@ -102,7 +102,7 @@ class LoraConfig:
     state only, each weight sync sends the adapters only, and the engines serve them (vLLM with LoRA enabled, the
     HF engine through PEFT). 0 = full fine-tuning."""
 
-    rank: int = 0
+    rank: int = 0  # the adapters' rank; 0 = no adapters, full fine-tuning
     alpha: float = 16.0  # the update is scaled by alpha / rank (alpha / sqrt(rank) with rslora)
     dropout: float = 0.0  # on the adapters' input, training only (the engines sample without it)
     # module names (suffixes) to adapt; the defaults are Llama/Qwen2's linear layers, which vLLM can serve

@@ -283,3 +283,72 @@ def test_zero_two_ranks_equal_one_process(stage, model_dir, tmp_path):
     base = sum(p.numel() * 4 for n, p in reference["policy"].named_parameters() if not p.requires_grad)
     states = sum(size for name, size in report["checkpoint_files"].items() if name.endswith("model_states.pt"))
     assert 0 < states < base / 4, (states, base)
+
+
+# ---------------------------------------------------------------------------------------------- through a server
+
+
+def test_adapter_sync_reaches_a_server(model_dir, tmp_path):
+    """A real `vllm serve` (the fleet's server command, with --enable-lora): after each sync its log-probabilities
+    are the trainer's to 1e-4, a skipped sync is caught, and a server that rejoins catches up to the served adapter."""
+    pytest.importorskip("vllm")
+    import asyncio
+    import os
+    import socket
+    import time
+    from types import SimpleNamespace
+
+    import httpx
+
+    from cispo.config import ServerConfig
+    from rollout.engines.fleet.servers import server_command
+    from rollout.engines.server_adapter_sink import RUNTIME_ENV, ServerAdapterSink, server_args
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rollout = RolloutConfig(max_tokens=32, max_model_len=128, kv_cache_gb=0.25, mode="server",
+                            server=ServerConfig(args=server_args(LORA)))
+    cmd = server_command(model_dir, rollout, port=port, dtype="float32", seed=0, on_cpu=True)
+    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", OMP_NUM_THREADS="1", **RUNTIME_ENV)
+    log = (tmp_path / "server.log").open("w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(1)
+        server = SimpleNamespace(url=url, version=-1)  # the fleet's Server record: a url and a version label
+        sink = ServerAdapterSink([server], LORA, model_dir, weight_dir=str(tmp_path))
+        cfg = lora_case(model_dir)
+        policy, _, updater = build_policy(model_dir, cfg, Dist())
+        sink.write(updater.named_weights(), 0)
+        assert sink.serve(0).engines == 1 and server.version == 0
+        assert_engine_serves(sink, policy, PROBE)
+        for step in (1, 2):
+            old = probe_logprobs(policy, PROBE)
+            update_policy(cfg, step, updater, dist_worker.make_samples(step - 1, policy.config.vocab_size))
+            with pytest.raises(AssertionError, match="nearer the previous policy"):
+                assert_engine_serves(sink, policy, PROBE, old)
+            sink.write(updater.named_weights(), step)
+            report = sink.serve(step)
+            assert (report.version, report.transport, sink.served_version, server.version) == (step, "adapter-file",
+                                                                                              step, step)
+            assert report.bytes == sum(p.numel() * 4 for p in updater.lora.params.values())
+            assert_engine_serves(sink, policy, PROBE, old)
+        rejoined = SimpleNamespace(url=url, version=-1)
+        asyncio.run(sink.catch_up(rejoined))
+        assert rejoined.version == 2
+        assert_engine_serves(sink, policy, PROBE)
+        sink.close()
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=60)
+        log.close()
