@@ -167,17 +167,17 @@ class AlgoConfig:
     tis_cap: float | None = None  # truncated IS correction min(pi_old / pi_rollout, tis_cap); None = off
     # GSPO (Zheng et al. 2025): the clip of its sequence ratio exp(mean_t log(pi / pi_old)), relative to 1 as
     # clip_low / clip_high are; the paper's 3e-4 and 4e-4
-    seq_clip_low: float = 3e-4
-    seq_clip_high: float = 4e-4
+    seq_clip_low: float = 3e-4  # GSPO: the lower end, 1 - seq_clip_low
+    seq_clip_high: float = 4e-4  # GSPO: the upper end, 1 + seq_clip_high
     # more corrections of the train/inference mismatch beside tis_cap, by name (cispo/algo/corrections.py):
     # icepop | mis | geo_mask, each a factor on a token's loss from r = pi_old / pi_rollout; [] = none
     corrections: list[str] = field(default_factory=list)
     icepop_low: float = 0.5  # icepop: a token with r outside [low, high] drops, the rest weigh r (IcePop: 0.5, 5)
-    icepop_high: float = 5.0
+    icepop_high: float = 5.0  # icepop: the upper end of the band
     mis_low: float = 0.5  # mis: a response whose prod_t r leaves [low, high] drops, the rest weigh it (verl seq_mis)
-    mis_high: float = 2.0
+    mis_high: float = 2.0  # mis: the upper end of the band
     geo_mask_low: float = 0.999  # geo_mask: a response whose geometric mean of r leaves [low, high] drops (verl geo_rs)
-    geo_mask_high: float = 1.001
+    geo_mask_high: float = 1.001  # geo_mask: the upper end of the band
     # server mode: generation of step s may use the policy of step s - 1 - max_staleness (0 = synchronous); the
     # stale samples are corrected by the tis_cap weight, or are pi_old with pi_old=engine (cispo/sampling/pipeline.py)
     max_staleness: int = 0

@@ -13,7 +13,8 @@ from cispo.algo.batch import Sample, micro_batches
 from cispo.config import AlgoConfig, ConfigError
 from cispo.algo.loss import (
     AGGREGATIONS, LOG_RATIO_BOUND, LOSSES, LossOut, logp_grad, loss_knobs, loss_metrics, mismatch_metrics,
-    policy_loss, register_loss, sequence_coefficients, tis_weights, trust_region_metrics,
+    policy_loss, register_loss, sequence_coefficients, sequence_ids, takes_sequences, tis_weights,
+    trust_region_metrics,
 )
 from tests import custom_loss_plugin as plugin
 
@@ -382,3 +383,106 @@ def test_trust_region_metrics_split_the_exits_and_their_gradient_by_loss():
     assert cispo["trust/exit_grad_share_neg_adv"] == pytest.approx(0.5 / 9.1)
     assert dapo["trust/exit_grad_share_pos_adv"] == dapo["trust/exit_grad_share_neg_adv"] == 0.0
     assert trust_region_metrics(*(torch.zeros(0),) * 4, 0.2, 0.28) == {}
+
+
+# ---- GSPO: a sequence-level loss (seq_ids) ---------------------------------------------------------------------
+
+def test_hand_worked_gspo_example():
+    # response 0: log-ratios 0.2, -0.1 (s = e^0.05 = 1.0513), A = +1; response 1: 0, 0.03, -0.06 (s = e^-0.01), A = -2
+    # clip [1 - 0.1, 1 + 0.04]; loss_agg=sequence: coef 1 / (2 responses * |o_i|)
+    logp = torch.log(torch.tensor([0.5, 0.4, 0.3, 0.6, 0.2], dtype=torch.float64)).requires_grad_()
+    old = logp.detach() - torch.tensor([0.2, -0.1, 0.0, 0.03, -0.06], dtype=torch.float64)
+    adv = torch.tensor([1.0, 1.0, -2.0, -2.0, -2.0], dtype=torch.float64)
+    coef = torch.tensor([1 / 4, 1 / 4, 1 / 6, 1 / 6, 1 / 6], dtype=torch.float64)
+    seq_ids = torch.tensor([0, 0, 1, 1, 1])
+    out = policy_loss(logp, old, adv, coef, loss="gspo", seq_ids=seq_ids,
+                      **knobs("gspo", seq_clip_low=0.1, seq_clip_high=0.04))
+    s1 = math.exp(-0.01)
+    # response 0: s A = 1.0513 > 1.04 A, so min takes the clipped 1.04: L = -1.04, no gradient; response 1 (inside
+    # the range): L = -(s1 * -2) = 2 s1. Each response weighs the sum of its coefficients, 1/2.
+    assert out.loss.item() == pytest.approx(0.5 * -1.04 + 0.5 * 2 * s1, rel=1e-12)
+    (grad,) = torch.autograd.grad(out.loss, logp)
+    # d/dlogp_t of (1/2) * 2 s1: s1 / |o_1| = s1 / 3 on each of response 1's tokens
+    torch.testing.assert_close(grad, torch.tensor([0.0, 0.0, s1 / 3, s1 / 3, s1 / 3], dtype=torch.float64))
+    assert out.clipped_high.tolist() == [True, True, False, False, False]
+    assert out.kept.tolist() == [False, False, True, True, True]
+    assert out.ratio[0].item() == pytest.approx(math.exp(0.2))  # the metrics see the token ratio
+
+
+def naive_gspo(logp, old, adv, coef, lengths, cl, ch):
+    """Response by response, from GSPO's Eq. 5-7: s_i = (pi(y_i) / pi_old(y_i))^(1 / |y_i|), the response's term
+    weighted by the sum of its tokens' coefficients."""
+    total, start = 0.0, 0
+    for n in lengths:
+        rows = slice(start, start + n)
+        s = torch.exp((logp[rows] - old[rows]).sum() / n)
+        a = adv[start]
+        total = total + coef[rows].sum() * -torch.minimum(s * a, s.clamp(1 - cl, 1 + ch) * a)
+        start += n
+    return total
+
+
+def test_gspo_matches_the_paper_response_by_response_in_value_and_gradient():
+    g = torch.Generator().manual_seed(7)
+    lengths = [3, 1, 5, 2, 4]
+    n = sum(lengths)
+    logp = (-torch.rand(n, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    old = logp.detach() + torch.randn(n, generator=g, dtype=torch.float64) * 0.01
+    adv = torch.randn(len(lengths), generator=g, dtype=torch.float64).repeat_interleave(torch.tensor(lengths))
+    coef = torch.rand(len(lengths), generator=g, dtype=torch.float64).repeat_interleave(torch.tensor(lengths))
+    kw = knobs("gspo", seq_clip_low=3e-3, seq_clip_high=4e-3)
+    out = policy_loss(logp, old, adv, coef, loss="gspo", seq_ids=sequence_ids(lengths, n), **kw)
+    expected = naive_gspo(logp, old, adv, coef, lengths, 3e-3, 4e-3)
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    (g_out,) = torch.autograd.grad(out.loss, logp)
+    (g_expected,) = torch.autograd.grad(expected, logp)
+    torch.testing.assert_close(g_out, g_expected, rtol=1e-12, atol=1e-15)
+    assert 0 < (~out.kept).sum() < n  # the clip binds on some responses, not all
+    torch.testing.assert_close(logp_grad(logp, old, adv, coef, loss="gspo", seq_ids=sequence_ids(lengths, n), **kw),
+                               g_expected, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("mode", AGGREGATIONS)
+def test_gspo_micro_batching_does_not_change_loss_or_gradient(mode):
+    samples = _samples()
+    g = torch.Generator().manual_seed(8)
+    theta = torch.randn(sum(s.loss_len for s in samples), generator=g, dtype=torch.float64)
+    offsets = torch.tensor([0] + [s.loss_len for s in samples]).cumsum(0).tolist()
+    old = theta + torch.randn(theta.shape, generator=g, dtype=torch.float64) * 0.05
+
+    def run(budget):
+        param = theta.clone().requires_grad_()
+        total = 0.0
+        for mb in micro_batches(samples, list(range(len(samples))), budget, mode):
+            idx = torch.cat([torch.arange(offsets[i], offsets[i] + samples[i].loss_len) for i in mb.sample_ids])
+            out = policy_loss(param[idx], old[idx], mb.adv.double(), mb.coef.double(), loss="gspo",
+                              seq_ids=sequence_ids(mb.lengths, len(idx)), **knobs("gspo", seq_clip_high=0.05))
+            out.loss.backward()
+            total += out.loss.item()
+        return total, param.grad
+
+    whole_loss, whole_grad = run(budget=10**6)
+    for budget in (1, 7, 20):
+        loss_b, grad_b = run(budget)
+        assert loss_b == pytest.approx(whole_loss, rel=1e-12)
+        torch.testing.assert_close(grad_b, whole_grad, rtol=1e-12, atol=1e-15)
+
+
+def test_gspo_is_sequence_level_and_its_knobs_live_in_the_config():
+    assert takes_sequences("gspo") and not any(takes_sequences(name) for name in BUILTIN)
+    assert loss_knobs("gspo", asdict(AlgoConfig())) == dict(seq_clip_low=3e-4, seq_clip_high=4e-4)  # the paper's
+    assert AlgoConfig(loss="gspo").loss == "gspo"  # seq_ids is data, not a knob the config must have
+    assert all(p.default is p.empty for p in inspect.signature(LOSSES["gspo"]).parameters.values())
+    logp = torch.zeros(2)
+    with pytest.raises(ValueError, match="sequence-level: policy_loss needs seq_ids"):
+        policy_loss(logp, logp, torch.ones(2), torch.ones(2), loss="gspo", **knobs("gspo"))
+    # a token-level loss never sees seq_ids, whatever is passed
+    out = policy_loss(logp, logp, torch.ones(2), torch.ones(2), loss="cispo", seq_ids=torch.zeros(2, dtype=torch.long),
+                      **knobs("cispo"))
+    assert out.loss.item() == 0.0
+
+
+def test_sequence_ids_of_a_micro_batch_and_of_an_empty_pass():
+    assert sequence_ids([2, 1, 3], 6).tolist() == [0, 0, 1, 2, 2, 2]
+    assert sequence_ids([], 1).tolist() == [0]  # the one token of an empty pass is a response of its own
+    assert sequence_ids([2], 3).tolist() == [0, 0, 1]

@@ -12,10 +12,19 @@ Per token (CISPO, Eq. 4-5):  loss_t = - sg(clip(r_t, is_weight_min, is_weight_ma
 r_t = pi(o_t) / pi_old(o_t).
 
 The losses are a table, `LOSSES`: name -> `fn(logp [N], ratio [N], adv [N], coef [N], *, knobs) -> TokenLoss`,
-each token's share coef_t * loss_t of the micro-batch loss (coef already carries a TIS weight when one is used). A loss's knobs are its keyword-only parameters; the built-in ones have no
-defaults (those live in the config, `AlgoConfig`). `register_loss(name)` adds a loss from any module, and
+each token's share coef_t * loss_t of the micro-batch loss (coef already carries the weight of the train/inference
+corrections when one is used, cispo.algo.corrections). A loss's knobs are its keyword-only parameters; the built-in
+ones have no defaults (those live in the config, `AlgoConfig`). `register_loss(name)` adds a loss from any module, and
 `resolve_loss` also accepts an import path "package.module:function" (or "package.module.function").
 `policy_loss` computes the clamped ratio, calls the loss with the knobs it names (`loss_knobs`) and aggregates.
+
+Sequence-level losses. A loss that also names the keyword-only parameter `seq_ids` (a data argument, not a knob:
+`SEQUENCE_ARGS`) gets `seq_ids [N]`, the response each packed token belongs to (0, 1, ... in packing order; a
+response's loss tokens are contiguous, and a micro-batch holds whole responses). GSPO (Zheng et al. 2025, arXiv
+2507.18071) is one: its ratio is the response's, s_i = exp(mean_t log r_t), clipped PPO-style with its own range
+(`seq_clip_low` / `seq_clip_high`). Its term L_i is the response's, and each of the response's tokens carries
+coef_t * L_i, so the response weighs sum_t coef_t: with loss_agg=sequence that is 1 / B', GSPO's mean over
+responses; a token-level normaliser would weigh a response by its length.
 
 Deviations from the paper, on purpose:
 1. Bounds are absolute values of the weight (`is_weight_max` = the paper's 1 + eps_high), because frameworks
@@ -27,6 +36,9 @@ Deviations from the paper, on purpose:
 4. The log-ratio log pi - log pi_old is clamped to +-LOG_RATIO_BOUND (20) before exp, for every loss: a
    log-ratio above ~88 is inf in float32, and an unbounded weight (CISPO without a cap, PPO's unclipped side)
    times a zero advantage is then NaN. Past the bound a token gets the value and the gradient it has at the bound.
+   GSPO averages the clamped token log-ratios.
+5. GSPO's clip flags (`clipped_high` / `clipped_low`) and `kept` are its responses', set on each of their tokens;
+   the `ratio` it returns for the metrics is the token ratio, as for every loss.
 """
 
 from __future__ import annotations
@@ -69,7 +81,8 @@ class LossOut:
     ratio: Tensor  # [N] pi / pi_old from the clamped log-ratio, detached
     clipped_high: Tensor  # [N] bool: the upper bound acted on this token
     clipped_low: Tensor  # [N] bool: the lower bound acted on this token
-    kept: Tensor  # [N] bool: the token passes gradient to log pi (False: masked by Eq. 7 or by the PPO clip)
+    kept: Tensor  # [N] bool: the token passes gradient to log pi (False: masked by Eq. 7, by the PPO clip, or by a
+    # train/inference correction that gives it weight 0)
     adv: Tensor  # [N] the advantage of the token's response, detached (its sign splits the clip fractions)
 
     @classmethod
@@ -83,6 +96,8 @@ class LossOut:
 LossFn = Callable[..., TokenLoss]
 LOSSES: dict[str, LossFn] = {}
 WEIGHT_CAPS: dict[str, str | None] = {}  # loss name -> the knob capping its IS weight (register_loss)
+# keyword-only parameters that are data, not knobs: a loss that names one gets it from `policy_loss`
+SEQUENCE_ARGS = ("seq_ids",)
 
 
 def register_loss(name: str, *, weight_cap: str | None = None) -> Callable[[LossFn], LossFn]:
@@ -91,8 +106,9 @@ def register_loss(name: str, *, weight_cap: str | None = None) -> Callable[[Loss
 
     logp carries the gradient; ratio = pi / pi_old is clamped (LOG_RATIO_BOUND) and detached (`ratio_with_grad`
     gives it a gradient); adv is the advantage of each token's response; coef its aggregation coefficient (times
-    the TIS weight), which the returned per-token values include. The keyword-only parameters are the loss's
-    knobs, given by name from the caller's fields (`loss_knobs`)."""
+    the correction weight), which the returned per-token values include. The keyword-only parameters are the loss's
+    knobs, given by name from the caller's fields (`loss_knobs`), but for `seq_ids [N]` (SEQUENCE_ARGS): a loss
+    that names it gets the response of each token (module docstring)."""
 
     def register(fn: LossFn) -> LossFn:
         if LOSSES.get(name, fn) is not fn:
@@ -123,7 +139,7 @@ def resolve_loss(name: str) -> LossFn:
         return LOSSES[name]
     module, sep, attr = name.partition(":") if ":" in name else name.rpartition(".")
     if not (sep and module and attr):
-        raise ValueError(f"unknown loss {name!r}: the registered ones are {sorted(LOSSES)} (cispo.algo.loss.register_loss "
+        raise ValueError(f"unknown loss {name!r}: the registered ones are {list(LOSSES)} (cispo.algo.loss.register_loss "
                          f"adds one), or give an import path 'package.module:function'")
     try:
         fn = getattr(importlib.import_module(module), attr)
@@ -146,8 +162,41 @@ def loss_knobs(loss: str, fields: Mapping[str, object]) -> dict:
 
 @functools.cache
 def _knob_params(fn: LossFn) -> tuple[inspect.Parameter, ...]:
-    """The keyword-only parameters of a loss function (read once: `policy_loss` asks on every call)."""
-    return tuple(p for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY)
+    """The keyword-only parameters of a loss function but the data ones (SEQUENCE_ARGS); read once: `policy_loss`
+    asks on every call."""
+    return tuple(p for p in inspect.signature(fn).parameters.values()
+                 if p.kind is p.KEYWORD_ONLY and p.name not in SEQUENCE_ARGS)
+
+
+@functools.cache
+def _takes_sequences(fn: LossFn) -> bool:
+    return "seq_ids" in inspect.signature(fn).parameters
+
+
+def takes_sequences(loss: str) -> bool:
+    """Whether loss `loss` is sequence-level: it names `seq_ids`, so a token's term depends on its whole response
+    and the loss is not a sum of terms of one token each (no chunked grad hint: cispo.train.update)."""
+    return _takes_sequences(resolve_loss(loss))
+
+
+def sequence_ids(lengths: list[int], n: int, device: torch.device | None = None) -> Tensor:
+    """seq_ids [n] of a micro-batch's packed loss tokens: response k's `lengths[k]` tokens get k, in order; tokens
+    past sum(lengths) (the one token of an empty pass, cispo.algo.batch.empty_micro_batch) get len(lengths)."""
+    ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths, dtype=torch.long))
+    if len(ids) < n:
+        ids = torch.cat([ids, torch.full((n - len(ids),), len(lengths), dtype=torch.long)])
+    return ids.to(device) if device is not None else ids
+
+
+def sequence_mean(values: Tensor, seq_ids: Tensor) -> Tensor:
+    """values [N], seq_ids [N] -> [N]: each token gets the mean of `values` over its response's tokens (with the
+    gradient of that mean)."""
+    if values.numel() == 0:
+        return values
+    n = int(seq_ids.max()) + 1
+    sums = values.new_zeros(n).index_add(0, seq_ids, values)
+    counts = values.new_zeros(n).index_add_(0, seq_ids, torch.ones_like(values))
+    return (sums / counts.clamp(min=1))[seq_ids]
 
 
 def sequence_coefficients(lengths: Tensor, group_ids: Tensor, mode: str) -> Tensor:
@@ -249,27 +298,53 @@ def reinforce(logp: Tensor, ratio: Tensor, adv: Tensor, coef: Tensor) -> TokenLo
     return TokenLoss.unclipped((-adv * coef) * logp)
 
 
+@register_loss("gspo")
+def gspo(logp: Tensor, ratio: Tensor, adv: Tensor, coef: Tensor, *, seq_ids: Tensor, seq_clip_low: float,
+         seq_clip_high: float) -> TokenLoss:
+    """GSPO (Zheng et al. 2025, Eq. 5-7): L_i = -min(s_i A_i, clip(s_i, 1 - seq_clip_low, 1 + seq_clip_high) A_i),
+    s_i = exp(mean_t log r_t) over response i's loss tokens, differentiated through s_i.
+
+    logp [N] (with gradient), ratio [N], adv [N] (one value per response), coef [N], seq_ids [N]. Each token
+    carries coef_t * L_i (module docstring: the response weighs sum_t coef_t), so d loss / d logp_t =
+    (sum_t' coef_t') * dL_i / ds_i * s_i / |o_i|: every token of a response gets the same gradient, 0 once the
+    clip binds."""
+    log_ratio = torch.log(ratio) + (logp - logp.detach())  # the clamped log-ratio, d / d logp = 1
+    seq_ratio = torch.exp(sequence_mean(log_ratio, seq_ids))  # [N] s_i of each token's response
+    per_token = -torch.minimum(seq_ratio * adv, seq_ratio.clamp(1.0 - seq_clip_low, 1.0 + seq_clip_high) * adv)
+    high, low = trust_region_exits(seq_ratio.detach(), adv, seq_clip_low, seq_clip_high)
+    return TokenLoss(coef * per_token, high, low, ~(high | low))
+
+
 def policy_loss(logp: Tensor, old_logp: Tensor, adv: Tensor, coef: Tensor, *, loss: str,
-                tis_weight: Tensor | None = None, **knobs) -> LossOut:
+                tis_weight: Tensor | None = None, seq_ids: Tensor | None = None, **knobs) -> LossOut:
     """The loss of one micro-batch of packed tokens: sum_t coef_t [* tis_weight_t] * loss_t.
 
     logp [N] log pi_theta (with gradient); old_logp [N] log pi_old (the policy that sampled, recomputed by the
     trainer; no gradient reaches it); adv [N] advantage of each token's response; coef [N] aggregation
-    coefficient; tis_weight [N] optional truncated IS weight (no gradient). loss: a name in LOSSES or an import
-    path (`resolve_loss`); knobs: the loss gets those its signature names (`loss_knobs`), the rest are ignored.
+    coefficient; tis_weight [N] optional weight of the train/inference corrections (no gradient): TIS's truncated
+    ratio, or the product of the corrections of cispo.algo.corrections; a token it gives weight 0 is not `kept`.
+    seq_ids [N] the response of each token (`sequence_ids`), required by a sequence-level loss (`takes_sequences`)
+    and passed to no other. loss: a name in LOSSES or an import path (`resolve_loss`); knobs: the loss gets those
+    its signature names (`loss_knobs`), the rest are ignored.
     """
     ratio = clamped_ratio(logp, old_logp)
     scale = coef if tis_weight is None else coef * tis_weight
-    terms = resolve_loss(loss)(logp, ratio, adv, scale, **loss_knobs(loss, knobs))
-    return LossOut(terms.per_token.sum(), ratio, terms.clipped_high, terms.clipped_low, terms.kept, adv.detach())
+    fn, data = resolve_loss(loss), {}
+    if _takes_sequences(fn):
+        if seq_ids is None:
+            raise ValueError(f"loss {loss!r} is sequence-level: policy_loss needs seq_ids [N] (sequence_ids)")
+        data["seq_ids"] = seq_ids
+    terms = fn(logp, ratio, adv, scale, **data, **loss_knobs(loss, knobs))
+    kept = terms.kept if tis_weight is None else terms.kept & (tis_weight != 0)
+    return LossOut(terms.per_token.sum(), ratio, terms.clipped_high, terms.clipped_low, kept, adv.detach())
 
 
 def logp_grad(logp: Tensor, old_logp: Tensor, adv: Tensor, coef: Tensor, **options) -> Tensor:
     """d policy_loss / d logp [N], at these logp values; `options` as for `policy_loss`.
 
-    The loss is a sum of per-token terms, so the gradient on a slice of the tokens is this function of that
-    slice alone: `token_logprobs(grad_hint=...)` calls it chunk by chunk to compute the LM head's gradients in
-    its forward pass."""
+    A token-level loss is a sum of per-token terms, so the gradient on a slice of the tokens is this function of
+    that slice alone: `token_logprobs(grad_hint=...)` calls it chunk by chunk to compute the LM head's gradients in
+    its forward pass. A sequence-level one (`takes_sequences`) needs whole responses."""
     logp = logp.detach().requires_grad_()
     with torch.enable_grad():
         loss = policy_loss(logp, old_logp, adv, coef, **options).loss

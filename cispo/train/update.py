@@ -32,8 +32,10 @@ import torch
 from torch import Tensor
 
 from cispo.algo.batch import MicroBatch, Sample, even, micro_batches, split_groups
+from cispo.algo.corrections import active as active_corrections, correction_weight, needs_sequences
 from cispo.algo.loss import (
-    LossOut, logp_grad, loss_knobs, loss_metrics, mismatch_metrics, policy_loss, tis_weights, trust_region_metrics,
+    LossOut, logp_grad, loss_knobs, loss_metrics, mismatch_metrics, policy_loss, sequence_ids, takes_sequences,
+    trust_region_metrics,
 )
 from cispo.config import AlgoConfig, Config
 from cispo.model.logprobs import TokenLogprobs
@@ -169,7 +171,8 @@ def train_mini_batch(cfg: Config, passes: Passes, updater, j: int, mini: list[in
         with routing(policy, mb, passes.store, record=j == 0, replay=cfg.model.routing_replay and j > 0) as cap:
             mb = mb.to(device)
             hint = LossHint(mb, algo, passes.knobs, pi_old if pi_old.expect(j, mb) else None)
-            tl = micro_batch_logprobs(policy, mb, **passes.head, grad_hint=hint)
+            tl = micro_batch_logprobs(policy, mb, **passes.head, grad_hint=hint if hint.chunked else None)
+            hint.whole(tl.logp)
             out = policy_loss(tl.logp, **loss_inputs(mb, algo, passes.knobs))
             loss = out.loss
             if cfg.model.moe_aux_loss_coef and mb.sample_ids:  # token share of the mini-batch's aux loss
@@ -188,11 +191,26 @@ class LossHint:
     """The grad hint of one training forward (cispo.model.logprobs.token_logprobs): the loss's gradient on each
     chunk of loss tokens, d loss / d logp [C], from that chunk's loss inputs. It keeps them (`grad` [N]): the
     per-token gradient of the whole loss, as the loss is a sum of per-token terms. `pi_old` set: this forward's
-    logp is the micro-batch's pi_old, taken before each chunk's gradient."""
+    logp is the micro-batch's pi_old, taken before each chunk's gradient.
+
+    Not `chunked`: a token's term depends on its whole response (a sequence-level loss or correction,
+    `sequence_level`), which a chunk may cut. The forward then gets no hint (autograd's backward), and `whole`
+    takes pi_old and the gradient from the whole micro-batch's logp after it."""
 
     def __init__(self, mb: MicroBatch, algo: AlgoConfig, knobs: dict, pi_old: PiOld | None):
         self.mb, self.algo, self.knobs, self.pi_old = mb, algo, knobs, pi_old
         self._grad, self._seen = torch.zeros_like(mb.adv), 0
+        self.chunked = not sequence_level(algo)
+
+    def whole(self, logp: Tensor) -> None:
+        """After the forward, when not `chunked`: the forward's logp [N] is pi_old (with `pi_old` set), and the
+        gradient is the whole micro-batch's."""
+        if self.chunked:
+            return
+        if self.pi_old is not None:
+            self.pi_old.take(self.mb, slice(None), logp)
+        self._grad = logp_grad(logp, **loss_inputs(self.mb, self.algo, self.knobs))
+        self._seen = len(self._grad)
 
     def __call__(self, logp: Tensor, rows: slice) -> Tensor:
         if self.pi_old is not None:
@@ -213,10 +231,20 @@ class LossHint:
 
 def loss_inputs(mb: MicroBatch, algo: AlgoConfig, knobs: dict, rows: slice = slice(None)) -> dict:
     """`policy_loss`'s arguments besides logp, for the loss tokens `rows` of a micro-batch; `knobs` are the algo
-    fields the loss names (cispo.algo.loss.loss_knobs)."""
-    tis = tis_weights(mb.old_logp[rows], mb.rollout_logp[rows], algo.tis_cap) if algo.tis_cap else None
-    return dict(old_logp=mb.old_logp[rows], adv=mb.adv[rows], coef=mb.coef[rows], tis_weight=tis, loss=algo.loss,
-                **knobs)
+    fields the loss names (cispo.algo.loss.loss_knobs). The train/inference corrections on (tis_cap,
+    algo.corrections) make the tis_weight; a sequence-level loss or correction gets each token's response
+    (seq_ids), whose rows must then hold whole responses."""
+    corrections = active_corrections(algo.tis_cap, algo.corrections)
+    seq = sequence_ids(mb.lengths, len(mb.adv), mb.adv.device)[rows] if sequence_level(algo) else None
+    weight = correction_weight(corrections, mb.old_logp[rows], mb.rollout_logp[rows], seq, vars(algo))
+    return dict(old_logp=mb.old_logp[rows], adv=mb.adv[rows], coef=mb.coef[rows], tis_weight=weight, seq_ids=seq,
+                loss=algo.loss, **knobs)
+
+
+def sequence_level(algo: AlgoConfig) -> bool:
+    """Whether the loss (cispo.algo.loss.takes_sequences) or a correction on (cispo.algo.corrections) weighs a
+    token by its whole response."""
+    return takes_sequences(algo.loss) or needs_sequences(active_corrections(algo.tis_cap, algo.corrections))
 
 
 # ---- metrics -----------------------------------------------------------------------------------------------------
