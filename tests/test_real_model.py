@@ -278,36 +278,36 @@ def test_a_rollout_server_serves_the_synced_tied_head(export, policy, prompts, t
         import vllm  # noqa: F401
     except Exception as exc:  # ImportError, or the OSError a CUDA-built torchvision raises on CPU
         pytest.skip(f"vllm is not importable here ({type(exc).__name__}: {exc})")
-    from cispo.config import RolloutConfig, ServerConfig
+    from cispo.config import ModelConfig, RolloutConfig, ServerConfig
     from cispo.sampling.pipeline import probe_logprobs
-    from rollout.engines.fleet import Fleet
+    from rollout.engines.fleet import build
     from test_fleet import free_port_block
 
     cfg = RolloutConfig(mode="server", server=ServerConfig(count=1, port=free_port_block(1)), kv_cache_gb=0.25, max_tokens=32,
                         max_model_len=MAX_MODEL_LEN)
-    fleet = Fleet(str(export.out_dir), cfg, dtype="float32", seed=0, log_dir=tmp_path)
+    fleet = build(str(export.out_dir), cfg, ModelConfig(dtype="float32"), log_dir=tmp_path)
     originals = {k: v.detach().clone() for k, v in policy.state_dict().items()}
     try:
-        fleet.start()
         ids = prompts[0] + prompts[1]
         before = probe_logprobs(policy, ids)
-        (served,) = fleet.probe(ids).values()
+        (served,) = fleet.sink.probe(ids).values()
         assert max(abs(a - b) for a, b in zip(served, before)) < TOL
         with torch.no_grad():  # move the tied embedding/head only: a stale head would keep serving `before`
             policy.model.embed_tokens.weight.add_(torch.randn_like(policy.model.embed_tokens.weight) * 0.01)
         after = probe_logprobs(policy, ids)
         figures = []
         for _ in range(3):
-            fleet.load_weights((name, p.detach()) for name, p in policy.named_parameters())
-            figures.append(fleet.last_sync)
-        (served,) = fleet.probe(ids).values()
+            version = fleet.sink.served_version + 1
+            fleet.sink.write(((name, p.detach()) for name, p in policy.named_parameters()), version)
+            figures.append(fleet.sink.serve(version))
+        (served,) = fleet.sink.probe(ids).values()
         new, moved = max(abs(a - b) for a, b in zip(served, after)), max(abs(a - b) for a, b in zip(after, before))
         print(f"after the sync: |logprob diff| vs new policy {new:.2e}; the policy moved {moved:.2e}")
         assert new < TOL < moved / 50
-        best = min(figures, key=lambda f: f["seconds"])
-        print(f"server sync, SmolLM2-135M fp32: {best['bytes'] / 1e6:.0f} MB, {best['tensors']} tensors, "
-              f"{best['seconds'] * 1e3:.0f} ms (write {best['write_s'] * 1e3:.0f} ms, load {best['load_s'] * 1e3:.0f} ms)"
-              f", {best['bytes_per_s'] / 1e9:.2f} GB/s (best of 3)")
+        best = min(figures, key=lambda f: f.seconds)
+        print(f"server sync, SmolLM2-135M fp32: {best.bytes / 1e6:.0f} MB, {best.tensors} tensors, "
+              f"{best.seconds * 1e3:.0f} ms (write {best.write_s * 1e3:.0f} ms, load {best.load_s * 1e3:.0f} ms)"
+              f", {best.bytes / best.seconds / 1e9:.2f} GB/s (best of 3)")
     finally:
         fleet.close()
         policy.load_state_dict(originals)

