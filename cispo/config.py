@@ -233,7 +233,7 @@ class AlgoConfig:
 
 @dataclass
 class ServerConfig:
-    """rollout.mode=server: the fleet of vLLM servers (rollout/engines/fleet.py; README: "Rollout servers")."""
+    """rollout.mode=server: the fleet of vLLM servers (rollout/engines/fleet/; README: "Rollout servers")."""
 
     # the trainer starts `count` processes on localhost ports port, port + 1, ..., or connects to `urls` started
     # elsewhere
@@ -286,7 +286,7 @@ class RolloutConfig:
     # after every update refills them). vLLM-CPU has no sleep mode: ignored there.
     sleep_level: int = 0
     # where rollouts run: colocated (one in-process engine per trainer rank, the default) | server (a fleet of
-    # vLLM OpenAI servers, rollout/engines/fleet.py; generation may overlap the update, cispo/sampling/pipeline.py)
+    # vLLM OpenAI servers, rollout/engines/fleet/; generation may overlap the update, cispo/sampling/pipeline.py)
     mode: str = "colocated"
     server: ServerConfig = field(default_factory=ServerConfig)  # rollout.mode=server: the servers
 

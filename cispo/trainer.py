@@ -15,7 +15,7 @@ so advantages and metrics are those of the whole batch; each rank trains on its 
 the loss normaliser of the whole mini-batch; every rank's engine receives the new weights. With one process
 (the default run) every collective is the identity.
 
-Server mode (rollout.mode=server; cispo/sampling/pipeline.py, rollout/engines/fleet.py): rank 0 alone talks to a fleet of vLLM
+Server mode (rollout.mode=server; cispo/sampling/pipeline.py, rollout/engines/fleet/): rank 0 alone talks to a fleet of vLLM
 servers, which generate each batch (up to algo.max_staleness steps ahead of the update) and receive the
 weights after each update; every rank trains on the batch rank 0 broadcasts.
 

