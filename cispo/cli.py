@@ -138,7 +138,8 @@ def explain(err: Exception, config_name: str) -> str:
     if key and re.search(r"Key '[^']+' (?:is )?not in", text):
         keys = config_keys(schema_of(config_name))
         parent = key.rpartition(".")[0]
-        if parent in keys and not any(k.startswith(parent + ".") for k in keys):  # a free-form dict, e.g. trainer.deepspeed
+        # a free-form dict (trainer.deepspeed) takes new keys, with Hydra's +
+        if parent in keys and not any(k.startswith(parent + ".") for k in keys):
             return f"{key}: {parent} takes new keys with a +: +{key}=..."
         guess = nearest(key, keys) or nearest(key, [k for k in keys if k.rpartition(".")[0] == parent])
         groups = presets(config_name)

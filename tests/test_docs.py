@@ -35,19 +35,18 @@ def load_reference():
 reference = load_reference()
 
 # fields written without a comment when the reference was first generated: document one and take it off the list.
-# A new field must come with its comment (beside it, or in a block above it).
+# A new field must come with its comment: beside it, in a block above it, or named in the block above the adjacent
+# fields it belongs with (`count` ... `urls`).
 UNDOCUMENTED = {
     "model.trust_remote_code", "model.gradient_checkpointing", "model.tiny.hidden_size", "model.tiny.num_layers",
     "model.tiny.num_kv_heads", "model.tiny.vocab_size", "model.tiny.seed", "model.tiny.num_experts",
     "model.warm_start.enabled", "model.warm_start.target_accuracy", "model.warm_start.max_steps",
     "model.warm_start.batch_size", "model.warm_start.lr", "model.warm_start.warmup_steps",
     "model.warm_start.eval_every", "model.warm_start.eval_problems", "algo.is_weight_min", "algo.clip_high",
-    "algo.prompts_per_step", "rollout.max_model_len", "rollout.temperature", "rollout.top_p", "rollout.early_stop_p",
-    "rollout.gpu_memory_utilization", "rollout.tensor_parallel_size", "rollout.server.urls", "rollout.server.port",
-    "reward.think_start", "reward.correct_score", "reward.overlong_penalty", "data.eval_split", "data.answer_field",
-    "data.tests_field", "data.id_field", "data.source_map", "data.default_source", "trainer.steps", "trainer.lr",
-    "trainer.weight_decay", "trainer.output_dir", "trainer.seed", "logger.project", "logger.run_name",
-    "logger.progress", "curriculum.window_patience", "env.max_calls_per_turn", "eval.top_p",
+    "algo.prompts_per_step", "rollout.temperature", "rollout.top_p", "rollout.gpu_memory_utilization",
+    "rollout.tensor_parallel_size", "reward.correct_score", "data.answer_field", "data.tests_field", "data.id_field",
+    "trainer.steps", "trainer.lr", "trainer.weight_decay", "trainer.output_dir", "trainer.seed", "logger.project",
+    "logger.run_name", "logger.progress", "curriculum.window_patience", "env.max_calls_per_turn", "eval.top_p",
 }
 
 
@@ -66,6 +65,8 @@ def test_the_configuration_page_has_every_key_with_its_type_and_default():
     # the comment above a field and the one beside it are both its documentation
     assert "trainer: a forward after generation" in rows["algo.pi_old"]
     assert "e.g. [\"0\", \"2-3\"]" in html.unescape(rows["rollout.server.cpus"])
+    # a block over adjacent fields documents each field it names, and only those
+    assert "connects to `urls`" in rows["rollout.server.urls"] and "&nbsp;" in rows["rollout.temperature"]
 
 
 def test_every_config_field_has_a_comment():
@@ -96,6 +97,8 @@ def test_the_metric_scan_reads_each_way_a_key_is_written():
     }
     assert expected <= keys, sorted(expected - keys)
     assert not any(" " in k or k.endswith(".py") for k in keys), "a message or a path was taken for a key"
+    groups = {reference.group(m) for m in reference.scan_metrics()}
+    assert groups <= set(reference.GROUPS), f"metric groups not described in GROUPS: {groups - set(reference.GROUPS)}"
     pattern = reference.metric_pattern("reward/status/<status>")
     assert pattern.match("reward/status/correct") and not pattern.match("reward/mean")
 

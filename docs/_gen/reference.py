@@ -52,7 +52,7 @@ def field_comments(path: Path, cls_name: str) -> dict[str, tuple[str, str, str]]
     comments = comments_of(path)
     tree = ast.parse(source)
     (cls,) = [n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == cls_name]
-    out, section = {}, ""
+    out, section, block = {}, "", ""
     prev_end = cls.body[0].end_lineno if cls.body and isinstance(cls.body[0], ast.Expr) else cls.lineno
     for node in cls.body:
         if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
@@ -69,8 +69,15 @@ def field_comments(path: Path, cls_name: str) -> dict[str, tuple[str, str, str]]
             above.insert(0, text)
             line -= 1
         beside = [comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments]
-        doc = " — ".join(t for t in (" ".join(above), " ".join(beside)) if t)
-        out[node.target.id] = (ast.unparse(node.annotation), doc, section)
+        name = node.target.id
+        if above:
+            block = " ".join(above)
+        elif beside or node.lineno != prev_end + 1:
+            block = ""  # a comment of its own, or a blank line: the block above the fields before it has ended
+        # a block comment over several adjacent fields documents each one it names (`count` ... `urls`)
+        shared = block if not above and not beside and re.search(rf"\b{name}\b", block) else ""
+        doc = " — ".join(t for t in (" ".join(above) or shared, " ".join(beside)) if t)
+        out[name] = (ast.unparse(node.annotation), doc, section)
         prev_end = node.end_lineno
     return out
 
@@ -167,7 +174,8 @@ def section_tables(key: str, cls: type, used: str, level: str) -> list[str]:
         section = f.section
         meaning = cell(f.doc) or "&nbsp;"
         if f.nested:
-            meaning = f"the `{f.key}.*` keys: [below](#{f.key.replace('.', '')})" + (f". {cell(f.doc)}" if f.doc else "")
+            meaning = f"the `{f.key}.*` keys: [below](#{f.key.replace('.', '')})"
+            meaning += f". {cell(f.doc)}" if f.doc else ""
         lines.append(f'| <a id="{f.key}"></a>`{f.key}` | `{cell(f.type)}` | `{cell(f.default)}` | {meaning} |')
     for f in fields_:
         if f.nested:
@@ -230,6 +238,13 @@ GROUPS = {
     "curriculum": "The staged output window and the prompts retired once solved.",
     "data": "The dataset as loaded: rows trained on, held out and skipped (by reason).",
     "moe": "Mixture-of-experts models: router load and entropy per layer, the auxiliary loss and routing drift.",
+    "sampling": "Dynamic sampling (`curriculum.sample_rounds`): generation rounds of the step, prompts generated, "
+                "the share whose rewards differed, the groups kept and whether the batch was filled.",
+    "staleness": "Tokens sampled by an older policy than pi_old (rollout servers with `algo.max_staleness`): their "
+                 "share, and how far their sampling logprobs are from pi_old's.",
+    "trust": "Where the tokens that leave the trust region [1 - clip_low, 1 + clip_high] are and how much of the "
+             "gradient they carry: the tokens on which CISPO and PPO's clip disagree; per update of the step, how "
+             "far the policy has moved from pi_old.",
 }
 
 
@@ -290,6 +305,9 @@ def emitted_nodes(tree: ast.AST):
     yield from walk(tree, None)
 
 
+DOCS: dict[str, str] = {}  # module:function -> its docstring, on one line (filled by scan_metrics)
+
+
 def scan_metrics() -> list[Metric]:
     found: dict[str, Metric] = {}
     for package in METRIC_SOURCES:
@@ -300,15 +318,22 @@ def scan_metrics() -> list[Metric]:
             module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
             for node, fn in emitted_nodes(tree):
                 key = render(node, string_defaults(fn) if fn else {})
-                if key is None or not KEY.match(key) or key.split("/")[0] not in GROUPS:
+                if key is None or not KEY.match(key):
                     continue
                 where = f"{module}:{fn.name}" if fn else module
+                if fn and ast.get_docstring(fn):
+                    DOCS[where] = " ".join(ast.get_docstring(fn).split())
                 if key in found:
                     if where not in found[key].where.split(", "):
                         found[key].where += f", {where}"
                     continue
                 found[key] = Metric(key, where, comments.get(node.lineno, ""))
-    return sorted(found.values(), key=lambda m: (list(GROUPS).index(m.key.split("/")[0]), m.key))
+    order = list(GROUPS)
+    return sorted(found.values(), key=lambda m: (order.index(group(m)) if group(m) in order else len(order), m.key))
+
+
+def group(metric: Metric) -> str:
+    return metric.key.split("/")[0]
 
 
 def metric_pattern(key: str) -> re.Pattern:
@@ -331,14 +356,18 @@ def metrics_page() -> str:
         "The tests run real training (the default run, the tool presets) and fail when a key it logged matches "
         "nothing on this page.",
     ]
-    for group, intro in GROUPS.items():
-        members = [m for m in metrics if m.key.split("/")[0] == group]
-        if not members:
-            continue
-        lines += ["", f"## {group}/", "", intro, "", "| key | emitted by | note |", "|---|---|---|"]
+    for name in dict.fromkeys(group(m) for m in metrics):
+        members = [m for m in metrics if group(m) == name]
+        intro = GROUPS.get(name, "Not described yet: add a line for this group to GROUPS in docs/_gen/reference.py.")
+        lines += ["", f"## {name}/", "", intro, "", "| key | emitted by |", "|---|---|"]
         for m in members:
             where = ", ".join(f"`{w}`" for w in m.where.split(", "))
-            lines.append(f"| `{m.key}` | {where} | {cell(m.note) or '&nbsp;'} |")
+            note = f" ({cell(m.note)})" if m.note else ""
+            lines.append(f"| `{m.key}`{note} | {where} |")
+        functions = dict.fromkeys(w for m in members for w in m.where.split(", ") if w in DOCS)
+        if functions:
+            lines += ["", "From the docstrings of the code that emits them:", ""]
+            lines += [f"- `{w}`: {cell(DOCS[w])}" for w in functions]
     return "\n".join(lines) + "\n"
 
 
