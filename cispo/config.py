@@ -244,6 +244,10 @@ class ServerConfig:
     args: list[str] = field(default_factory=list)  # more `vllm serve` arguments, e.g. ["--data-parallel-size", "2"]
     timeout_s: float = 600.0  # start-up, and the longest a request may wait for a healthy server
     weight_dir: str | None = None  # where weight syncs are written for the servers; null: /dev/shm (or the temp dir)
+    # file: each sync written as safetensors under weight_dir, which the servers load | group: broadcast over a gloo
+    # process group of the trainer and the servers in buckets of bucket_mb (docs/guides/servers.md)
+    weight_transport: str = "file"
+    bucket_mb: float = 64.0
 
     def __post_init__(self):
         if not self.urls and self.count < 1:
@@ -251,6 +255,10 @@ class ServerConfig:
         if self.cpus and len(self.cpus) != self.count:
             raise ConfigError(f"rollout.server.cpus has {len(self.cpus)} entries for rollout.server.count="
                               f"{self.count}: give one CPU set per server, e.g. [\"0\", \"1\"]")
+        if self.weight_transport not in ("file", "group"):
+            raise ConfigError(f"rollout.server.weight_transport={self.weight_transport!r}: use file or group")
+        if self.bucket_mb <= 0:
+            raise ConfigError(f"rollout.server.bucket_mb={self.bucket_mb}: must be > 0")
 
 
 @dataclass

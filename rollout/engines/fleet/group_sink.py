@@ -1,0 +1,258 @@
+"""The process-group transport of the server fleet (`GroupSink`, a rollout.base.WeightSink; rollout.server.
+weight_transport=group): the trainer (rank 0) and the servers join one gloo group (rollout.engines.group_transfer;
+the servers run the `cispo_group` backend of rollout.engines.vllm_transfer), and a version's weights are broadcast
+to all of them at once in packed buckets of rollout.server.bucket_mb.
+
+- `write(v)` packs the weights into buckets as the iterator yields them (one copy of the model, as FileSink's files
+  are; a ZeRO-3 updater gathers its parameters one by one while this runs).
+- `serve(v)` posts `/start_weight_update`, `/update_weights {"update_info": {"group", "layout"}}` and
+  `/finish_weight_update` to every healthy server concurrently while the buckets are broadcast; a server loads
+  bucket i while bucket i + 1 arrives. The group is built (each server's `/init_weight_transfer_engine`) before the
+  first sync and again whenever its members change.
+- A server that dies mid-broadcast: every operation of the group has its timeout (`timeout_s`), so the broadcast
+  and the other servers' receives fail within it instead of hanging; the servers whose load failed are taken out
+  of the pool, the group is dropped, and the pool restarts or readmits them through `catch_up`.
+- `catch_up(server)` builds a group of two, the trainer and that server, and broadcasts the served version to it
+  alone (the next sync builds a group of all the servers again).
+
+Versions, the labelling of a server that (re)joins while a sync runs, and what is kept follow FileSink
+(file_sink.py): the packed buckets of versions older than the last completed sync's are dropped, except while a
+catch-up sends them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+
+import httpx
+import torch
+
+from rollout.base import SyncReport
+from rollout.engines import group_transfer as gt
+from rollout.engines.fleet.servers import FleetError, Server, ServerPool
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Packed:
+    """One version's weights in buckets."""
+
+    buckets: list[torch.Tensor]
+    layout: list[dict]
+    bytes: int
+    tensors: int
+    write_s: float
+
+
+class Group:
+    """The trainer's end of one gloo group: its process group, its name, and its members (server urls, rank
+    i + 1 for members[i])."""
+
+    def __init__(self, name: str, pg, store, members: tuple[str, ...]):
+        self.name, self.pg, self.store, self.members = name, pg, store, members
+        self.broken = False
+
+
+class GroupSink:
+    """The servers' weights over a gloo process group (see the module docstring)."""
+
+    transport = "group"
+
+    def __init__(self, pool: ServerPool, bucket_mb: float = 64, timeout_s: float = 120.0):
+        self.pool = pool
+        self.bucket_bytes = max(1, int(bucket_mb * (1 << 20)))
+        self.timeout_s = timeout_s
+        self._packed: dict[int, Packed] = {}
+        self._lock = threading.Lock()  # `_packed`: write() runs on the trainer's thread, serve() on the producer's
+        self._served: tuple[int, Packed | None] = (0, None)
+        self._reading: Counter[int] = Counter()
+        self._kept = 0
+        self._group: Group | None = None  # the group of all the servers, for syncs
+        self._member_of: dict[str, str] = {}  # server url -> the group it joined last
+        self._syncs = 0
+
+    @property
+    def served_version(self) -> int:
+        return self._served[0]
+
+    def write(self, named_tensors, version: int) -> None:
+        """Pack the weights of `version` into buckets; may run while the servers generate."""
+        start = time.perf_counter()
+        buckets, layout, nbytes, count = gt.pack(named_tensors, self.bucket_bytes)
+        if not count:
+            raise ValueError("GroupSink.write: no tensors were given")
+        with self._lock:
+            self._packed[version] = Packed(buckets, layout, nbytes, count, time.perf_counter() - start)
+
+    def serve(self, version: int) -> SyncReport:
+        """Broadcast the buckets `write` packed for `version` to every healthy server."""
+        with self._lock:
+            if version not in self._packed:
+                raise ValueError(f"GroupSink.serve(v{version}): no weights were written for v{version} (write first)")
+            packed = self._packed[version]
+        start = time.perf_counter()
+        previous, self._served = self._served, (version, packed)
+        try:
+            engines = self.pool.run(self._push_all(packed, version))
+        except FleetError:
+            self._served = previous
+            raise
+        load_s = time.perf_counter() - start
+        self._kept = version
+        self._prune()
+        report = SyncReport(version, self.transport, packed.write_s, load_s, packed.bytes, packed.tensors, engines)
+        logger.log(logging.INFO if self._syncs == 0 else logging.DEBUG,
+                   "weight sync v%d over the group: %d tensors, %.1f MB in %d buckets to %d servers in %.3fs "
+                   "(pack %.3fs, broadcast and load %.3fs)", version, packed.tensors, packed.bytes / 1e6,
+                   len(packed.buckets), engines, report.seconds, packed.write_s, load_s)
+        self._syncs += 1
+        return report
+
+    def probe(self, ids: list[int]) -> dict[str, list[float]]:
+        return self.pool.run(self.pool.probe(ids))
+
+    async def catch_up(self, s: Server) -> None:
+        """The served version, broadcast to `s` alone over a fresh group of two (the pool calls it before `s`
+        rejoins); again while a sync served a newer version meanwhile."""
+        self._member_of.pop(s.url, None)  # restarted, or its group re-made: the next sync builds a new one
+        while True:
+            version, packed = self._served
+            if packed is None:
+                s.version = version
+                return
+            s.version = -1
+            self._reading[version] += 1
+            try:
+                group = await self._build([s])
+                try:
+                    errors = await self._broadcast(group, [s], packed, version)
+                finally:
+                    group.pg = group.store = None
+                if errors:
+                    raise FleetError(f"catching up {s.url} to v{version} failed: {errors[0]}")
+            finally:
+                self._reading[version] -= 1
+                self._prune()
+            s.version = version
+            if version == self.served_version:
+                return
+            logger.warning("rollout server %s loaded v%d while v%d was served; loading v%d", s.url, version,
+                           self.served_version, self.served_version)
+
+    # ------------------------------------------------------------------------------------------- the group
+    def _current(self, servers: list[Server]) -> Group | None:
+        g = self._group
+        if g is None or g.broken or g.members != tuple(s.url for s in servers):
+            return None
+        if any(self._member_of.get(url) != g.name for url in g.members):
+            return None
+        return g
+
+    async def _build(self, servers: list[Server]) -> Group:
+        """A new group of the trainer and `servers` (each joins through its /init_weight_transfer_engine)."""
+        address = gt.address_towards(gt.url_host(servers[0].url))
+        world = len(servers) + 1
+        store = await asyncio.to_thread(gt.master_store, address, world, self.timeout_s)
+        name = uuid.uuid4().hex[:12]
+
+        async def init(rank: int, s: Server):
+            r = await self.pool.http.post(f"{s.url}/init_weight_transfer_engine", json={"init_info": {
+                "master_address": address, "master_port": store.port, "rank": rank, "world_size": world,
+                "timeout_s": self.timeout_s, "group": name}}, timeout=self.timeout_s + 30)
+            if r.status_code != 200:
+                raise FleetError(f"rollout server {s.url} did not join the weight group ({r.status_code}: "
+                                 f"{r.text[:300]}); start it with --weight-transfer-config '{{\"backend\": "
+                                 "\"cispo_group\"}' (rollout.server.weight_transport=group does for servers it starts)")
+
+        results = await asyncio.gather(asyncio.to_thread(gt.join, store, 0, world, address, self.timeout_s),
+                                       *[init(i + 1, s) for i, s in enumerate(servers)], return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            for s, r in zip(servers, results[1:]):
+                if isinstance(r, BaseException):
+                    self.pool.down(s, f"joining the weight group failed ({type(r).__name__}: {r})")
+            raise errors[0] if isinstance(errors[0], FleetError) else FleetError(
+                f"building the weight group failed: {type(errors[0]).__name__}: {errors[0]}")
+        for s in servers:
+            self._member_of[s.url] = name
+        return Group(name, results[0], store, tuple(s.url for s in servers))
+
+    async def _broadcast(self, group: Group, servers: list[Server], packed: Packed, version: int) -> list[str]:
+        """Every server of `group` loads `packed` while rank 0 broadcasts it; the errors of those that failed (each
+        taken out of the pool). Any failure breaks the group."""
+        errors: list[str] = []
+        info = {"group": group.name, "layout": packed.layout}
+
+        async def one(s: Server):
+            try:
+                for route, body in (("/start_weight_update", None), ("/update_weights", {"update_info": info}),
+                                    ("/finish_weight_update", {"weight_version": str(version)}),
+                                    ("/reset_prefix_cache", None)):
+                    r = await self.pool.http.post(f"{s.url}{route}", json=body, timeout=self.timeout_s + 30)
+                    if r.status_code != 200:
+                        raise httpx.HTTPStatusError(f"{route}: {r.status_code} {r.text[:300]}", request=r.request,
+                                                    response=r)
+                return True
+            except httpx.HTTPError as err:
+                errors.append(f"{s.url}: {type(err).__name__}: {err}")
+                self.pool.down(s, f"loading v{version} failed ({errors[-1]})")
+                return False
+
+        async def send():
+            try:
+                await asyncio.to_thread(gt.send_buckets, group.pg, packed.buckets)
+            except Exception as err:  # noqa: BLE001 - a member died or timed out: the servers' own errors follow
+                errors.append(f"broadcast: {type(err).__name__}: {err}")
+                raise
+
+        results = await asyncio.gather(send(), *[one(s) for s in servers], return_exceptions=True)
+        if errors or any(r is not True for r in results[1:]):
+            group.broken = True
+        for s, ok in zip(servers, results[1:]):
+            if ok is True and isinstance(results[0], BaseException):
+                ok = False  # cannot happen (the server received every bucket), but never label a doubtful load
+                self.pool.down(s, f"loading v{version}: the broadcast failed")
+            if ok is True:
+                s.version = version
+        return errors
+
+    async def _push_all(self, packed: Packed, version: int) -> int:
+        servers = [s for s in self.pool.servers if s.healthy]
+        errors: list[str] = []
+        if servers:
+            group = self._current(servers)
+            if group is None:
+                self._group = None
+                try:
+                    group = self._group = await self._build(servers)
+                except FleetError as err:
+                    errors.append(str(err))
+                    group = None
+            if group is not None:
+                errors += await self._broadcast(group, servers, packed, version)
+                if group.broken:
+                    self._group = None
+        self.pool.changed.set()
+        loaded = sum(s.healthy and s.version == version for s in self.pool.servers)
+        if not loaded:
+            raise FleetError(f"no rollout server loaded v{version} over the weight group "
+                             f"({'; '.join(errors) or 'none up'})")
+        return loaded
+
+    def _prune(self) -> None:
+        served = self._served[0]
+        with self._lock:
+            for v in [v for v in self._packed if v < self._kept and v != served and not self._reading[v]]:
+                del self._packed[v]
+
+    def close(self) -> None:
+        self._group = None
+        with self._lock:
+            self._packed.clear()
