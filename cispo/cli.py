@@ -261,7 +261,11 @@ def hydra_command(command: str, config_name: str, task, argv: list[str]) -> int:
     register_configs()
     main = hydra.main(version_base=None, config_path=str(CONFIGS), config_name=config_name)(task)
     saved = sys.argv
-    sys.argv = [f"cispo {command}", *argv, f"hydra.job.name={config_name}"]
+    # the job's name names its log file (train.log, evaluate.log); set next to the overrides, since argparse takes
+    # Hydra's positional overrides only as one run (`a=1 --cfg job b=2` is an error)
+    first = next((i for i, a in enumerate(argv) if "=" in a and not a.startswith("-")), len(argv))
+    name = {"train": "train", "eval": "evaluate"}[config_name]
+    sys.argv = [f"cispo {command}", *argv[:first], f"hydra.job.name={name}", *argv[first:]]
     try:
         main()
     finally:

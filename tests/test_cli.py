@@ -97,6 +97,12 @@ def test_import_gguf_and_bench_errors_are_one_line(tmp_path):
     assert listing.returncode == 0 and "default-run" in listing.stdout and "compare-losses" in listing.stdout
 
 
+def test_hydra_flags_pass_through_around_the_overrides():
+    for args in (["trainer.steps=3", "--cfg", "job"], ["--cfg", "job", "trainer.steps=3"]):
+        proc = cispo("train", *args)
+        assert proc.returncode == 0 and "\n  steps: 3\n" in proc.stdout, (args, proc.stderr[-2000:])
+
+
 def test_the_scripts_are_the_same_commands():
     proc = subprocess.run([sys.executable, "scripts/train.py", "algo.is_weigth_max=3"], cwd=REPO, env=env(),
                           capture_output=True, text=True, timeout=120)
