@@ -247,7 +247,7 @@ class ServerConfig:
     # file: each sync written as safetensors under weight_dir, which the servers load | group: broadcast over a gloo
     # process group of the trainer and the servers in buckets of bucket_mb (docs/guides/servers.md)
     weight_transport: str = "file"
-    bucket_mb: float = 64.0
+    bucket_mb: float = 64.0  # group: the size of each broadcast bucket, in MB (a larger tensor gets its own)
 
     def __post_init__(self):
         if not self.urls and self.count < 1:

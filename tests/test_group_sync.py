@@ -145,12 +145,13 @@ def test_a_server_killed_mid_sync_does_not_hang_the_trainer(fleet, model_dir, mo
     fleet.sink.write(model.named_parameters(), version)
     start = time.monotonic()
     try:
-        report = fleet.sink.serve(version)
-        assert report.engines == 1  # the other server loaded it
-    except FleetError:
+        outcome = f"loaded by {fleet.sink.serve(version).engines} server"
+        assert outcome == "loaded by 1 server"  # the other one
+    except FleetError as err:
+        outcome = f"loaded by none ({err})"
         assert fleet.sink.served_version == served_before
     took = time.monotonic() - start
-    assert took < 3 * TIMEOUT_S + 30, f"the sync took {took:.0f} s with a dead member"
+    assert took < TIMEOUT_S + 15, f"the sync took {took:.0f} s with a dead member"
     monkeypatch.setattr(gt, "send_buckets", send)
 
     assert wait_for(lambda: fleet.pool.healthy == 2, 300), "the killed server did not come back"
@@ -161,4 +162,4 @@ def test_a_server_killed_mid_sync_does_not_hang_the_trainer(fleet, model_dir, mo
     assert report.engines == 2
     for lp in fleet.sink.probe(PROBE).values():
         assert max_diff(lp, after) < 1e-4
-    print(f"a dead member cost the sync {took:.1f} s")
+    print(f"a dead member cost the sync {took:.1f} s; it was {outcome}")
