@@ -1,8 +1,10 @@
-"""CISPO vs DAPO vs GRPO on the tiny task: the CPU-scale version of M1's Figure 2, with a learning-rate sweep,
-several updates-per-step settings, seeds, and ablations that switch on one difference between the losses at a time.
+"""CISPO vs DAPO vs GRPO (and GSPO) on the tiny task: the CPU-scale version of M1's Figure 2, with a learning-rate
+sweep, several updates-per-step settings, seeds, ablations that switch on one difference between the losses at a
+time, and ScaleRL's compute-performance fits.
 
     python scripts/compare_losses.py [--variants cispo dapo grpo] [--lrs 1e-5 3e-5 1e-4] [--updates 16 4]
                                      [--seeds 0 1 2 3 4] [--steps 40] [--eval-every 5] [--threshold 0.6]
+                                     [--fit-min-samples 0] [--fit-frac 0.5] [--n-boot 200]
                                      [--jobs 2] [--out runs/compare] [-- extra Hydra overrides for every run]
 
 Every run starts from the same warm-started tiny model (the warm start depends on the model seed, which stays
@@ -14,6 +16,14 @@ Writes `<out>/summary.json` (per run: the accuracy curve and per-step diagnostic
 final accuracy over seeds, steps and samples to `--threshold`, diagnostics) and `<out>/accuracy.png` (held-out
 greedy accuracy against step and against generated samples, each variant at its best lr, mean over seeds with
 the min-max band; one row per updates-per-step setting), and prints the tables.
+
+Fits (cispo.algo.fit, ScaleRL, Khatri et al. 2025). Compute is generated samples (prompts x responses, counted
+from the run's log); each cell of two or more seeds gets the sigmoid R(C) = R0 + (A - R0) / (1 + (C_mid / C)^B)
+fitted to its seeds' evaluations past `--fit-min-samples`, with R0 the step-0 accuracy and seed-bootstrap
+intervals for A, B and C_mid (`identified`: A's interval at most 0.05 wide and the runs past C_mid's interval).
+Each run is also fitted on its evaluations up to `--fit-frac` of its samples and judged on the rest (the mean
+absolute error of that prediction). Written to summary.json ("fits") and `<out>/fits.png` (each variant at its
+best lr: the seeds' mean with the min-max band, the fitted curve, A and its interval).
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 # name -> the Hydra overrides that make it. The ablations differ from a loss in one knob each (see cispo/algo/loss.py):
 # inside the trust region CISPO's and PPO's per-token gradients are equal (d(r A)/d theta = sg(r) A grad log pi),
@@ -46,6 +57,7 @@ VARIANTS: dict[str, list[str]] = {
     "cispo+mask+token_batch": [*CISPO, "algo.unified_mask=true", "algo.loss_agg=token_batch"],  # both: DAPO's
     # gradient but for weights above 5
     "dapo+token_group": ["algo=dapo", "algo.loss_agg=token_group"],  # (b) the other way
+    "gspo": ["algo=gspo"],  # the response's ratio, clipped to [1 - 3e-4, 1 + 4e-4]; a mean over responses
 }
 DIAGNOSTICS = ("trust/exit_frac_pos_adv", "trust/exit_frac_neg_adv", "trust/exit_grad_share_pos_adv",
                "trust/exit_grad_share_neg_adv", "loss/entropy", "train/grad_norm", "loss/ratio_max")
@@ -152,6 +164,129 @@ def print_tables(cells: dict, threshold: float) -> None:
           "grad+/-: their share of the loss's |d loss / d log pi|; H last: entropy at the last step.")
 
 
+def fit_cells(runs: dict[Job, dict], min_samples: float, fit_frac: float, n_boot: int) -> dict:
+    """Per (variant, lr, updates): the seed-bootstrap sigmoid fit of accuracy against samples and each run's
+    early-to-late prediction (module docstring). A cell that cannot be fitted (one seed, too few points) has
+    "error" instead."""
+    import numpy as np
+
+    from cispo.algo.fit import bootstrap, identified, predict_late
+
+    cells: dict[tuple, list[tuple[Job, list]]] = {}
+    for job, r in runs.items():
+        cells.setdefault((job.variant, job.lr, job.updates), []).append((job, r["curve"]))
+    out = {}
+    for (variant, lr, updates), members in cells.items():
+        cell = {"variant": variant, "lr": lr, "updates": updates, "seeds": len(members)}
+        curves = [(np.array([n for _, n, _ in c], float), np.array([a for _, _, a in c], float)) for _, c in members]
+        try:
+            boot = bootstrap(curves, n_boot=n_boot, min_compute=min_samples)
+        except ValueError as err:
+            out[f"{variant}|{lr:g}|{updates}"] = cell | {"error": str(err)}
+            continue
+        f = boot.fit
+        late = {}
+        for (job, _), (C, y) in zip(members, curves):
+            try:
+                p = predict_late(C, y, fit_frac, min_compute=min_samples)
+                late[job.seed] = {"mae": p.mae, "A_early": p.fit.A, "cutoff": p.cutoff}
+            except ValueError as err:
+                late[job.seed] = {"error": str(err)}
+        out[f"{variant}|{lr:g}|{updates}"] = cell | {
+            "A": f.A, "B": f.B, "C_mid": f.C_mid, "R0": f.R0, "rss": f.rss, "points": f.n,
+            "A_ci": [boot.A.lo, boot.A.hi], "B_ci": [boot.B.lo, boot.B.hi], "C_mid_ci": [boot.C_mid.lo, boot.C_mid.hi],
+            "max_samples": boot.max_compute, "identified": identified(boot), "late": late,
+        }
+    return out
+
+
+def separated(fits: dict) -> list[tuple[str, str, str]]:
+    """Pairs of fitted cells at the same updates-per-step whose A, B or C_mid intervals do not overlap:
+    (cell, cell, parameter), the first cell the higher."""
+    done = [f for f in fits.values() if "A" in f]
+    pairs = []
+    for i, a in enumerate(done):
+        for b in done[i + 1:]:
+            if a["updates"] != b["updates"]:
+                continue
+            for name in ("A", "B", "C_mid"):
+                (alo, ahi), (blo, bhi) = a[f"{name}_ci"], b[f"{name}_ci"]
+                if alo > bhi or blo > ahi:
+                    hi, lo = (a, b) if alo > bhi else (b, a)
+                    pairs.append((f"{hi['variant']} lr {hi['lr']:g}", f"{lo['variant']} lr {lo['lr']:g}", name))
+    return pairs
+
+
+def print_fits(fits: dict) -> None:
+    print(f"\n{'variant':<24}{'lr':>8}{'upd':>5}{'seeds':>6}{'A':>7}{'A 95%':>16}{'B':>7}{'B 95%':>16}"
+          f"{'C_mid':>9}{'C_mid 95%':>20}{'ident':>7}{'late MAE':>22}")
+    for f in sorted(fits.values(), key=lambda f: (-f["updates"], f["variant"], f["lr"])):
+        head = f"{f['variant']:<24}{f['lr']:>8g}{f['updates']:>5}{f['seeds']:>6}"
+        if "error" in f:
+            print(f"{head}  not fitted: {f['error']}")
+            continue
+        maes = [v["mae"] for v in f["late"].values() if "mae" in v]
+        late = f"{statistics.mean(maes):.3f} (max {max(maes):.3f})" if maes else "-"
+        print(f"{head}{f['A']:>7.3f}{'[%.3f, %.3f]' % tuple(f['A_ci']):>16}{f['B']:>7.2f}"
+              f"{'[%.2f, %.2f]' % tuple(f['B_ci']):>16}{f['C_mid']:>9.0f}{'[%.0f, %.0f]' % tuple(f['C_mid_ci']):>20}"
+              f"{'yes' if f['identified'] else 'no':>7}{late:>22}")
+    print("A, B, C_mid: the sigmoid fit of held-out accuracy against generated samples, seeds pooled; 95% seed-"
+          "bootstrap intervals; ident: A's interval <= 0.05 wide and the runs past C_mid's; late MAE: each run fitted "
+          "on its early part, mean |predicted - observed| over the rest (mean over seeds, and the worst)")
+    for hi, lo, name in separated(fits):
+        print(f"  {name}: {hi} > {lo}, intervals apart")
+
+
+def plot_fits(runs: dict[Job, dict], cells: dict, fits: dict, path: Path) -> None:
+    """Accuracy against samples (log axis; the step-0 evaluation is R0) with each cell's fitted sigmoid and A with
+    its interval at the right edge, each variant at its best lr, one panel per updates-per-step setting."""
+    import matplotlib
+    import numpy as np
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cispo.algo.fit import sigmoid
+
+    updates = sorted({j.updates for j in runs}, reverse=True)
+    variants = list(dict.fromkeys(j.variant for j in runs))
+    fig, axes = plt.subplots(1, len(updates), figsize=(7.5 * len(updates), 4.6), squeeze=False)
+    for ax, u in zip(axes[0], updates):
+        right = max(c[-1][1] for j, r in runs.items() if j.updates == u for c in [r["curve"]]) * 2.5
+        for k, variant in enumerate(variants):
+            lr = best_lr(cells, variant, u)
+            f = fits.get(f"{variant}|{lr:g}|{u}", {})
+            curves = [r["curve"] for j, r in runs.items() if (j.variant, j.lr, j.updates) == (variant, lr, u)]
+            if not curves:
+                continue
+            length = min(len(c) for c in curves)
+            x = [statistics.mean(c[i][1] for c in curves) for i in range(length)]
+            acc = [[c[i][2] for c in curves] for i in range(length)]
+            shown = [i for i in range(length) if x[i] > 0]
+            color, label = f"C{k}", f"{variant} lr {lr:g}"
+            if "A" in f:
+                label += f": A {f['A']:.3f} [{f['A_ci'][0]:.2f}, {f['A_ci'][1]:.2f}]"
+                grid = np.geomspace(x[shown[0]], right, 200)
+                ax.plot(grid, sigmoid(grid, f["A"], f["B"], f["C_mid"], f["R0"]), color=color, lw=1.2)
+                at = right * (1.0 + 0.12 * k)
+                ax.errorbar([at], [f["A"]], yerr=[[f["A"] - f["A_ci"][0]], [f["A_ci"][1] - f["A"]]], color=color,
+                            fmt="s", ms=4, capsize=3)
+            ax.plot([x[i] for i in shown], [statistics.mean(acc[i]) for i in shown], ".", color=color, label=label)
+            ax.fill_between([x[i] for i in shown], [min(acc[i]) for i in shown], [max(acc[i]) for i in shown],
+                            color=color, alpha=0.15, lw=0)
+        ax.set_xscale("log")
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("generated samples (log)")
+        ax.set_ylabel("held-out accuracy (greedy)")
+        ax.set_title(f"{u} updates per batch: seeds' mean and range, sigmoid fit; at the right, A and its 95% "
+                     "interval", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot(runs: dict[Job, dict], cells: dict, path: Path) -> None:
     import matplotlib
 
@@ -207,6 +342,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="trainer.steps of every run")
     parser.add_argument("--eval-every", type=int, default=5, help="trainer.eval_every of every run")
     parser.add_argument("--threshold", type=float, default=0.6, help="held-out accuracy for steps-to-threshold")
+    parser.add_argument("--fit-min-samples", type=float, default=0.0,
+                        help="fits: evaluations before this many generated samples are left out (burn-in)")
+    parser.add_argument("--fit-frac", type=float, default=0.5,
+                        help="fits: each run fitted up to this fraction of its samples, judged on the rest")
+    parser.add_argument("--n-boot", type=int, default=200, help="fits: bootstrap replicates")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "compare")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every run")
@@ -235,11 +375,15 @@ def main() -> None:
     runs = {job: read_run(d) for job, d in zip(jobs, dirs)}
     cells = summarise(runs, args.threshold)
     print_tables(cells, args.threshold)
+    fits = fit_cells(runs, args.fit_min_samples, args.fit_frac, args.n_boot)
+    print_fits(fits)
     plot(runs, cells, args.out / "accuracy.png")
-    summary = {"overrides": extra, "threshold": args.threshold, "cells": cells,
-               "runs": {j.name: r for j, r in runs.items()}}
+    plot_fits(runs, cells, fits, args.out / "fits.png")
+    summary = {"overrides": extra, "threshold": args.threshold, "cells": cells, "compute": "generated samples",
+               "fit": {"min_samples": args.fit_min_samples, "fit_frac": args.fit_frac, "n_boot": args.n_boot},
+               "fits": fits, "separated": separated(fits), "runs": {j.name: r for j, r in runs.items()}}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"wrote {args.out / 'accuracy.png'} and {args.out / 'summary.json'}")
+    print(f"wrote {args.out / 'accuracy.png'}, {args.out / 'fits.png'} and {args.out / 'summary.json'}")
 
 
 if __name__ == "__main__":
