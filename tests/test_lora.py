@@ -125,6 +125,13 @@ def test_merged_logits_equal_base_plus_adapter(model_dir, tmp_path):
     assert torch.allclose(merged.model.layers[1].mlp.down_proj.weight, w, atol=1e-6)
     with torch.no_grad():  # and the adapter changed the model: merged != base
         assert (base(input_ids=x).logits - want).abs().max() > 1e-3
+    # the offline export of a LoRA checkpoint (python -m cispo.train.checkpoint export) is the same merged model
+    from cispo.train.checkpoint import Checkpointer, export_checkpoint
+
+    saved = Checkpointer(tmp_path / "checkpoints", 1, Dist()).save(1, updater, {}, AutoTokenizer.from_pretrained(model_dir))
+    offline = AutoModelForCausalLM.from_pretrained(export_checkpoint(saved, tmp_path / "offline"), dtype=torch.float32)
+    with torch.no_grad():
+        assert (offline(input_ids=x).logits - want).abs().max() < 1e-4
 
 
 # ---------------------------------------------------------------------------------------------- the adapter sync
