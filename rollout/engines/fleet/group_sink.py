@@ -189,13 +189,16 @@ class GroupSink:
         taken out of the pool). Any failure breaks the group."""
         errors: list[str] = []
         info = {"group": group.name, "layout": packed.layout}
+        # each receive fails within the group's timeout; the whole load may take longer on a large model (at 10 MB/s
+        # at least), so a request waits that long before the server counts as stuck
+        timeout = self.timeout_s + 30 + packed.bytes / 1e7
 
         async def one(s: Server):
             try:
                 for route, body in (("/start_weight_update", None), ("/update_weights", {"update_info": info}),
                                     ("/finish_weight_update", {"weight_version": str(version)}),
                                     ("/reset_prefix_cache", None)):
-                    r = await self.pool.http.post(f"{s.url}{route}", json=body, timeout=self.timeout_s + 30)
+                    r = await self.pool.http.post(f"{s.url}{route}", json=body, timeout=timeout)
                     if r.status_code != 200:
                         raise httpx.HTTPStatusError(f"{route}: {r.status_code} {r.text[:300]}", request=r.request,
                                                     response=r)
