@@ -37,7 +37,6 @@ import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from cispo.algo.loss import LOG_RATIO_BOUND, sequence_mean, tis_weights
