@@ -178,6 +178,30 @@ def test_adapter_sync_reaches_the_engine(kind, model_dir):
         engine.close()
 
 
+def test_one_adapter_path_of_the_cpu_lora_ops_equals_vllms():
+    """rollout/engines/vllm_lora_ops.py: with every token on one slot, the same outputs as vLLM's gathered einsum;
+    mixed slots go to vLLM's own code."""
+    pytest.importorskip("vllm")
+    from vllm.lora.ops.torch_ops import lora_ops
+
+    from rollout.engines import vllm_lora_ops as fast
+
+    fast.install()
+    original = fast._ORIGINAL
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 1, 8, 64, generator=g)  # [slots, 1, rank, in]
+    b = torch.randn(2, 1, 96, 8, generator=g)  # [slots, 1, out, rank]
+    x, h = torch.randn(5, 64, generator=g), torch.randn(5, 8, generator=g)
+    for indices in (torch.zeros(5, dtype=torch.long), torch.full((5,), -1), torch.tensor([0, 1, 0, 1, 1])):
+        for name, args, size in (("bgmv_shrink", (x, a), 8), ("bgmv_expand", (h, b), 96),
+                                 ("bgmv_expand_slice", (h, b), 160)):
+            extra = (32, 96, True) if name == "bgmv_expand_slice" else (0.5,) if name == "bgmv_shrink" else (True,)
+            want, got = torch.ones(5, size), torch.ones(5, size)
+            original[name](*args, want, indices, *extra)
+            getattr(lora_ops, name)(*args, got, indices, *extra)
+            assert torch.allclose(got, want, atol=1e-5), (name, indices)
+
+
 def test_sink_takes_only_the_adapter(model_dir):
     from rollout.engines.hf_engine import HFEngine
 

@@ -59,11 +59,10 @@ Reaches into vLLM beyond `LLM.generate` (each checked against 0.32.0; re-check o
    the next collective someone adds.
 
 7. Tied LM heads after a reload: rollout/engines/vllm_worker.py.
-8. LoRA (model.lora.rank > 0): `LLM(enable_lora=True, max_lora_rank=...)`, the adapter of each version written as
-   a PEFT folder (rollout.engines.lora; in /dev/shm when present) and loaded with
-   `llm.llm_engine.add_lora(LoRARequest(name, id, path))` (public API; a new name and id per version, the previous
-   one removed with `remove_lora`); every request then carries that LoRARequest. vLLM's CPU LoRA kernels are
-   `vllm/lora/punica_wrapper/punica_cpu.py`. `max_lora_rank` must be one of vLLM's sizes (`LORA_RANKS`).
+8. LoRA: `LLM(enable_lora=True, max_lora_rank=<one of LORA_RANKS>)`; each version's adapter is a PEFT folder
+   (rollout.engines.lora, in /dev/shm) loaded by `llm_engine.add_lora(LoRARequest(name, id, path))` with a new name
+   and id per version (the previous one removed), and every request carries that LoRARequest.
+9. On CPU with LoRA, a one-adapter path for vLLM's CPU LoRA ops: rollout/engines/vllm_lora_ops.py.
 
 Not available here: sleep/wake (vLLM-CPU ignores it); MiniMax-Text-01/M1 (lightning attention) models, which
 vLLM 0.32 cannot load (rollout.resolve_engine falls back to the HF engine for them).
@@ -76,6 +75,8 @@ import gc
 import logging
 import math
 import os
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Iterable
@@ -195,6 +196,10 @@ class VLLMEngine:
             # one adapter in a batch; two held, so the previous one serves until the next is loaded
             kwargs.update(enable_lora=True, max_lora_rank=min(r for r in LORA_RANKS if r >= self.lora.rank),
                           max_loras=1, max_cpu_loras=2)
+            if self.on_cpu:  # reach-in 9; the worker runs in this process
+                from rollout.engines.vllm_lora_ops import install
+
+                install()
         if self.on_cpu:
             # No chunked prefill on CPU: when a seeded request's prefill is split, vLLM 0.32 rewinds its sampling
             # generator with `set_offset`, which CPU generators do not support ("CPU Generator does not use
@@ -411,8 +416,6 @@ class VLLMEngine:
         served from `serve_adapter(version)` on."""
         if self.lora is None:
             raise ValueError("write_adapter: this engine was built without LoRA (model.lora.rank=0)")
-        import tempfile
-
         if self._adapter_root is None:
             shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
             self._adapter_root = tempfile.TemporaryDirectory(prefix="cispo-lora-", dir=shm)
@@ -425,7 +428,7 @@ class VLLMEngine:
         removed from the engine and from disk."""
         from vllm.lora.request import LoRARequest
 
-        if self._adapter_written is None or self._adapter_written[0] != version:
+        if (self._adapter_written or (None,))[0] != version:
             raise ValueError(f"serve_adapter(v{version}): no adapter of that version was written")
         folder = self._adapter_written[1]
         request = LoRARequest(f"cispo-v{version}", version + 1, folder)  # ids start at 1
@@ -439,8 +442,6 @@ class VLLMEngine:
         if old is not None:
             self._llm.llm_engine.remove_lora(old.lora_int_id)
             if old.lora_path != folder:
-                import shutil
-
                 shutil.rmtree(old.lora_path, ignore_errors=True)
         self._llm.reset_prefix_cache()
 
