@@ -37,7 +37,7 @@ def test_the_default_schedule_reaches_a_target_on_every_path(seed, threads, tmp_
     # 0.1 is reached at steps 190-220 for seeds 0-4 at 1 and 2 threads; 300 steps leaves room for another CPU
     code = (
         "import json, sys, torch; torch.set_num_threads(%d); sys.path.insert(0, %r)\n"
-        "from cispo.config import *; from cispo.data import load_splits; from cispo.start.warm_start import prepare_model\n"
+        "from cispo.config import *; from cispo.data.load import load_splits; from cispo.start.warm_start import prepare_model\n"
         "cfg = Config(model=ModelConfig(cache_dir=%r, tiny=TinyModelConfig(seed=%d),\n"
         "             warm_start=WarmStartConfig(target_accuracy=0.1, max_steps=300)), logger=LoggerConfig(progress=False))\n"
         "print(prepare_model(cfg, load_splits(cfg.data, None).train))\n"
