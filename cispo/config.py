@@ -181,6 +181,9 @@ class AlgoConfig:
     # server mode: generation of step s may use the policy of step s - 1 - max_staleness (0 = synchronous); the
     # stale samples are corrected by the tis_cap weight, or are pi_old with pi_old=engine (cispo/sampling/pipeline.py)
     max_staleness: int = 0
+    # in-flight updates (rollout.server.in_flight): a group with a token of a policy more than this many versions
+    # older than pi_old is dropped, not trained on (async/dropped_groups; cispo/sampling/inflight.py)
+    max_off_policy_steps: int = 8
     # where pi_old, the ratio's denominator, comes from. trainer: a forward after generation (the ratio sees the
     # updates only; the engine's logprobs feed tis_cap and the mismatch/* metrics) | engine: the engine's sampling
     # logprobs, as in M1 (no forward; the ratio carries the train/inference mismatch too; mismatch/* is measured
@@ -215,6 +218,9 @@ class AlgoConfig:
             _positive("algo.tis_cap", self.tis_cap)
         if self.max_staleness < 0:
             raise ConfigError(f"algo.max_staleness must be >= 0 (0 = synchronous), got {self.max_staleness}")
+        if self.max_off_policy_steps < self.max_staleness:
+            raise ConfigError(f"algo.max_off_policy_steps={self.max_off_policy_steps} is below algo.max_staleness="
+                              f"{self.max_staleness}: every group would be dropped; set it >= algo.max_staleness")
         _one_of("algo.pi_old", self.pi_old, {"trainer", "engine"})
         if self.pi_old == "engine" and self.tis_cap:
             raise ConfigError("algo.tis_cap weights pi_old against the engine's logprobs, which algo.pi_old=engine "
@@ -248,6 +254,13 @@ class ServerConfig:
     # process group of the trainer and the servers in buckets of bucket_mb (docs/guides/servers.md)
     weight_transport: str = "file"
     bucket_mb: float = 64.0  # group: the size of each broadcast bucket, in MB (a larger tensor gets its own)
+    # group: the longest any one operation of the group may take (joining, one bucket's broadcast); a server that
+    # dies mid-sync fails the sync after this long instead of hanging it
+    sync_timeout_s: float = 120.0
+    # in-flight weight updates (cispo/sampling/inflight.py): off: weights change only between batches | keep: a sync
+    # pauses the servers, loads and resumes them, and running requests continue under the new weights on the KV
+    # cache computed before | recompute: the same, and running requests recompute their KV under the new weights
+    in_flight: str = "off"
 
     def __post_init__(self):
         if not self.urls and self.count < 1:
@@ -259,6 +272,9 @@ class ServerConfig:
             raise ConfigError(f"rollout.server.weight_transport={self.weight_transport!r}: use file or group")
         if self.bucket_mb <= 0:
             raise ConfigError(f"rollout.server.bucket_mb={self.bucket_mb}: must be > 0")
+        if self.sync_timeout_s <= 0:
+            raise ConfigError(f"rollout.server.sync_timeout_s={self.sync_timeout_s}: must be > 0")
+        _one_of("rollout.server.in_flight", self.in_flight, {"off", "keep", "recompute"})
 
 
 @dataclass
@@ -627,7 +643,18 @@ class Config:
         """The rule for samples of older policies (algo.max_staleness > 0), stated once: they run on servers, and
         their weight against the policy that generated them is bounded. With algo.pi_old=trainer the bound is
         algo.tis_cap; with algo.pi_old=engine the ratio itself is that weight, so the loss must cap it."""
-        algo = self.algo
+        algo, in_flight = self.algo, self.rollout.server.in_flight
+        if in_flight != "off":
+            if not algo.max_staleness:
+                raise ConfigError(f"rollout.server.in_flight={in_flight} generates while the trainer updates: set "
+                                  "algo.max_staleness >= 1 (how many batches the servers may run ahead)")
+            if self.env.name:
+                raise ConfigError(f"rollout.server.in_flight={in_flight} is not built for multi-turn episodes "
+                                  f"(env.name={self.env.name}): set rollout.server.in_flight=off")
+            if self.model.lora.rank:
+                raise ConfigError(f"rollout.server.in_flight={in_flight} keeps requests running across a sync, and "
+                                  "a LoRA sync serves each version under its own adapter name: set "
+                                  "rollout.server.in_flight=off with model.lora.rank")
         if not algo.max_staleness:
             return
         if self.rollout.mode != "server":

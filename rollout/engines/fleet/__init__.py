@@ -55,7 +55,7 @@ def build(model_dir: str, rollout_cfg: RolloutConfig, model_cfg, seed: int = 0, 
         for s in servers:  # the servers started here run the backend that joins the group
             if "--weight-transfer-config" in s.command:
                 s.command[s.command.index("--weight-transfer-config") + 1] = json.dumps({"backend": "cispo_group"})
-        pool.sink = GroupSink(pool, rollout_cfg.server.bucket_mb)
+        pool.sink = GroupSink(pool, rollout_cfg.server.bucket_mb, rollout_cfg.server.sync_timeout_s)
     else:
         pool.sink = FileSink(pool, rollout_cfg.server.weight_dir)
     fleet = Fleet(pool, pool.sink, max_model_len=rollout_cfg.max_model_len, timeout_s=rollout_cfg.server.timeout_s)
