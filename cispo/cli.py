@@ -100,7 +100,7 @@ def config_help(command: str, config_name: str) -> str:
               f"  e.g. cispo {command} " + ("algo=dapo trainer.steps=20 algo.is_weight_max=4" if command == "train"
                                            else "model.path=runs/X/final eval.k=8"),
               "  every key, its type, default and meaning: the configuration reference of the docs",
-              "  (docs/reference/configuration.md), generated from cispo/config.py", "",
+              "  (docs/reference/configuration.md), generated from cispo/config/", "",
               "Hydra's own flags work too: --cfg job (print the composed config and exit), -m (a sweep),",
               "--hydra-help. Errors in a key or preset stop before anything is built, naming the nearest key."]
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """The schema of scripts/evaluate.py (configs/eval.yaml): what to evaluate, how to sample it, and the endpoint.
 
-The model, rollout, reward and data sections are the training schema's (cispo/config.py), so a checkpoint is
+The model, rollout, reward and data sections are the training schema's (cispo/config/), so a checkpoint is
 evaluated with the engine and grader settings it was trained with."""
 
 from __future__ import annotations

@@ -97,10 +97,20 @@ def as_override(value) -> str:
     return repr(value)
 
 
+def source_file(cls: type) -> Path:
+    """The file that defines a class: a module of the cispo/config/ package, rewards/config.py, ..."""
+    return Path(sys.modules[cls.__module__].__file__).resolve()
+
+
+def source_of(cls: type) -> str:
+    """That file as the page names it, relative to the repository."""
+    path = source_file(cls)
+    return path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else path.name
+
+
 def config_fields(cls: type, prefix: str) -> list[Field]:
     """Every key of a config dataclass and of the sections nested in it, in source order."""
-    module = sys.modules[cls.__module__]
-    written = field_comments(Path(module.__file__), cls.__name__)
+    written = field_comments(source_file(cls), cls.__name__)
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
@@ -163,7 +173,7 @@ def section_tables(key: str, cls: type, used: str, level: str) -> list[str]:
     """One heading and table per dataclass: its own keys, then each nested section under a heading of its own."""
     fields_ = [f for f in config_fields(cls, key + ".") if f.key.count(".") == key.count(".") + 1]
     hints = typing.get_type_hints(cls)
-    lines = ["", f"{level} {key}", "", f"`{cls.__name__}` in `{cls.__module__.replace('.', '/')}.py`; {used}.", ""]
+    lines = ["", f"{level} {key}", "", f"`{cls.__name__}` in `{source_of(cls)}`; {used}.", ""]
     if class_doc(cls):
         lines += [cell(class_doc(cls)), ""]
     lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
@@ -188,10 +198,10 @@ def configuration_page() -> str:
     lines = [
         "# Configuration reference",
         "",
-        "Generated from the config dataclasses (`cispo/config.py`, `rewards/config.py`, `cispo/eval_config.py`) each "
-        "time the docs are built: every key, its type, its default and the comments written beside it in the "
-        "source, which is the one place a default or its meaning is stated. The yaml files under `configs/` only "
-        "pick presets.",
+        "Generated from the config dataclasses (the modules of `cispo/config/`, `rewards/config.py`, "
+        "`cispo/eval_config.py`) each time the docs are built: every key, its type, its default and the comments "
+        "written beside it in the source, which is the one place a default or its meaning is stated. The yaml "
+        "files under `configs/` only pick presets.",
         "",
         "Set any key on the command line as `SECTION.KEY=VALUE` (`cispo train algo.is_weight_max=4`), pick a "
         "preset as `GROUP=NAME` (`cispo train algo=dapo`). A misspelt key stops the run before anything is "
