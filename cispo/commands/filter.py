@@ -27,6 +27,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from cispo.compose import compose, to_config
 from cispo.config import Config
 from cispo.sampling.evaluation import grade
 
@@ -50,8 +51,6 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def compose_config(overrides: list[str]) -> Config:
-    from cispo.cli import compose, to_config
-
     return to_config(compose("train", overrides))
 
 

@@ -7,7 +7,7 @@ groups. Yaml files only pick presets. Hydra composes the yaml onto this schema i
 a wrong type fails at start-up naming the key; `__post_init__` checks the values and cross-field rules before
 any model is built. Every name is importable from `cispo.config`.
 
-This package imports no hydra: `cispo.cli.register_configs()` does, when the entry point asks for it.
+This package imports no hydra: `cispo.compose.register_configs()` does, when the entry point asks for it.
 """
 
 from __future__ import annotations
