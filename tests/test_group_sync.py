@@ -26,7 +26,7 @@ from rollout.engines.fleet import FleetError, GroupSink, build
 
 PROBE = list(range(5, 40))
 BUCKET_MB = 0.25  # the tiny model is ~2 MB in fp32: about ten buckets, so loads overlap receives
-TIMEOUT_S = 10.0  # the group's timeout: how long a sync may wait on a dead member
+TIMEOUT_S = 10.0  # rollout.server.sync_timeout_s, the group's timeout: how long a sync may wait on a dead member
 
 
 def free_port_block(n: int) -> int:
@@ -50,9 +50,8 @@ def model_dir(tmp_path_factory):
 def fleet(model_dir, tmp_path_factory):
     cfg = RolloutConfig(mode="server", kv_cache_gb=0.25, max_tokens=16, max_model_len=128,
                         server=ServerConfig(count=2, port=free_port_block(2), weight_transport="group",
-                                            bucket_mb=BUCKET_MB))
+                                            bucket_mb=BUCKET_MB, sync_timeout_s=TIMEOUT_S))
     f = build(str(model_dir), cfg, ModelConfig(dtype="float32"), log_dir=tmp_path_factory.mktemp("servers"))
-    f.sink.timeout_s = TIMEOUT_S
     yield f
     f.close()
 
@@ -103,7 +102,7 @@ def test_config_refuses_an_unknown_transport():
 
 
 def test_a_group_sync_reaches_every_server_and_so_does_the_next(fleet, model_dir):
-    assert isinstance(fleet.sink, GroupSink)
+    assert isinstance(fleet.sink, GroupSink) and fleet.sink.timeout_s == TIMEOUT_S  # from the config
     assert all('"cispo_group"' in s.command[s.command.index("--weight-transfer-config") + 1]
                for s in fleet.pool.servers)
     from transformers import AutoModelForCausalLM
