@@ -107,3 +107,29 @@ def test_an_unwritable_cache_fails_in_one_line_naming_the_key(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: model.cache_dir=")
+
+
+@pytest.mark.parametrize("rows", [150, 250])
+def test_too_few_training_rows_fail_naming_the_keys_before_any_work(tmp_path, rows):
+    """The check holds out model.warm_start.eval_problems training rows and each batch samples
+    model.warm_start.batch_size of the others: fewer rows than that is one line naming the keys, before the tiny
+    model is built (it was `ValueError: Sample larger than population` at the first step)."""
+    cfg = Config(model=ModelConfig(cache_dir=str(tmp_path)))  # eval_problems 200, batch_size 128: 328 rows
+    train_rows = load_splits(cfg.data, None).train[:rows]
+    with pytest.raises(ConfigError, match=rf"^model\.warm_start\.eval_problems=200 .*batch_size=128 .*need 328 "
+                                          rf"training rows, but data\.source='arithmetic' has {rows}: lower "):
+        prepare_model(cfg, train_rows)
+    assert not list(tmp_path.iterdir())  # nothing built, nothing cached
+
+
+def test_just_enough_training_rows_warm_start(tmp_path):
+    cfg = Config(model=ModelConfig(cache_dir=str(tmp_path), warm_start=WarmStartConfig(
+        eval_problems=4, batch_size=4, max_steps=1, warmup_steps=1)))
+    out = Path(prepare_model(cfg, load_splits(cfg.data, None).train[:8]))
+    assert json.loads((out / RESULT_FILE).read_text())["steps"] == 1
+
+
+@pytest.mark.parametrize("key", ["eval_problems", "batch_size"])
+def test_an_empty_check_or_batch_is_refused(key):
+    with pytest.raises(ConfigError, match=rf"model\.warm_start\.{key} must be > 0"):
+        WarmStartConfig(**{key: 0})

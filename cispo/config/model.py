@@ -66,8 +66,8 @@ class WarmStartConfig:
         if not 0.0 < self.target_accuracy <= 1.0:
             raise ConfigError("model.warm_start.target_accuracy must be in (0, 1]")
         _one_of("model.warm_start.on_miss", self.on_miss, {"continue", "error"})
-        _positive("model.warm_start.max_steps", self.max_steps)
-        _positive("model.warm_start.eval_every", self.eval_every)
+        for name in ("max_steps", "eval_every", "eval_problems", "batch_size"):
+            _positive(f"model.warm_start.{name}", getattr(self, name))
 
 
 @dataclass

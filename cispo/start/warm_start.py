@@ -47,8 +47,10 @@ def prepare_model(cfg: Config, train_rows: list[dict]) -> str:
     """The HF directory (or hub name) the run starts from."""
     if cfg.model.path != "tiny":
         return resolve_model_path(cfg.model.path, cfg.model.cache_dir, dtype=cfg.model.dtype)
-    base = make_tiny_model(cfg.model.tiny, cfg.model.cache_dir)
     ws = cfg.model.warm_start
+    if ws.enabled:
+        check_row_count(cfg, len(train_rows))
+    base = make_tiny_model(cfg.model.tiny, cfg.model.cache_dir)
     if not ws.enabled:
         return str(base)
     key = config_key({"tiny": asdict(cfg.model.tiny), "warm_start": asdict(ws), "data": asdict(cfg.data),
@@ -61,6 +63,19 @@ def prepare_model(cfg: Config, train_rows: list[dict]) -> str:
     else:
         warm_start(base, out, cfg, train_rows)
     return str(out)
+
+
+def check_row_count(cfg: Config, rows: int) -> None:
+    """The warm start checks on the first `eval_problems` training rows and samples its batches from the others,
+    without replacement: fewer rows than both is a ConfigError naming the keys, before anything is built."""
+    ws = cfg.model.warm_start
+    need = ws.eval_problems + ws.batch_size
+    if rows < need:
+        raise ConfigError(
+            f"model.warm_start.eval_problems={ws.eval_problems} (the check) and model.warm_start.batch_size="
+            f"{ws.batch_size} (the batches, from the other rows) need {need} training rows, but "
+            f"data.source={cfg.data.source!r} has {rows}: lower model.warm_start.eval_problems or "
+            "model.warm_start.batch_size, train on more rows, or set model.warm_start.enabled=false")
 
 
 def answer_sequences(tokenizer, rows: list[dict], cfg: Config) -> list[tuple[list[int], list[int]]]:
