@@ -47,6 +47,7 @@ class Completion:
     logprobs: list[float]  # log-probability of each token under the sampling distribution (after temperature)
     finish_reason: str  # stop | length | early_stop
     text: str  # decoded response, special tokens skipped
+    versions: list[int] | None = None  # the policy version of each token, where weights changed during the request
 
 
 @dataclass

@@ -54,13 +54,16 @@ class Trajectory:
 
     @classmethod
     def single_turn(cls, prompt_ids: list[int], c, version: int) -> Trajectory:
-        """A completion (rollout.base.Completion) of `prompt_ids` sampled by policy `version`: one model turn, its
-        forced EOS (an early stop's) masked out."""
+        """A completion (rollout.base.Completion) of `prompt_ids` sampled by policy `version` (or by the versions the
+        completion names per token): one model turn, its forced EOS (an early stop's) masked out."""
         t = cls(list(prompt_ids), version=version, finish_reason=c.finish_reason, text=c.text, end="done")
         trainable = [True] * len(c.token_ids)
         if c.finish_reason == "early_stop" and trainable:
             trainable[-1] = False
         t.add_model(c.token_ids, c.logprobs, trainable)
+        if c.versions is not None:  # the weights changed during the request (in-flight updates)
+            t.versions, t.version = list(c.versions), max(c.versions, default=version)
+            t.check()
         return t
 
     def check(self) -> None:

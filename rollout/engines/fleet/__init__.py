@@ -18,6 +18,8 @@ A weight transport is one class implementing `servers.ServerSink`: the WeightSin
 with the version it holds) and `close()`. `build` chooses it and sets it as `pool.sink`; the pool admits only servers
 at `sink.served_version`. group_sink.py, `GroupSink`, is the second: the weights broadcast over a gloo process group
 (rollout.server.weight_transport=group; the servers it starts then run the `cispo_group` backend).
+in_flight.py, `InFlightSink`, wraps either so that a sync pauses the servers' requests instead of waiting for them
+(rollout.server.in_flight = keep | recompute); the router labels each token with the version that sampled it.
 
 All HTTP runs on the pool's asyncio loop in a background thread; the public methods are synchronous and may be
 called from several threads.
@@ -32,13 +34,14 @@ from typing import TYPE_CHECKING
 
 from rollout.engines.fleet.file_sink import FileSink
 from rollout.engines.fleet.group_sink import GroupSink
+from rollout.engines.fleet.in_flight import InFlightSink
 from rollout.engines.fleet.router import Fleet, Session
 from rollout.engines.fleet.servers import FleetError, Server, ServerPool, ServerSink, configured_servers, server_command
 
 if TYPE_CHECKING:
     from cispo.config import RolloutConfig
 
-__all__ = ["FileSink", "Fleet", "FleetError", "GroupSink", "Server", "ServerPool", "ServerSink", "Session", "build",
+__all__ = ["FileSink", "Fleet", "FleetError", "GroupSink", "InFlightSink", "Server", "ServerPool", "ServerSink", "Session", "build",
            "server_command"]
 
 
@@ -58,6 +61,8 @@ def build(model_dir: str, rollout_cfg: RolloutConfig, model_cfg, seed: int = 0, 
         pool.sink = GroupSink(pool, rollout_cfg.server.bucket_mb, rollout_cfg.server.sync_timeout_s)
     else:
         pool.sink = FileSink(pool, rollout_cfg.server.weight_dir)
+    if rollout_cfg.server.in_flight != "off":
+        pool.sink = InFlightSink(pool, pool.sink, rollout_cfg.server.in_flight)
     fleet = Fleet(pool, pool.sink, max_model_len=rollout_cfg.max_model_len, timeout_s=rollout_cfg.server.timeout_s)
     try:
         pool.start()

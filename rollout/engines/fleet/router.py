@@ -7,6 +7,9 @@
 - Early stop (rollout.early_stop_k): the servers run it (rollout.engines.vllm_worker.ServerRepetitionEarlyStop) and
   report a forced EOS as a "stop"; each request carries a tag, and a sample that may have been stopped (a "stop"
   whose last logprob is 0) is looked up under it on its server: it is reported as the colocated engine reports it.
+- Versions (in-flight weight updates, rollout.engines.fleet.in_flight): each request says the version it is sent
+  under; when the fleet serves another one by the time it returns, the server's marks of where its tokens changed
+  version are read back and each token is labelled (`Completion.versions`, rollout.engines.vllm_versions).
 - Balancing: each request goes to the pool member with the fewest requests in flight.
 - Failures: a request whose server fails (connection lost, 5xx, a dead process) is sent again, whole, to another
   server; a group is either returned complete or not at all, so nothing is lost or counted twice. The server is
@@ -35,6 +38,8 @@ from rollout.engines.fleet.servers import HEALTH_EVERY_S, SERVED_NAME, FleetErro
 logger = logging.getLogger(__name__)
 TAG_ARG = "cispo_early_stop_tag"  # rollout.engines.vllm_worker.SERVER_TAG_ARG (that module imports vllm)
 POP = "cispo_pop_early_stops"  # the servers' worker method that hands over the early stops forced under a tag
+VERSION_ARG = "cispo_version"  # rollout.engines.vllm_versions.VERSION_ARG: the version a request is sent under
+POP_VERSIONS = "cispo_pop_versions"  # the servers' worker method that hands over a request's version marks
 
 
 class Fleet:
@@ -61,9 +66,25 @@ class Fleet:
         return await asyncio.gather(*[self._group(i, p, sampling, n_req) for i, p in enumerate(prompts)])
 
     async def _group(self, i: int, prompt: list[int], sampling: SamplingParams, n_req: int) -> list[Completion]:
-        body = _request_body(prompt, sampling, n_req, prompt_seed(sampling.seed, i, sampling.n), next(self._tags))
-        _, choices, forced = await self._post_stops(body)
-        return _completions(i, choices, n_req, sampling.n, forced)
+        body = _request_body(prompt, sampling, n_req, prompt_seed(sampling.seed, i, sampling.n), next(self._tags),
+                             self.sink.served_version)
+        server, choices, forced = await self._post_stops(body)
+        return _completions(i, choices, n_req, sampling.n, forced, await self._versions(server, body),
+                            body["vllm_xargs"][VERSION_ARG])
+
+    async def _versions(self, server: Server, body: dict) -> list | None:
+        """The version marks a server recorded for the request of `body` (rollout.engines.vllm_versions), when the
+        fleet served another version while it ran (in-flight weight updates); None when it did not: every token is
+        of the version it was sent under."""
+        if self.sink.served_version == body["vllm_xargs"][VERSION_ARG]:
+            return None
+        r = await self.pool.http.post(f"{server.url}/collective_rpc",
+                                      json={"method": POP_VERSIONS, "args": [body["vllm_xargs"][TAG_ARG]]})
+        if r.status_code != 200:
+            raise RuntimeError(f"rollout server {server.url} did not give the policy versions of a request that ran "
+                               f"across a weight sync ({r.status_code}: {r.text[:200]}); in-flight updates need "
+                               "servers started with --logits-processors rollout.engines.vllm_versions:VersionMarks")
+        return [mark for got in r.json()["results"] for mark in (got or [])]
 
     async def _post_stops(self, body: dict, prefer: Server | None = None) -> tuple[Server, list[dict], set]:
         """`_post`, then the early stops the server forced in the reply ((tokens before the EOS, their hash), as
@@ -142,11 +163,12 @@ class Fleet:
             raise ValueError(f"a session request takes one sample, not n={sampling.n}")
         ids = list(map(int, ids))
         check_request([ids], sampling, self.max_model_len)
-        body = _request_body(ids, sampling, 1, sampling.seed, next(self._tags))
+        body = _request_body(ids, sampling, 1, sampling.seed, next(self._tags), self.sink.served_version)
         server, choices, forced = await self._post_stops(body, prefer=session.server)
         session.server = server
         session.turns.append(server.url)
-        return _completions(0, choices, 1, 1, forced)[0]
+        return _completions(0, choices, 1, 1, forced, await self._versions(server, body),
+                            body["vllm_xargs"][VERSION_ARG])[0]
 
     def run(self, coro):
         return self.pool.run(coro)
@@ -169,16 +191,31 @@ class Session:
         return sum(a != b for a, b in zip(self.turns, self.turns[1:]))
 
 
-def _request_body(prompt: list[int], sampling: SamplingParams, n_req: int, seed: int | None, tag: str) -> dict:
+def _request_body(prompt: list[int], sampling: SamplingParams, n_req: int, seed: int | None, tag: str,
+                  version: int) -> dict:
     return {"model": SERVED_NAME, "prompt": prompt, "n": n_req, "max_tokens": sampling.max_tokens,
             "min_tokens": sampling.min_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p,
             "logprobs": 0, "return_token_ids": True, "skip_special_tokens": True, "seed": seed,
-            "vllm_xargs": {TAG_ARG: tag}}
+            "vllm_xargs": {TAG_ARG: tag, VERSION_ARG: version}}
 
 
-def _completions(i: int, choices: list[dict], n_req: int, n: int, forced: set = frozenset()) -> list[Completion]:
+def token_versions(sent: int, marks: list, ids: list[int]) -> list[int]:
+    """The policy version of each token of a sample (`ids`): `sent`, the version its request was sent under, up to
+    the first of its marks (rollout.engines.vllm_versions), each mark's version from its index on. A mark is this
+    sample's when it hashes the sample's tokens before it (the other samples of the request have other tokens)."""
+    versions = [sent] * len(ids)
+    for index, version, digest in sorted(map(tuple, marks)):
+        if index <= len(ids) and hash(tuple(ids[:index])) == digest:
+            versions[index:] = [version] * (len(ids) - index)
+    return versions
+
+
+def _completions(i: int, choices: list[dict], n_req: int, n: int, forced: set = frozenset(),
+                 marks: list | None = None, sent: int = 0) -> list[Completion]:
     """The samples of prompt `i`; `forced`: the early stops the server forced, as `_post_stops` reads them (such a
-    sample ends in the forced EOS, logprob 0, finish_reason "early_stop", as in the colocated engine)."""
+    sample ends in the forced EOS, logprob 0, finish_reason "early_stop", as in the colocated engine); `marks`:
+    where the request's tokens changed policy version (`Fleet._versions`; None: they did not), `sent`: the version
+    the request was sent under."""
     if len(choices) != n_req:
         raise RuntimeError(f"a rollout server returned {len(choices)} samples for prompt {i}, expected {n_req}")
     out = []
@@ -191,5 +228,6 @@ def _completions(i: int, choices: list[dict], n_req: int, n: int, forced: set = 
         reason = c["finish_reason"]
         if reason == "stop" and ids and (len(ids) - 1, hash(tuple(ids[:-1]))) in forced:
             reason = "early_stop"
-        out.append(Completion(i, list(ids), [float(x) for x in logprobs], reason, c["text"]))
+        versions = None if marks is None else token_versions(sent, marks, ids)
+        out.append(Completion(i, list(ids), [float(x) for x in logprobs], reason, c["text"], versions))
     return out * (n // n_req)

@@ -57,9 +57,15 @@ def server_command(model_dir: str, cfg: RolloutConfig, *, port: int, dtype: str,
     else:
         cmd += ["--gpu-memory-utilization", str(cfg.gpu_memory_utilization),
                 "--tensor-parallel-size", str(cfg.tensor_parallel_size)] + (["--enforce-eager"] * cfg.enforce_eager)
+    processors = []
     if cfg.early_stop_k:  # M1's repetition early stop, the server's rule (rollout.engines.vllm_worker)
-        cmd += ["--logits-processors", "rollout.engines.vllm_worker:ServerRepetitionEarlyStop", "--additional-config",
-                json.dumps({"cispo_early_stop": {"k": cfg.early_stop_k, "p": cfg.early_stop_p}})]
+        processors.append("rollout.engines.vllm_worker:ServerRepetitionEarlyStop")
+        cmd += ["--additional-config", json.dumps({"cispo_early_stop": {"k": cfg.early_stop_k, "p": cfg.early_stop_p}})]
+    if cfg.server.in_flight != "off":  # where each request's tokens change version (rollout.engines.vllm_versions)
+        processors.append("rollout.engines.vllm_versions:VersionMarks")
+        cmd += ["--no-async-scheduling"]  # the marks are exact under the synchronous scheduler
+    if processors:
+        cmd += ["--logits-processors", *processors]
     return cmd + list(cfg.server.args)
 
 
