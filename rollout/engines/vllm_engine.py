@@ -126,6 +126,23 @@ def _configure_vllm_env(on_cpu: bool) -> None:
                 os.environ["VLLM_CPU_KVCACHE_SPACE"],
             )
 
+
+def _warn_on_another_version() -> None:
+    if not vllm.__version__.startswith(VLLM_VERSION_WRITTEN_AGAINST.rsplit(".", 1)[0] + "."):
+        logger.warning(
+            "rollout.engines.vllm_engine was written against vLLM %s, found %s: re-check the reaches into vLLM listed "
+            "in its module docstring (tests/test_vllm_engine.py exercises each)",
+            VLLM_VERSION_WRITTEN_AGAINST, vllm.__version__,
+        )
+
+
+def _check_model_runner(cfg: RolloutConfig) -> None:
+    if cfg.early_stop_k and os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0").lower() in ("1", "true"):
+        raise ValueError(
+            "rollout.early_stop_k > 0 needs vLLM's V1 model runner (the early-stop processor implements its "
+            "interface), but VLLM_USE_V2_MODEL_RUNNER is set to 1: unset it or set rollout.early_stop_k=0"
+        )
+
 # --------------------------------------------------------------------------------------------------------------
 # The engine
 # --------------------------------------------------------------------------------------------------------------
@@ -167,17 +184,33 @@ class VLLMEngine:
         from vllm.platforms import current_platform
 
         check_early_stop(cfg.early_stop_k, cfg.early_stop_p)
-        if not vllm.__version__.startswith(VLLM_VERSION_WRITTEN_AGAINST.rsplit(".", 1)[0] + "."):
-            logger.warning(
-                "rollout.engines.vllm_engine was written against vLLM %s, found %s: re-check the reaches into vLLM listed "
-                "in its module docstring (tests/test_vllm_engine.py exercises each)",
-                VLLM_VERSION_WRITTEN_AGAINST, vllm.__version__,
-            )
+        _warn_on_another_version()
         self.cfg = cfg
         self.model_dir = str(model_dir)
         self.on_cpu = current_platform.is_cpu()
         _configure_vllm_env(self.on_cpu)
+        self.lora = lora if lora is not None and lora.rank else None
+        kwargs = self._llm_kwargs(dtype, seed, fp32_lm_head)
+        _check_model_runner(cfg)
+        self._start_llm(kwargs)
+        self._read_engine()
+        self._uid = uuid.uuid4().hex[:8]
+        self._calls = 0
+        self._adapter_request = None  # the LoRARequest every request carries (None: the base, = a fresh adapter)
+        self._adapter_written: tuple[int, str] | None = None  # (version, folder) written, not served yet
+        self._adapter_root = None
+        self.last_sync: dict | None = None
+        self._explained_unloaded = False
+        logger.info(
+            "vLLM %s engine up in %.1fs (dtype %s, head %s, %s worker, early stop k=%d p=%s)",
+            vllm.__version__, self.start_seconds, dtype, self.head_dtype,
+            "in-process" if self.in_process else "out-of-process", cfg.early_stop_k, cfg.early_stop_p,
+        )
 
+    # ------------------------------------------------------------------------------------------------ start-up
+    def _llm_kwargs(self, dtype: str, seed: int, fp32_lm_head: bool) -> dict:
+        """The arguments of `LLM(...)`: the model and its sampling contract, then LoRA, the platform's, the head."""
+        cfg = self.cfg
         kwargs = dict(
             model=self.model_dir,
             dtype=dtype,
@@ -189,52 +222,59 @@ class VLLMEngine:
         )
         if cfg.early_stop_k:
             kwargs["logits_processors"] = [RepetitionEarlyStop]
-        self.lora = lora if lora is not None and lora.rank else None
-        if self.lora is not None:  # reach-in 8
-            if self.lora.rank > LORA_RANKS[-1]:
-                raise ValueError(f"model.lora.rank={self.lora.rank} is above vLLM's largest LoRA rank {LORA_RANKS[-1]}")
-            # one adapter in a batch; two held, so the previous one serves until the next is loaded
-            kwargs.update(enable_lora=True, max_lora_rank=min(r for r in LORA_RANKS if r >= self.lora.rank),
-                          max_loras=1, max_cpu_loras=2)
-            if self.on_cpu:  # reach-in 9; the worker runs in this process
-                from rollout.engines.vllm_lora_ops import install
-
-                install()
-        if self.on_cpu:
-            # No chunked prefill on CPU: when a seeded request's prefill is split, vLLM 0.32 rewinds its sampling
-            # generator with `set_offset`, which CPU generators do not support ("CPU Generator does not use
-            # offset"); whole-prompt prefills never rewind. Seen with 256 seeded samples per step.
-            kwargs.update(
-                enforce_eager=True,
-                kv_cache_memory_bytes=int(cfg.kv_cache_gb * (1 << 30)),
-                enable_chunked_prefill=False,
-            )
-            if cfg.tensor_parallel_size != 1:
-                logger.warning("rollout.tensor_parallel_size=%d ignored on CPU", cfg.tensor_parallel_size)
-        else:
-            kwargs.update(
-                enforce_eager=cfg.enforce_eager,
-                gpu_memory_utilization=cfg.gpu_memory_utilization,
-                tensor_parallel_size=cfg.tensor_parallel_size,
-                enable_sleep_mode=cfg.sleep_level > 0,
-            )
-            if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                    and torch.distributed.get_world_size() > 1:
-                # One engine per data-parallel trainer rank (cispo.train.distributed; torchrun / deepspeed launcher).
-                # The in-process executor would put every rank's engine on GPU 0; the external-launcher one
-                # takes the rank's GPU from LOCAL_RANK and joins the trainer's existing process group.
-                kwargs["distributed_executor_backend"] = "external_launcher"
+        kwargs.update(self._lora_kwargs())
+        kwargs.update(self._cpu_kwargs() if self.on_cpu else self._gpu_kwargs())
         if fp32_lm_head:
             kwargs["hf_overrides"] = {"head_dtype": "float32"}
             if dtype == "float32":
                 logger.info("fp32_lm_head has no effect on a float32 engine")
+        return kwargs
 
-        if cfg.early_stop_k and os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0").lower() in ("1", "true"):
-            raise ValueError(
-                "rollout.early_stop_k > 0 needs vLLM's V1 model runner (the early-stop processor implements its "
-                "interface), but VLLM_USE_V2_MODEL_RUNNER is set to 1: unset it or set rollout.early_stop_k=0"
-            )
+    def _lora_kwargs(self) -> dict:
+        """LoRA serving (reach-in 8), and on CPU the one-adapter path for its ops (reach-in 9); {} without LoRA."""
+        if self.lora is None:
+            return {}
+        if self.lora.rank > LORA_RANKS[-1]:
+            raise ValueError(f"model.lora.rank={self.lora.rank} is above vLLM's largest LoRA rank {LORA_RANKS[-1]}")
+        if self.on_cpu:  # reach-in 9; the worker runs in this process
+            from rollout.engines.vllm_lora_ops import install
 
+            install()
+        # one adapter in a batch; two held, so the previous one serves until the next is loaded
+        return dict(enable_lora=True, max_lora_rank=min(r for r in LORA_RANKS if r >= self.lora.rank), max_loras=1,
+                    max_cpu_loras=2)
+
+    def _cpu_kwargs(self) -> dict:
+        cfg = self.cfg
+        if cfg.tensor_parallel_size != 1:
+            logger.warning("rollout.tensor_parallel_size=%d ignored on CPU", cfg.tensor_parallel_size)
+        # No chunked prefill on CPU: when a seeded request's prefill is split, vLLM 0.32 rewinds its sampling
+        # generator with `set_offset`, which CPU generators do not support ("CPU Generator does not use
+        # offset"); whole-prompt prefills never rewind. Seen with 256 seeded samples per step.
+        return dict(
+            enforce_eager=True,
+            kv_cache_memory_bytes=int(cfg.kv_cache_gb * (1 << 30)),
+            enable_chunked_prefill=False,
+        )
+
+    def _gpu_kwargs(self) -> dict:
+        cfg = self.cfg
+        kwargs = dict(
+            enforce_eager=cfg.enforce_eager,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            enable_sleep_mode=cfg.sleep_level > 0,
+        )
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            # One engine per data-parallel trainer rank (cispo.train.distributed; torchrun / deepspeed launcher).
+            # The in-process executor would put every rank's engine on GPU 0; the external-launcher one
+            # takes the rank's GPU from LOCAL_RANK and joins the trainer's existing process group.
+            kwargs["distributed_executor_backend"] = "external_launcher"
+        return kwargs
+
+    def _start_llm(self, kwargs: dict) -> None:
+        """`LLM(**kwargs)`, giving the trainer back its torch threads; sets start_seconds."""
         # a process group that exists now is the trainer's, and survives close() (reach-in 6)
         self._trainer_group = torch.distributed.is_available() and torch.distributed.is_initialized()
         set_threads, threads = torch.set_num_threads, torch.get_num_threads()
@@ -251,10 +291,14 @@ class VLLMEngine:
         for name in PER_SYNC_LOGGERS:  # in this process (the in-process worker): one INFO line each per step
             logging.getLogger(name).setLevel(logging.WARNING)
 
+    def _read_engine(self) -> None:
+        """What the started engine says: its tokenizer's EOS (the early-stop rule's), the head dtype, where the
+        worker runs (reach-in 4), and the checkpoint's tensor names."""
         self._tokenizer = self._llm.get_tokenizer()
         self.eos_token_id = self._tokenizer.eos_token_id
         try:
-            self.early_stop = EarlyStopRule.from_settings(cfg.early_stop_k, cfg.early_stop_p, self.eos_token_id)
+            self.early_stop = EarlyStopRule.from_settings(self.cfg.early_stop_k, self.cfg.early_stop_p,
+                                                          self.eos_token_id)
         except ValueError:
             self.close()
             raise
@@ -265,18 +309,6 @@ class VLLMEngine:
 
         self.in_process = isinstance(executor, UniProcExecutor)  # the worker lives here: tensors pass directly
         self._checkpoint_names = checkpoint_names(self.model_dir)
-        self._uid = uuid.uuid4().hex[:8]
-        self._calls = 0
-        self._adapter_request = None  # the LoRARequest every request carries (None: the base, = a fresh adapter)
-        self._adapter_written: tuple[int, str] | None = None  # (version, folder) written, not served yet
-        self._adapter_root = None
-        self.last_sync: dict | None = None
-        self._explained_unloaded = False
-        logger.info(
-            "vLLM %s engine up in %.1fs (dtype %s, head %s, %s worker, early stop k=%d p=%s)",
-            vllm.__version__, self.start_seconds, dtype, self.head_dtype,
-            "in-process" if self.in_process else "out-of-process", cfg.early_stop_k, cfg.early_stop_p,
-        )
 
     # ---------------------------------------------------------------------------------------------- generate
     def _check_prompts(self, prompts: list[list[int]], sampling: SamplingParams) -> None:
@@ -289,37 +321,16 @@ class VLLMEngine:
         self._check_prompts(prompts, sampling)
         self._calls += 1
         call_tag = f"{self._uid}:{self._calls}:"
-        rule = self.early_stop
         # vLLM refuses n > 1 with greedy sampling (temperature < 1e-5, its threshold); greedy samples are
         # identical, so one is generated and repeated
         n_req = 1 if sampling.temperature < 1e-5 else sampling.n
-        params = []
-        for i in range(len(prompts)):
-            extra = None
-            if rule:
-                extra = {EARLY_STOP_KEY: {"k": rule.k, "p": rule.p, "eos": rule.eos, "tag": f"{call_tag}{i}"}}
-            params.append(
-                VLLMSamplingParams(
-                    n=n_req,
-                    max_tokens=sampling.max_tokens,
-                    min_tokens=sampling.min_tokens,
-                    temperature=sampling.temperature,
-                    top_p=sampling.top_p,
-                    seed=prompt_seed(sampling.seed, i, sampling.n),
-                    logprobs=0,  # the sampled token's logprob only
-                    flat_logprobs=True,  # one flat list per sequence instead of a dict per token
-                    # no text from vLLM: its detokenizer also decodes every logprob's token to a string, one call
-                    # per token (a sixth of generate at the tiny size); the texts are decoded below in one batch
-                    detokenize=False,
-                    extra_args=extra,
-                )
-            )
+        params = [self._request_params(sampling, i, n_req, call_tag) for i in range(len(prompts))]
         start = time.perf_counter()
         outputs = self._llm.generate(
             [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False, lora_request=self._adapter_request
         )
         forced = {}
-        if rule:
+        if self.early_stop:
             forced = self._llm.collective_rpc("cispo_pop_early_stops", args=(call_tag,))[0]
         samples_of = [sorted(out.outputs, key=lambda c: c.index) for out in outputs]
         texts = iter(self._tokenizer.batch_decode([c.token_ids for s in samples_of for c in s],
@@ -335,16 +346,40 @@ class VLLMEngine:
             for c, text in samples:
                 ids = list(c.token_ids)
                 logprobs = self._sampled_logprobs(c, ids)
-                if c.finish_reason == "length":
-                    reason = "length"
-                elif c.finish_reason == "stop":
-                    reason = "stop"
-                    if stops and ids and ids[-1] == self.eos_token_id and (len(ids) - 1, hash(tuple(ids[:-1]))) in stops:
-                        reason = "early_stop"
-                else:
-                    raise RuntimeError(f"vLLM finished a sample of prompt {i} with {c.finish_reason!r}")
-                completions.append(Completion(i, ids, logprobs, reason, text))
+                completions.append(Completion(i, ids, logprobs, self._finish_reason(c, ids, stops, i), text))
         return Rollout(completions, seconds)
+
+    def _request_params(self, sampling: SamplingParams, i: int, n_req: int, call_tag: str) -> VLLMSamplingParams:
+        """The vLLM request of prompt `i`: `n_req` samples, its seeds, the early-stop processor's settings."""
+        rule = self.early_stop
+        extra = None
+        if rule:
+            extra = {EARLY_STOP_KEY: {"k": rule.k, "p": rule.p, "eos": rule.eos, "tag": f"{call_tag}{i}"}}
+        return VLLMSamplingParams(
+            n=n_req,
+            max_tokens=sampling.max_tokens,
+            min_tokens=sampling.min_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            seed=prompt_seed(sampling.seed, i, sampling.n),
+            logprobs=0,  # the sampled token's logprob only
+            flat_logprobs=True,  # one flat list per sequence instead of a dict per token
+            # no text from vLLM: its detokenizer also decodes every logprob's token to a string, one call
+            # per token (a sixth of generate at the tiny size); the texts are decoded in generate, in one batch
+            detokenize=False,
+            extra_args=extra,
+        )
+
+    def _finish_reason(self, c, ids: list[int], stops: set[tuple], i: int) -> str:
+        """length | stop | early_stop (a stop whose EOS the early-stop processor forced: in `stops`, as (tokens
+        before the EOS, hash of them))."""
+        if c.finish_reason == "length":
+            return "length"
+        if c.finish_reason == "stop":
+            if stops and ids and ids[-1] == self.eos_token_id and (len(ids) - 1, hash(tuple(ids[:-1]))) in stops:
+                return "early_stop"
+            return "stop"
+        raise RuntimeError(f"vLLM finished a sample of prompt {i} with {c.finish_reason!r}")
 
     @staticmethod
     def _sampled_logprobs(c, ids: list[int]) -> list[float]:
