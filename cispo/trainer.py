@@ -51,6 +51,7 @@ from cispo.model.lora import check_lora
 from cispo.logging import RunLogger
 from cispo.manifest import write_run_manifest
 from cispo.phases import PhaseMonitor
+from cispo.sampling.inflight import InFlight
 from cispo.sampling.pipeline import Pipelined, Synchronous
 from cispo.sampling.tool_rollouts import check_config as check_env_config, check_env_renderer
 from cispo.sampling.sampler import EngineSampler, episode_sample
@@ -199,7 +200,8 @@ def evaluate_before(rollouts, eval_rows: list[dict], logger, say, extra: dict) -
 def start_rollouts(cfg: Config, kind: str, model_dir: str, run_dir: Path, scorer, tokenizer, dist, curriculum,
                    eval_rows: list[dict], say) -> Synchronous | Pipelined:
     """The rollout engines and when they generate: one engine per rank, synchronous (rollout.mode=colocated), or
-    rank 0's fleet of servers generating ahead of the update (server)."""
+    rank 0's fleet of servers generating ahead of the update (server), batch by batch or continuously with
+    in-flight weight updates (rollout.server.in_flight)."""
     say(f"starting the rollout engine ({kind}) ...")
     if cfg.rollout.mode == "colocated":
         engine = build_engine(kind, model_dir, cfg.rollout, cfg.model, cfg.trainer.seed)  # one per rank
@@ -214,6 +216,10 @@ def start_rollouts(cfg: Config, kind: str, model_dir: str, run_dir: Path, scorer
         sink = fleet.sink
         sampler = EngineSampler(cfg, fleet, sink, scorer, tokenizer, Dist())
     probe = encode_prompts(tokenizer, eval_rows[:1], cfg.data)[0]
+    if cfg.rollout.server.in_flight != "off":
+        return InFlight(sampler, sink, curriculum, target=cfg.algo.prompts_per_step, steps=cfg.trainer.steps,
+                        max_staleness=cfg.algo.max_staleness, max_off_policy_steps=cfg.algo.max_off_policy_steps,
+                        sample_rounds=cfg.curriculum.sample_rounds, seed=cfg.rollout.seed, dist=dist, probe=probe)
     return Pipelined(sampler, sink, curriculum, target=cfg.algo.prompts_per_step, steps=cfg.trainer.steps,
                      max_staleness=cfg.algo.max_staleness, dist=dist, probe=probe)
 

@@ -28,7 +28,7 @@ from rollout.base import SamplingParams
 from rollout.engines.fleet import InFlightSink, build
 from rollout.trajectory import Trajectory
 
-LENGTH = 600  # tokens per sample: long enough that a sync lands inside every request
+LENGTH = 1000  # tokens per sample: long enough that a sync lands inside every request
 SAMPLING = SamplingParams(n=2, max_tokens=LENGTH, min_tokens=LENGTH, temperature=1.0, top_p=1.0, seed=5)
 
 
@@ -52,7 +52,7 @@ def policy(model_dir):
 
 @pytest.fixture(scope="module")
 def fleet(model_dir, tmp_path_factory):
-    cfg = RolloutConfig(mode="server", max_tokens=LENGTH, max_model_len=1024, kv_cache_gb=0.25,
+    cfg = RolloutConfig(mode="server", max_tokens=LENGTH, max_model_len=1040, kv_cache_gb=0.25,
                         server=ServerConfig(count=1, port=free_port(), in_flight="keep"))
     f = build(str(model_dir), cfg, ModelConfig(dtype="float32"), log_dir=tmp_path_factory.mktemp("servers"))
     yield f
@@ -95,7 +95,7 @@ def generate_across_a_sync(fleet, prompts, new_weights: dict, version: int):
     while sum(s.inflight for s in fleet.pool.servers) < len(prompts):  # every request is at the server
         assert time.monotonic() < deadline, "the requests were not sent"
         time.sleep(0.05)
-    time.sleep(1.0)  # and has sampled some tokens (a sample takes several seconds here)
+    time.sleep(0.3)  # and has sampled some tokens (a sample takes seconds here)
     assert thread.is_alive(), "the requests ended before the sync: raise LENGTH"
     report = fleet.sink.serve(version)
     thread.join()
@@ -115,6 +115,7 @@ def test_a_request_across_a_sync_carries_both_versions_in_order(fleet, policy, s
     cap = 2.0
     for c in completions:
         assert c.versions is not None and len(c.versions) == len(c.token_ids) == LENGTH
+        assert old_version + 1 in c.versions, f"no token of v{old_version + 1}: {sorted(set(c.versions))}"
         switch = c.versions.index(old_version + 1)
         # both versions, in order: every token before the switch is the old policy's, every one after the new one's
         assert 0 < switch < LENGTH and c.versions == [old_version] * switch + [old_version + 1] * (LENGTH - switch)
@@ -142,6 +143,6 @@ def test_a_request_across_a_sync_carries_both_versions_in_order(fleet, policy, s
 def test_requests_sent_after_a_sync_carry_the_new_version_only(fleet):
     version = fleet.sink.served_version
     completions = fleet.generate([[1, 2, 3]], SamplingParams(n=2, max_tokens=8, seed=1)).completions
-    assert all(c.versions is None for c in completions)  # no sync ran: the router asked the server nothing
-    trajectory = Trajectory.single_turn([1, 2, 3], completions[0], version)
+    assert all(c.versions == [version] * len(c.token_ids) for c in completions)
+    trajectory = Trajectory.single_turn([1, 2, 3], completions[0], version - 1)  # the engine's versions win
     assert trajectory.versions == [version] * len(completions[0].token_ids)

@@ -106,6 +106,7 @@ class Synchronous:
         return {"mode": "colocated", "ready": []}
 
     def load_state_dict(self, state: dict) -> None:
+        refuse_in_flight(state)
         if state.get("ready"):
             raise ConfigError(f"the checkpoint holds {len(state['ready'])} batch(es) generated ahead by rollout "
                               "servers, which a colocated run cannot train (they need the staleness correction): "
@@ -270,6 +271,7 @@ class Pipelined:
                               for p in self.ready]}
 
     def load_state_dict(self, state: dict) -> None:
+        refuse_in_flight(state)
         ready = [Produced(p["step"], FilledBatch.from_json(p["filled"]), p["version"]) for p in state["ready"]]
         for p in ready:  # trained at step p.step, after the update of step p.step - 1
             if p.step - 1 - p.version > self.max_staleness:
@@ -288,6 +290,14 @@ class Pipelined:
             self._thread.join()
         if self.sampler is not None:
             self.sampler.close()
+
+
+def refuse_in_flight(state: dict) -> None:
+    """A checkpoint of in-flight updates (cispo.sampling.inflight) holds groups that only that pipeline resumes."""
+    if state.get("in_flight") and (state.get("done") or state.get("generating")):
+        raise ConfigError(f"the checkpoint was saved with in-flight weight updates and holds {len(state['done'])} "
+                          f"group(s) generated and {len(state['generating'])} generating: resume with the run's "
+                          "rollout.server.in_flight (keep or recompute)")
 
 
 @torch.no_grad()

@@ -146,31 +146,39 @@ class EngineSampler:
         self.multi_turn = self.tools is not None
 
     def sample(self, rows: list[dict], *, step: int, round_index: int, max_tokens: int) -> SampledBatch:
-        cfg, dist = self.cfg, self.dist
+        dist = self.dist
         lo, hi = dist.shard_range(len(rows))
-        sampling = SamplingParams(
-            n=cfg.algo.group_size, max_tokens=max_tokens, temperature=cfg.rollout.temperature,
-            top_p=cfg.rollout.top_p, min_tokens=min(cfg.rollout.min_tokens, max_tokens),
-            seed=call_seed(cfg.rollout.seed, step, round_index, dist.rank, dist.world_size),
-        )
-        version = self.sink.served_version  # the engine does not change weights inside a call
-        made = self._generate(rows[lo:hi], sampling, version)
-        n = sampling.n
-        budget = self.tools.limits.token_budget if self.tools else max_tokens  # of the overlong penalty
-        graded = grade(self.scorer, made.trajectories, [rows[lo + k // n] for k in range(len(made.trajectories))],
-                       budget)
-        episodes = [Episode(lo + k // n, t, result, score + t.reward, penalty, trainable)
-                    for k, (t, result, score, penalty, trainable) in enumerate(zip(
-                        made.trajectories, graded.results, graded.scores, graded.penalties, graded.trainable,
-                        strict=True))]
-        parts = dist.all_gather_object((episodes, made.seconds, graded.metrics["reward/time_s"], made.env_seconds,
-                                        made.metrics))
-        return SampledBatch(len(rows), [e for part in parts for e in part[0]], n, max(p[1] for p in parts),
+        sampling = self.sampling(call_seed(self.cfg.rollout.seed, step, round_index, dist.rank, dist.world_size),
+                                 max_tokens)
+        made = self.generate(rows[lo:hi], sampling)
+        episodes, reward_seconds = self.episodes(rows[lo:hi], made, max_tokens, first=lo)
+        parts = dist.all_gather_object((episodes, made.seconds, reward_seconds, made.env_seconds, made.metrics))
+        return SampledBatch(len(rows), [e for part in parts for e in part[0]], sampling.n, max(p[1] for p in parts),
                             max(p[2] for p in parts), max(p[3] for p in parts), sum_metrics([p[4] for p in parts]))
 
-    def _generate(self, rows: list[dict], sampling: SamplingParams, version: int) -> Generated:
+    def sampling(self, seed: int, max_tokens: int) -> SamplingParams:
+        """A group of algo.group_size samples per prompt under the rollout settings, within `max_tokens`."""
+        cfg = self.cfg
+        return SamplingParams(n=cfg.algo.group_size, max_tokens=max_tokens, temperature=cfg.rollout.temperature,
+                              top_p=cfg.rollout.top_p, min_tokens=min(cfg.rollout.min_tokens, max_tokens), seed=seed)
+
+    def episodes(self, rows: list[dict], made: Generated, max_tokens: int, first: int = 0) -> tuple[list[Episode], float]:
+        """The episodes of `made` (n per row of `rows`, in order; prompt indices from `first`) and the grading's
+        wall time."""
+        n = len(made.trajectories) // max(len(rows), 1)
+        budget = self.tools.limits.token_budget if self.tools else max_tokens  # of the overlong penalty
+        graded = grade(self.scorer, made.trajectories, [rows[k // n] for k in range(len(made.trajectories))], budget)
+        return [Episode(first + k // n, t, result, score + t.reward, penalty, trainable)
+                for k, (t, result, score, penalty, trainable) in enumerate(zip(
+                    made.trajectories, graded.results, graded.scores, graded.penalties, graded.trainable,
+                    strict=True))], graded.metrics["reward/time_s"]
+
+    def generate(self, rows: list[dict], sampling: SamplingParams) -> Generated:
         """The samples of `rows`, n per row, grouped: completions as one-turn trajectories, or multi-turn
-        trajectories with env.name; every token stamped with `version`."""
+        trajectories with env.name; every token stamped with the policy version that sampled it (the engine's
+        per-token versions where it has them, else the version served when the call began). The server fleet
+        takes calls from several threads at once."""
+        version = self.sink.served_version  # an engine without per-token versions keeps one version per call
         if self.tools is not None:
             made = self.tools.generate(self.engine, rows, sampling)
             for t in made.trajectories:

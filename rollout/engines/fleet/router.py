@@ -72,12 +72,12 @@ class Fleet:
         return _completions(i, choices, n_req, sampling.n, forced, await self._versions(server, body),
                             body["vllm_xargs"][VERSION_ARG])
 
-    async def _versions(self, server: Server, body: dict) -> list | None:
+    async def _versions(self, server: Server, body: dict) -> list:
         """The version marks a server recorded for the request of `body` (rollout.engines.vllm_versions), when the
-        fleet served another version while it ran (in-flight weight updates); None when it did not: every token is
+        fleet served another version while it ran (in-flight weight updates); none when it did not: every token is
         of the version it was sent under."""
         if self.sink.served_version == body["vllm_xargs"][VERSION_ARG]:
-            return None
+            return []
         r = await self.pool.http.post(f"{server.url}/collective_rpc",
                                       json={"method": POP_VERSIONS, "args": [body["vllm_xargs"][TAG_ARG]]})
         if r.status_code != 200:
@@ -210,12 +210,12 @@ def token_versions(sent: int, marks: list, ids: list[int]) -> list[int]:
     return versions
 
 
-def _completions(i: int, choices: list[dict], n_req: int, n: int, forced: set = frozenset(),
-                 marks: list | None = None, sent: int = 0) -> list[Completion]:
+def _completions(i: int, choices: list[dict], n_req: int, n: int, forced: set, marks: list,
+                 sent: int) -> list[Completion]:
     """The samples of prompt `i`; `forced`: the early stops the server forced, as `_post_stops` reads them (such a
-    sample ends in the forced EOS, logprob 0, finish_reason "early_stop", as in the colocated engine); `marks`:
-    where the request's tokens changed policy version (`Fleet._versions`; None: they did not), `sent`: the version
-    the request was sent under."""
+    sample ends in the forced EOS, logprob 0, finish_reason "early_stop", as in the colocated engine); each token's
+    policy version from `sent`, the version the request was sent under, and `marks`, where its tokens changed
+    version (`Fleet._versions`)."""
     if len(choices) != n_req:
         raise RuntimeError(f"a rollout server returned {len(choices)} samples for prompt {i}, expected {n_req}")
     out = []
@@ -228,6 +228,6 @@ def _completions(i: int, choices: list[dict], n_req: int, n: int, forced: set = 
         reason = c["finish_reason"]
         if reason == "stop" and ids and (len(ids) - 1, hash(tuple(ids[:-1]))) in forced:
             reason = "early_stop"
-        versions = None if marks is None else token_versions(sent, marks, ids)
-        out.append(Completion(i, list(ids), [float(x) for x in logprobs], reason, c["text"], versions))
+        out.append(Completion(i, list(ids), [float(x) for x in logprobs], reason, c["text"],
+                              token_versions(sent, marks, ids)))
     return out * (n // n_req)
