@@ -73,6 +73,7 @@ class FileUpdateInfo(WeightTransferUpdateInfo):
 class FileWeightTransferEngine(WeightTransferEngine[FileInitInfo, FileUpdateInfo]):
     """Loads every shard of the directory named in the update into the model, in place."""
 
+    log_name = BACKEND  # its name in the log
     init_info_cls = FileInitInfo
     update_info_cls = FileUpdateInfo
     supports_draft_weight_update = False
@@ -93,8 +94,9 @@ class FileWeightTransferEngine(WeightTransferEngine[FileInitInfo, FileUpdateInfo
             self.receive_weights(self.parse_update_info(update_info))
         except BaseException as err:
             self._end_reload()
-            logger.error("cispo_file: loading %s failed (%s: %s); the reload was ended with the weights half-loaded",
-                         update_info.get("path"), type(err).__name__, err)
+            source = update_info.get("path") or f"the broadcast over group {update_info.get('group')!r}"
+            logger.error("%s: loading %s failed (%s: %s); the reload was ended with the weights half-loaded",
+                         self.log_name, source, type(err).__name__, err)
             raise
 
     def receive_weights(self, update_info) -> None:
@@ -155,6 +157,7 @@ class GroupWeightTransferEngine(FileWeightTransferEngine):
     group's timeout) ends the reload as cispo_file's failed load does, and drops the group: the trainer builds a
     new one."""
 
+    log_name = GROUP_BACKEND
     init_info_cls = GroupInitInfo
     update_info_cls = GroupUpdateInfo
     _pg = None

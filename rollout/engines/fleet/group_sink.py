@@ -9,9 +9,12 @@ to all of them at once in packed buckets of rollout.server.bucket_mb.
   `/finish_weight_update` to every healthy server concurrently while the buckets are broadcast; a server loads
   bucket i while bucket i + 1 arrives. The group is built (each server's `/init_weight_transfer_engine`) before the
   first sync and again whenever its members change.
-- A server that dies mid-broadcast: every operation of the group has its timeout (`timeout_s`), so the broadcast
-  and the other servers' receives fail within it instead of hanging; the servers whose load failed are taken out
-  of the pool, the group is dropped, and the pool restarts or readmits them through `catch_up`.
+- A server that dies mid-broadcast: every operation of the group has its timeout (`timeout_s`, rollout.server.
+  sync_timeout_s), so the broadcast fails within it instead of hanging (at once when the member's connection
+  drops, as a killed process's does). The trainer then releases its end of the group, which closes its
+  connections: the other servers' receives fail at once instead of each waiting out the timeout for a bucket that
+  will not come. The servers whose load failed are taken out of the pool, and the pool restarts or readmits them
+  through `catch_up`.
 - `catch_up(server)` builds a group of two, the trainer and that server, and broadcasts the served version to it
   alone (the next sync builds a group of all the servers again).
 
@@ -211,20 +214,36 @@ class GroupSink:
         async def send():
             try:
                 await asyncio.to_thread(gt.send_buckets, group.pg, packed.buckets)
+                return True
             except Exception as err:  # noqa: BLE001 - a member died or timed out: the servers' own errors follow
                 errors.append(f"broadcast: {type(err).__name__}: {err}")
-                raise
+            # The broadcast stopped, so no member can complete this load; those still receiving would wait out the
+            # group's timeout for the next bucket (every server paused that long for one dead member). Releasing
+            # the trainer's end closes its connections: their receives fail at once. (Outside the except block: the
+            # error's traceback holds the process group until the block ends.)
+            group.broken = True
+            await self._release(group)
+            return False
 
         results = await asyncio.gather(send(), *[one(s) for s in servers], return_exceptions=True)
-        if errors or any(r is not True for r in results[1:]):
+        if errors or any(r is not True for r in results):
             group.broken = True
         for s, ok in zip(servers, results[1:]):
-            if ok is True and isinstance(results[0], BaseException):
+            if ok is True and results[0] is not True:
                 ok = False  # cannot happen (the server received every bucket), but never label a doubtful load
                 self.pool.down(s, f"loading v{version}: the broadcast failed")
             if ok is True:
                 s.version = version
         return errors
+
+    @staticmethod
+    async def _release(group: Group) -> None:
+        """Drop the trainer's end of `group` (its process group and store) on a worker thread: the process group's
+        destructor waits for its queued operations (each may run until the group's timeout), then closes its
+        connections, and the pool's loop must not wait on that."""
+        held = [group.pg, group.store]
+        group.pg = group.store = None
+        await asyncio.to_thread(held.clear)
 
     async def _push_all(self, packed: Packed, version: int) -> int:
         servers = [s for s in self.pool.servers if s.healthy]
