@@ -8,9 +8,11 @@ reference logprobs are the trainer's (transformers, float32) under each version'
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,13 +24,17 @@ except Exception as exc:  # ImportError, or the OSError a CUDA-built torchvision
 
 from cispo.algo.batch import trajectory_sample
 from cispo.algo.loss import tis_weights
-from cispo.config import ModelConfig, RolloutConfig, ServerConfig, TinyModelConfig
-from cispo.model.tiny_model import make_tiny_model
+from cispo.cli import compose, to_config
+from cispo.config import ModelConfig, RolloutConfig, ServerConfig
+from cispo.data.load import load_splits
+from cispo.start.warm_start import prepare_model
+from rewards import RewardScorer
 from rollout.base import SamplingParams
 from rollout.engines.fleet import InFlightSink, build
 from rollout.trajectory import Trajectory
+from test_checkpoint import metrics, run, small_run, train_cmd
 
-LENGTH = 1000  # tokens per sample: long enough that a sync lands inside every request
+LENGTH = 2000  # tokens per sample: long enough that a sync lands inside every request
 SAMPLING = SamplingParams(n=2, max_tokens=LENGTH, min_tokens=LENGTH, temperature=1.0, top_p=1.0, seed=5)
 
 
@@ -39,8 +45,18 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny_model(TinyModelConfig(), tmp_path_factory.mktemp("tiny"))
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def model_dir(cache, tmp_path_factory) -> Path:
+    """The warm-started tiny model of tests/test_checkpoint.py's small runs, built through the trainer's cache (the
+    training runs at the end find it there and train it on this module's server)."""
+    cfg = to_config(compose("train", small_run(cache, tmp_path_factory.mktemp("unused"))))
+    with RewardScorer(cfg.reward) as scorer:
+        train_rows, _ = load_splits(cfg.data, scorer)
+    return Path(prepare_model(cfg, train_rows))
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +68,7 @@ def policy(model_dir):
 
 @pytest.fixture(scope="module")
 def fleet(model_dir, tmp_path_factory):
-    cfg = RolloutConfig(mode="server", max_tokens=LENGTH, max_model_len=1040, kv_cache_gb=0.25,
+    cfg = RolloutConfig(mode="server", max_tokens=LENGTH, max_model_len=2100, kv_cache_gb=0.25,
                         server=ServerConfig(count=1, port=free_port(), in_flight="keep"))
     f = build(str(model_dir), cfg, ModelConfig(dtype="float32"), log_dir=tmp_path_factory.mktemp("servers"))
     yield f
@@ -146,3 +162,39 @@ def test_requests_sent_after_a_sync_carry_the_new_version_only(fleet):
     assert all(c.versions == [version] * len(c.token_ids) for c in completions)
     trajectory = Trajectory.single_turn([1, 2, 3], completions[0], version - 1)  # the engine's versions win
     assert trajectory.versions == [version] * len(completions[0].token_ids)
+
+
+# ---- a training run ------------------------------------------------------------------------------------------
+
+STEPS = 4
+
+
+def prompt_log(run_dir: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in map(json.loads, (run_dir / "prompts.jsonl").read_text().splitlines())}
+
+
+def test_a_checkpoint_with_groups_in_flight_resumes_with_nothing_lost_or_repeated(cache, fleet, tmp_path):
+    """A run with in-flight updates on this module's server, saved at step 2 while groups generate and wait, then
+    resumed from there: every prompt of the stream is trained at most once, and the resumed run trains first what
+    the checkpoint held (the groups done, then those it sends again)."""
+    url = fleet.pool.servers[0].url
+    args = ("rollout.mode=server", "rollout.engine=auto", f"rollout.server.urls=[{url}]",
+            "rollout.server.in_flight=keep", "algo.max_staleness=1", "algo.tis_cap=2.0", f"trainer.steps={STEPS}",
+            "trainer.save_every=2", "trainer.keep_last=4")
+    full = tmp_path / "full"
+    run(train_cmd(*small_run(cache, full, *args)), timeout=600)
+    state = json.loads((full / "checkpoints" / "step-000002" / "trainer_state.json").read_text())["state"]
+    held = state["rollouts"]
+    assert held["in_flight"] and len(held["done"]) + len(held["generating"]) > 0
+    held_ids = [g["row"]["id"] for g in held["done"]] + [g["row"]["id"] for g in held["generating"]]
+
+    resumed = tmp_path / "resumed"
+    run(train_cmd(*small_run(cache, resumed, *args, f"trainer.resume={full}/checkpoints/step-000002")), timeout=600)
+    a, b = prompt_log(full), prompt_log(resumed)
+    assert sorted(b) == [3, 4]
+    trained = [i for s in (1, 2) for i in a[s]["ids"]] + [i for s in (3, 4) for i in b[s]["ids"]]
+    assert len(trained) == len(set(trained)) == STEPS * 8  # no prompt twice (8 prompts a step)
+    first = b[3]["ids"] + b[4]["ids"]
+    assert set(held_ids[:8]) <= set(first)  # what the checkpoint held is trained first, none of it lost
+    m = metrics(full)
+    assert all(m[s]["async/dropped_groups"] == 0 and m[s]["async/staleness"] <= 8 for s in range(1, STEPS + 1))

@@ -78,8 +78,12 @@ class Fleet:
         of the version it was sent under."""
         if self.sink.served_version == body["vllm_xargs"][VERSION_ARG]:
             return []
-        r = await self.pool.http.post(f"{server.url}/collective_rpc",
-                                      json={"method": POP_VERSIONS, "args": [body["vllm_xargs"][TAG_ARG]]})
+        rpc = {"method": POP_VERSIONS, "args": [body["vllm_xargs"][TAG_ARG]]}
+        try:
+            r = await self.pool.http.post(f"{server.url}/collective_rpc", json=rpc)
+        except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
+            # a keep-alive connection the server closed before it read the request (as in `_post`): once more
+            r = await self.pool.http.post(f"{server.url}/collective_rpc", json=rpc)
         if r.status_code != 200:
             raise RuntimeError(f"rollout server {server.url} did not give the policy versions of a request that ran "
                                f"across a weight sync ({r.status_code}: {r.text[:200]}); in-flight updates need "
