@@ -4,7 +4,7 @@ the servers run the `cispo_group` backend of rollout.engines.vllm_transfer), and
 to all of them at once in packed buckets of rollout.server.bucket_mb.
 
 - `write(v)` packs the weights into buckets as the iterator yields them (one copy of the model, as FileSink's files
-  are; a ZeRO-3 updater gathers its parameters one by one while this runs).
+  are; a ZeRO-3 updater gathers its parameters one by one while this runs; why it sends nothing: below).
 - `serve(v)` posts `/start_weight_update`, `/update_weights {"update_info": {"group", "layout"}}` and
   `/finish_weight_update` to every healthy server concurrently while the buckets are broadcast; a server loads
   bucket i while bucket i + 1 arrives. The group is built (each server's `/init_weight_transfer_engine`) before the
@@ -21,6 +21,30 @@ to all of them at once in packed buckets of rollout.server.bucket_mb.
 Versions, the labelling of a server that (re)joins while a sync runs, and what is kept follow FileSink
 (file_sink.py): the packed buckets of versions older than the last completed sync's are dropped, except while a
 catch-up sends them.
+
+Why `write` packs the whole model and `serve` sends it, rather than `write` streaming each bucket to the servers
+as its tensors arrive:
+- `serve` is the point where the servers are told to receive. The WeightSink contract lets `write` run while the
+  servers generate (rollout.mode=server: the trainer's thread writes v + 1 while the producer's generates under v)
+  and makes `serve` the switch after which every sample is of the new version; with rollout.server.in_flight the
+  servers are paused inside `serve`. The `cispo_group` backend loads each bucket into the live model as it arrives
+  (vLLM's layerwise reload, in place, from /start_weight_update to /finish_weight_update), so buckets sent during
+  `write` would change the weights under requests labelled with the old version. Receiving them into a buffer and
+  loading in `serve` would move the same full copy into every server (behind routes vLLM does not have), not
+  remove it.
+- The copy is what catch-ups send: a server that restarts or rejoins later gets the served version in full
+  (`catch_up`, as FileSink keeps its files). By then the trainer's parameters have changed, and under ZeRO-3
+  gathering them is collective over every trainer rank, which the pool's loop cannot start.
+- `write` runs on the trainer's thread, `serve` on the producer's and `catch_up` on the pool's loop: streaming in
+  `write` would put two senders on one group, and a server failing during `write` would have no sync to fail (no
+  SyncReport, no served version to fall back to).
+What `write` does overlap: `pack` copies each tensor as the iterator yields it, so a ZeRO-3 updater's gathered
+buckets (trainer.sync_bucket_mb) are released as they are copied, never held beside the whole model. The copy
+costs the trainer's thread `write_s` and one model's bytes of host memory per version held (the served one and
+the one written next). Measured (scripts/bench_sync.py --models tiny,smollm2: one local server, two shared cores,
+medians of 5): SmolLM2-135M in fp32 (538 MB) packs in 0.29-0.36 s for 16, 64 and 256 MB buckets (FileSink writes
+the same weights to /dev/shm in 1.76 s), against a server pause (broadcast and load) of 1.1-1.9 s; the tiny model
+(3.5 MB) in 1-2 ms.
 """
 
 from __future__ import annotations
