@@ -30,7 +30,7 @@ from cispo.data.load import load_splits
 from cispo.start.warm_start import prepare_model
 from rewards import RewardScorer
 from rollout.base import SamplingParams
-from rollout.engines.fleet import InFlightSink, build
+from rollout.engines.fleet import InFlightSink, build, server_command
 from rollout.trajectory import Trajectory
 from test_checkpoint import metrics, run, small_run, train_cmd
 
@@ -73,6 +73,21 @@ def fleet(model_dir, tmp_path_factory):
     f = build(str(model_dir), cfg, ModelConfig(dtype="float32"), log_dir=tmp_path_factory.mktemp("servers"))
     yield f
     f.close()
+
+
+def test_the_server_command_loads_the_version_marks_only_in_flight():
+    def command(in_flight: str, early_stop_k: int = 0, fp32_lm_head: bool = False) -> list[str]:
+        cfg = RolloutConfig(server=ServerConfig(in_flight=in_flight), early_stop_k=early_stop_k)
+        return server_command("m", cfg, port=1, dtype="bfloat16", seed=0, on_cpu=True, fp32_lm_head=fp32_lm_head)
+
+    both = command("keep", early_stop_k=8)
+    at = both.index("--logits-processors")
+    assert both[at + 1:at + 3] == ["rollout.engines.vllm_worker:ServerRepetitionEarlyStop",
+                                   "rollout.engines.vllm_versions:VersionMarks"]
+    assert "--no-async-scheduling" in both  # the marks are exact under the synchronous scheduler
+    assert "--logits-processors" not in command("off") and "--no-async-scheduling" not in command("off")
+    head = command("off", fp32_lm_head=True)  # model.fp32_lm_head reaches the servers as the colocated engine
+    assert json.loads(head[head.index("--hf-overrides") + 1]) == {"head_dtype": "float32"}
 
 
 def weights_of(seed: int, originals: dict) -> dict:

@@ -57,6 +57,9 @@ NOT_HERE = {
     "taskset -c 1 .venv/bin/cispo train rollout.mode=server rollout.server.cpus=[0] "
     "algo.max_staleness=1 algo.tis_cap=2.0": "a full run pinned to two cores; `cispo bench async` runs it, and "
     "tests/test_fleet.py runs server mode (staleness 0 and 2) on a short run",
+    "taskset -c 1 .venv/bin/cispo train rollout.mode=server rollout.server.cpus=[0] "
+    "algo.max_staleness=1 algo.tis_cap=2.0 rollout.server.in_flight=keep": "a full run pinned to two cores; "
+    "`cispo bench long-tail` runs it, and tests/test_in_flight.py trains with it on a short run",
     "VLLM_SERVER_DEV_MODE=1 python -m vllm.entrypoints.openai.api_server --model /models/my-model "
     "--served-model-name policy --host 0.0.0.0 --port 8000 --logprobs-mode processed_logprobs "
     "--weight-transfer-config '{\"backend\": \"cispo_file\"}' --tensor-parallel-size 8":

@@ -51,7 +51,7 @@ def build(model_dir: str, rollout_cfg: RolloutConfig, model_cfg, seed: int = 0, 
     from vllm.platforms import current_platform  # imported only to read the platform: no engine starts here
 
     servers = configured_servers(str(model_dir), rollout_cfg, dtype=model_cfg.dtype, seed=seed,
-                                 on_cpu=current_platform.is_cpu(),
+                                 on_cpu=current_platform.is_cpu(), fp32_lm_head=model_cfg.fp32_lm_head,
                                  log_dir=Path(log_dir or Path(tempfile.gettempdir()) / "cispo-servers"))
     pool = ServerPool(servers, rollout_cfg.server)
     if rollout_cfg.server.weight_transport == "group":

@@ -43,8 +43,9 @@ class FleetError(RuntimeError):
 
 
 def server_command(model_dir: str, cfg: RolloutConfig, *, port: int, dtype: str, seed: int, on_cpu: bool,
-                   host: str = "127.0.0.1") -> list[str]:
-    """The command line of one rollout server (run it with VLLM_SERVER_DEV_MODE=1)."""
+                   host: str = "127.0.0.1", fp32_lm_head: bool = False) -> list[str]:
+    """The command line of one rollout server (run it with VLLM_SERVER_DEV_MODE=1). `fp32_lm_head`: M1's fp32 LM
+    head (model.fp32_lm_head), as the colocated engine gets it (rollout.engines.vllm_engine)."""
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
            "--served-model-name", SERVED_NAME, "--host", host, "--port", str(port), "--dtype", dtype,
            "--seed", str(seed), "--max-model-len", str(cfg.max_model_len), "--logprobs-mode", "processed_logprobs",
@@ -57,6 +58,8 @@ def server_command(model_dir: str, cfg: RolloutConfig, *, port: int, dtype: str,
     else:
         cmd += ["--gpu-memory-utilization", str(cfg.gpu_memory_utilization),
                 "--tensor-parallel-size", str(cfg.tensor_parallel_size)] + (["--enforce-eager"] * cfg.enforce_eager)
+    if fp32_lm_head:
+        cmd += ["--hf-overrides", json.dumps({"head_dtype": "float32"})]
     processors = []
     if cfg.early_stop_k:  # M1's repetition early stop, the server's rule (rollout.engines.vllm_worker)
         processors.append("rollout.engines.vllm_worker:ServerRepetitionEarlyStop")
@@ -92,7 +95,7 @@ class Server:
 
 
 def configured_servers(model_dir: str, cfg: RolloutConfig, *, dtype: str, seed: int, on_cpu: bool,
-                       log_dir: Path) -> list[Server]:
+                       log_dir: Path, fp32_lm_head: bool = False) -> list[Server]:
     """rollout.server.urls as external servers, or rollout.server.count servers to start on localhost."""
     if cfg.server.urls:
         return [Server(url.rstrip("/")) for url in cfg.server.urls]
@@ -100,7 +103,7 @@ def configured_servers(model_dir: str, cfg: RolloutConfig, *, dtype: str, seed: 
     cpus = [parse_cpus(c) for c in cfg.server.cpus] or [None] * cfg.server.count
     return [Server(f"http://127.0.0.1:{cfg.server.port + i}",
                    command=server_command(model_dir, cfg, port=cfg.server.port + i, dtype=dtype, seed=seed,
-                                          on_cpu=on_cpu),
+                                          on_cpu=on_cpu, fp32_lm_head=fp32_lm_head),
                    cpus=cpus[i], log=log_dir / f"server-{i}.log")
             for i in range(cfg.server.count)]
 
