@@ -1,10 +1,11 @@
 """`scripts/train.py` under a long-tailed response-length mix, for scripts/bench_long_tail.py (not a training tool).
 
 Each request the rollout servers get has its min_tokens raised to a draw from a Pareto distribution (shape ALPHA,
-scale `LONG_TAIL_MEDIAN` tokens at the median), capped at the request's max_tokens, keyed by the request's seed (a run draws the same lengths when it
-is run again; the modes draw from the same distribution, their requests having other seeds). The tiny model ends its answer a few
-tokens after min_tokens, so the drawn length is the response length. Everything else is the real trainer and real
-servers; the drawn lengths only stand in for a policy whose thinking lengths are long-tailed, as RL's are.
+scale `LONG_TAIL_MEDIAN` tokens at the median), capped at the request's max_tokens, keyed by the request's seed
+(a run draws the same lengths when it is run again; the modes draw from the same distribution, their requests
+having other seeds). The tiny model ends its answer a few tokens after min_tokens, so the drawn length is the
+response length. Everything else is the real trainer and real servers; the drawn lengths only stand in for a
+policy whose thinking lengths are long-tailed, as RL's are.
 
 Note: min_tokens masks the end of sequence, so the servers' sampling logprobs are of that masked distribution and
 the tis_cap weights see a mismatch on those tokens (the throughput measured here does not depend on it).
@@ -32,17 +33,18 @@ def draw(seed: int, cap: int) -> int:
     return min(cap, max(1, math.ceil(scale * (1 - u) ** (-1 / ALPHA))))
 
 
-_body = router._request_body
+def long_tailed(request_body):
+    """The router's request builder, each training request's min_tokens raised to its drawn length."""
 
+    def body(prompt, sampling, n_req, seed, tag, version, model):
+        out = request_body(prompt, sampling, n_req, seed, tag, version, model)
+        if sampling.temperature > 0:  # training samples; greedy evaluation keeps its own lengths
+            out["min_tokens"] = max(out["min_tokens"], draw(seed or 0, sampling.max_tokens))
+        return out
 
-def long_tailed_body(prompt, sampling, n_req, seed, tag, version):
-    body = _body(prompt, sampling, n_req, seed, tag, version)
-    if sampling.temperature > 0:  # training samples; greedy evaluation keeps its own lengths
-        body["min_tokens"] = max(body["min_tokens"], draw(seed or 0, sampling.max_tokens))
     return body
 
 
-router._request_body = long_tailed_body
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # only a run started as this script draws its lengths
+    router._request_body = long_tailed(router._request_body)
     sys.exit(main(["train", *sys.argv[1:]]))

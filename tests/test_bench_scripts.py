@@ -125,3 +125,25 @@ def test_bench_async_overlap_ceiling_is_the_step_over_its_longer_half():
     assert overlap_ceiling({"trainer_idle_s": 6.0, "rl_s": 9.0}) == pytest.approx(1.5)  # generation the longer
     assert overlap_ceiling({"trainer_idle_s": 2.0, "rl_s": 8.0}) == pytest.approx(8 / 6)  # the update the longer
     assert overlap_ceiling({"trainer_idle_s": 4.0, "rl_s": 8.0}) == pytest.approx(2.0)
+
+
+def test_the_long_tail_mix_has_its_median_its_cap_and_a_heavy_tail():
+    from scripts._long_tail import MEDIAN, draw
+
+    lengths = sorted(draw(seed, 2048) for seed in range(4000))
+    assert abs(lengths[2000] - MEDIAN) <= 0.1 * MEDIAN and max(lengths) == 2048
+    assert 2.0 < sum(lengths) / len(lengths) / MEDIAN < 3.5  # the tail carries the mean
+    assert draw(7, 2048) == draw(7, 2048) and draw(7, 10) <= 10  # the same length for the same seed, capped
+
+
+def test_bench_long_tail_figures_count_trained_tokens(tmp_path):
+    from scripts.bench_long_tail import GROUP, figures
+
+    rows = [{"step": 0}] + [{"step": s, "time/step_s": 2.0, "sampling/prompts": 16.0, "rollout/len_mean": 100.0 * s,
+                             "async/trainer_idle_s": 1.5, "async/server_idle_s": 0.5, "async/span_frac": 0.5,
+                             "async/staleness": float(s), "async/dropped_groups": 1.0} for s in (1, 2)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    f = figures(tmp_path, "inflight", 0)
+    assert f["samples"] == 32 * GROUP and f["samples_per_s"] == pytest.approx(32 * GROUP / 4.0)
+    assert f["tokens_per_s"] == pytest.approx((100 + 200) * 16 * GROUP / 4.0) and f["len_mean"] == pytest.approx(150)
+    assert (f["trainer_idle"], f["server_idle"], f["dropped"], f["staleness_max"]) == (0.75, 0.25, 2.0, 2.0)

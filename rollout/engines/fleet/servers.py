@@ -92,6 +92,7 @@ class Server:
     version: int = -1  # the weight version it holds; -1: unknown (restarted, mid-load, or a load failed)
     inflight: int = 0
     restarts: int = 0
+    env: dict[str, str] = field(default_factory=dict)  # more environment for a process started here
 
 
 def configured_servers(model_dir: str, cfg: RolloutConfig, *, dtype: str, seed: int, on_cpu: bool,
@@ -110,6 +111,8 @@ def configured_servers(model_dir: str, cfg: RolloutConfig, *, dtype: str, seed: 
 
 class ServerSink(WeightSink, Protocol):
     """A weight transport of the server pool: the trainer's WeightSink, plus what the pool needs of it."""
+
+    model_name: str  # the model the fleet's requests name: SERVED_NAME, or an adapter's name on the servers
 
     async def catch_up(self, server: Server) -> None:
         """Run on the pool's event loop when `server` (re)joins, before it takes requests: give it the weights of
@@ -170,7 +173,7 @@ class ServerPool:
 
     # ------------------------------------------------------------------------------------------- processes
     def _spawn(self, server: Server) -> None:
-        env = dict(os.environ, VLLM_SERVER_DEV_MODE="1")
+        env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", **server.env)
         if server.cpus:
             env["OMP_NUM_THREADS"] = str(len(server.cpus))
         log = open(server.log, "ab")
@@ -325,7 +328,8 @@ class ServerPool:
         """Stop the watch and the loop, then every server started here (its whole process group)."""
         if self._monitor is not None:
             self._monitor.cancel()
-        try:
+        try:  # requests still out (in-flight groups) end now: their callers' threads must not wait forever
+            self.run(_cancel_others(), timeout=10)
             self.run(self.http.aclose(), timeout=10)
         except Exception:  # noqa: BLE001 - closing must go on
             pass
@@ -340,6 +344,14 @@ class ServerPool:
             except subprocess.TimeoutExpired:
                 pass
             self._signal_group(s, signal.SIGKILL)  # whatever of the group did not exit on SIGTERM
+
+
+async def _cancel_others() -> None:
+    """Cancel every task of the running loop but this one, and wait until they have ended."""
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _tail(path: Path | None, lines: int = 25) -> str:
