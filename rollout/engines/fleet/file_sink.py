@@ -32,7 +32,7 @@ from pathlib import Path
 import httpx
 
 from rollout.base import SyncReport
-from rollout.engines.fleet.servers import FleetError, Server, ServerPool
+from rollout.engines.fleet.servers import SERVED_NAME, FleetError, Server, ServerPool
 from rollout.engines.weights import Meter, iter_named_tensors, stage_safetensors
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class FileSink:
     catch-up between its push and its labelling, where a sync may slip in (tests/test_fleet.py)."""
 
     transport = "file"
+    model_name = SERVED_NAME  # what requests name: the servers' full weights
 
     def __init__(self, pool: ServerPool, weight_dir: str | None):
         self.pool = pool

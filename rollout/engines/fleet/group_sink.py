@@ -62,7 +62,7 @@ import torch
 
 from rollout.base import SyncReport
 from rollout.engines import group_transfer as gt
-from rollout.engines.fleet.servers import FleetError, Server, ServerPool
+from rollout.engines.fleet.servers import SERVED_NAME, FleetError, Server, ServerPool
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +91,7 @@ class GroupSink:
     """The servers' weights over a gloo process group (see the module docstring)."""
 
     transport = "group"
+    model_name = SERVED_NAME  # what requests name: the servers' full weights
 
     def __init__(self, pool: ServerPool, bucket_mb: float = 64, timeout_s: float = 120.0):
         self.pool = pool

@@ -42,6 +42,7 @@ class InFlightSink:
             raise ValueError(f"rollout.server.in_flight={mode!r}: use one of {MODES} (or off: no InFlightSink)")
         self.pool, self.inner, self.mode = pool, inner, mode
         self.transport = f"{inner.transport}+{mode}"
+        self.model_name = inner.model_name
         self.paused_s = 0.0  # the last sync's pause, from the first pause sent to the last resume answered
 
     @property

@@ -33,7 +33,7 @@ import httpx
 
 from rollout.base import Completion, Rollout, SamplingParams, prompt_seed
 from rollout.engines.checks import check_request
-from rollout.engines.fleet.servers import HEALTH_EVERY_S, SERVED_NAME, FleetError, Server, ServerPool, ServerSink
+from rollout.engines.fleet.servers import HEALTH_EVERY_S, FleetError, Server, ServerPool, ServerSink
 
 logger = logging.getLogger(__name__)
 TAG_ARG = "cispo_early_stop_tag"  # rollout.engines.vllm_worker.SERVER_TAG_ARG (that module imports vllm)
@@ -67,7 +67,7 @@ class Fleet:
 
     async def _group(self, i: int, prompt: list[int], sampling: SamplingParams, n_req: int) -> list[Completion]:
         body = _request_body(prompt, sampling, n_req, prompt_seed(sampling.seed, i, sampling.n), next(self._tags),
-                             self.sink.served_version)
+                             self.sink.served_version, self.sink.model_name)
         server, choices, forced = await self._post_stops(body)
         return _completions(i, choices, n_req, sampling.n, forced, await self._versions(server, body),
                             body["vllm_xargs"][VERSION_ARG])
@@ -167,7 +167,8 @@ class Fleet:
             raise ValueError(f"a session request takes one sample, not n={sampling.n}")
         ids = list(map(int, ids))
         check_request([ids], sampling, self.max_model_len)
-        body = _request_body(ids, sampling, 1, sampling.seed, next(self._tags), self.sink.served_version)
+        body = _request_body(ids, sampling, 1, sampling.seed, next(self._tags), self.sink.served_version,
+                             self.sink.model_name)
         server, choices, forced = await self._post_stops(body, prefer=session.server)
         session.server = server
         session.turns.append(server.url)
@@ -196,8 +197,8 @@ class Session:
 
 
 def _request_body(prompt: list[int], sampling: SamplingParams, n_req: int, seed: int | None, tag: str,
-                  version: int) -> dict:
-    return {"model": SERVED_NAME, "prompt": prompt, "n": n_req, "max_tokens": sampling.max_tokens,
+                  version: int, model: str) -> dict:
+    return {"model": model, "prompt": prompt, "n": n_req, "max_tokens": sampling.max_tokens,
             "min_tokens": sampling.min_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p,
             "logprobs": 0, "return_token_ids": True, "skip_special_tokens": True, "seed": seed,
             "vllm_xargs": {TAG_ARG: tag, VERSION_ARG: version}}
