@@ -26,7 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import dist_worker  # noqa: E402
-from cispo.config import Config, ConfigError, LoraConfig, ModelConfig, RolloutConfig, TinyModelConfig  # noqa: E402
+from cispo.config import (  # noqa: E402
+    Config, ConfigError, LoraConfig, ModelConfig, RolloutConfig, ServerConfig, TinyModelConfig,
+)
 from cispo.model.lora import MERGED_SUFFIX, check_lora  # noqa: E402
 from cispo.model.tiny_model import make_tiny_model  # noqa: E402
 from cispo.sampling.pipeline import check_sync, probe_logprobs  # noqa: E402
@@ -235,8 +237,11 @@ def test_settings_the_engine_cannot_serve_stop_the_run(model_dir):
     cfg = Config(model=ModelConfig(path=model_dir, lora=LORA))
     check_lora(cfg, "hf", model_dir)
     check_lora(cfg, "vllm", model_dir)
-    with pytest.raises(ConfigError, match="model.lora.rank=8 needs an engine that serves LoRA.*rollout.mode=server"):
-        check_lora(cfg, "vllm-server", model_dir)
+    check_lora(cfg, "vllm-server", model_dir)  # the fleet, through ServerAdapterSink
+    server = Config(model=ModelConfig(path=model_dir, lora=LORA),
+                    rollout=RolloutConfig(mode="server", server=ServerConfig(weight_transport="group")))
+    with pytest.raises(ConfigError, match="set rollout.server.weight_transport=file"):
+        check_lora(server, "vllm-server", model_dir)
     with pytest.raises(ConfigError, match="model.lora.rank=8 needs an engine"):
         check_lora(cfg, "mypkg.engine:build", model_dir)
     cfg.model.lora = LoraConfig(rank=8, target_modules=["q_proj", "lm_head"])
@@ -249,6 +254,27 @@ def test_settings_the_engine_cannot_serve_stop_the_run(model_dir):
     cfg.model.lora = LoraConfig(rank=600)
     with pytest.raises(ConfigError, match="model.lora.rank=600 is above vLLM's largest"):
         check_lora(cfg, "vllm", model_dir)
+
+
+def test_a_server_run_trains_the_adapter_and_the_servers_sample_from_it(tmp_path):
+    """scripts/train.py in server mode with LoRA (tiny model, one server started by the trainer): every sync sends
+    the adapter only, the server follows the trainer's policy (the sync check passes at each step, the server
+    within 1e-4 of the trainer's probe logprobs), and the samples are the adapted policy's: the trainer's pi_old of
+    every sampled token equals the server's sampling logprob (a request naming the base model would not)."""
+    pytest.importorskip("vllm")
+    from test_checkpoint import metrics, run, small_run, train_cmd
+    from test_fleet import free_port_block
+
+    out = tmp_path / "run"
+    run(train_cmd(*small_run(tmp_path / "cache", out, "model.lora.rank=8", "trainer.steps=4", "trainer.lr=1e-3",
+                             "rollout.mode=server", "rollout.engine=auto", f"rollout.server.port={free_port_block(1)}",
+                             "trainer.lr_schedule=constant")), timeout=900)
+    synced = [row for row in metrics(out).values() if "sync/probe_diff" in row]  # the steps after a new version
+    assert len(synced) >= 2, metrics(out)
+    assert all(r["sync/probe_diff"] < 1e-4 and r["sync/probe_moved"] > 0 for r in synced), synced
+    assert all(r["sync/transport"] == "adapter-file" for r in synced)
+    assert all(r["mismatch/logp_abs_diff"] < 1e-4 for r in synced), [r["mismatch/logp_abs_diff"] for r in synced]
+    assert (out / "final" / "adapter_model.safetensors").exists()
 
 
 # --------------------------------------------------------------------------------------------------------- resume

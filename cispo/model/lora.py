@@ -31,7 +31,8 @@ MERGED_SUFFIX = "-merged"  # model.lora.export_merged: the merged model beside t
 VLLM_TARGETS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj",
                           "gate_up_proj"})
 VLLM_MAX_RANK = 512  # vLLM 0.32's largest max_lora_rank
-LORA_ENGINES = ("hf", "vllm")  # the engines that serve an adapter (AdapterSink)
+# the engines that serve an adapter: in process (AdapterSink), and the server fleet (ServerAdapterSink)
+LORA_ENGINES = ("hf", "vllm", "vllm-server")
 
 
 @dataclass
@@ -89,12 +90,13 @@ def check_lora(cfg, kind: str, model_dir: str) -> None:
         return
     if kind not in LORA_ENGINES:
         via = f" (rollout.engine={cfg.rollout.engine} resolved to {kind})" if cfg.rollout.engine != kind else ""
-        extra = (" and rollout.mode=server: the server fleet takes full weights only" if kind == "vllm-server"
-                 else "")
         raise ConfigError(f"model.lora.rank={spec.rank} needs an engine that serves LoRA adapters "
-                          f"({', '.join(LORA_ENGINES)}); the {kind} engine{via} does not{extra}. Set rollout.engine "
-                          "to hf or vllm (rollout.mode=colocated), or model.lora.rank=0 for full fine-tuning")
-    if kind == "vllm":
+                          f"({', '.join(LORA_ENGINES)}); the {kind} engine{via} does not. Set rollout.engine "
+                          "to hf or vllm, or model.lora.rank=0 for full fine-tuning")
+    if cfg.rollout.mode == "server" and cfg.rollout.server.weight_transport != "file":
+        raise ConfigError(f"model.lora.rank={spec.rank} on rollout servers sends each version's adapter as a file "
+                          "(vLLM's runtime LoRA route): set rollout.server.weight_transport=file")
+    if kind in ("vllm", "vllm-server"):
         outside = sorted(set(spec.target_modules) - VLLM_TARGETS)
         if outside:
             raise ConfigError(f"model.lora.target_modules has {outside}, which vLLM does not serve with LoRA (it "

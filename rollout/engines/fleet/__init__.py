@@ -54,7 +54,14 @@ def build(model_dir: str, rollout_cfg: RolloutConfig, model_cfg, seed: int = 0, 
                                  on_cpu=current_platform.is_cpu(), fp32_lm_head=model_cfg.fp32_lm_head,
                                  log_dir=Path(log_dir or Path(tempfile.gettempdir()) / "cispo-servers"))
     pool = ServerPool(servers, rollout_cfg.server)
-    if rollout_cfg.server.weight_transport == "group":
+    if model_cfg.lora.rank:  # the servers serve the base and load each version's adapter (model.lora)
+        from rollout.engines.server_adapter_sink import RUNTIME_ENV, ServerAdapterSink, server_args
+
+        for s in servers:
+            s.command += server_args(model_cfg.lora)
+            s.env.update(RUNTIME_ENV)
+        pool.sink = ServerAdapterSink(servers, model_cfg.lora, str(model_dir), rollout_cfg.server.weight_dir)
+    elif rollout_cfg.server.weight_transport == "group":
         for s in servers:  # the servers started here run the backend that joins the group
             if "--weight-transfer-config" in s.command:
                 s.command[s.command.index("--weight-transfer-config") + 1] = json.dumps({"backend": "cispo_group"})
