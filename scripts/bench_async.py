@@ -13,6 +13,7 @@ samples/s: responses generated in the RL steps over the steps' wall time (start-
 overlap ceiling: what perfect overlap could give at staleness 1, from each staleness-0 run: (g + t) / max(g, t),
 with g the trainer's wait for its batch and t the rest of its step; the ratio cannot pass it.
 accuracy: held-out greedy accuracy after the last step, i.e. after the same number of samples in every run.
+With rollout.server.in_flight set (after --), "en idle" is the time with no request on the server.
 Prints a table and writes `<out>/summary.json`.
 """
 
@@ -56,7 +57,7 @@ def run(k: int, seed: int, args, extra: list[str]) -> dict:
         "staleness": k, "seed": seed, "total_s": time.perf_counter() - start, "rl_s": seconds, "samples": samples,
         "samples_per_s": samples / seconds, "step_s_median": statistics.median(r["time/step_s"] for r in steps),
         "trainer_idle_s": sum(r["async/trainer_idle_s"] for r in steps),
-        "engine_idle_s": sum(r["async/engine_idle_s"] for r in steps),
+        "engine_idle_s": sum(r.get("async/engine_idle_s", r.get("async/server_idle_s", 0.0)) for r in steps),
         "staleness_hist": dict(sorted(Counter(int(r["async/staleness"]) for r in steps).items())),
         "sync_ms_median": 1e3 * statistics.median(syncs) if syncs else None,
         "before": rows[0]["eval/accuracy"], "after": [r for r in rows if "eval/accuracy" in r][-1]["eval/accuracy"],

@@ -13,6 +13,7 @@ import asyncio
 import json
 import math
 import socket
+from types import SimpleNamespace
 
 import httpx
 
@@ -29,6 +30,7 @@ from cispo.model.tiny_model import make_tiny_model
 from engine_kit import first_run_end, loss_tokens, repetition_weights
 from rollout.base import SamplingParams
 from rollout.engines.fleet import Fleet, Server, build, server_command
+from rollout.engines.fleet.servers import SERVED_NAME
 
 K, P = 8, 0.99  # small K so that a stop fires within a short budget (as tests/test_vllm_engine.py)
 MAX_MODEL_LEN = 256
@@ -205,7 +207,8 @@ class ScriptedPool:
 
 
 def scripted_generate(pool: ScriptedPool, calls: int = 1):
-    fleet = Fleet(pool, sink=None, max_model_len=64, timeout_s=5)
+    sink = SimpleNamespace(served_version=0, model_name=SERVED_NAME)  # what a request reads of the weight sink
+    fleet = Fleet(pool, sink=sink, max_model_len=64, timeout_s=5)
     for _ in range(calls):
         out = asyncio.run(fleet._generate([[1, 2]], SamplingParams(n=1, max_tokens=3, temperature=1.0, seed=0)))
     return fleet, out[0][0]
