@@ -101,6 +101,9 @@ NOT_HERE = {
     ".venv/bin/cispo train data.source=runs/filtered data.eval_split=test": "the filter's output as data; "
     "tests/test_data.py loads it with the same data keys",
     "cispo bench async --steps 80": BENCH + "tests/test_bench_scripts.py runs its overlap ceiling",
+    "cispo bench async --staleness 0 --seeds 0 1 2 --steps 60 --out runs/acc_sync": BENCH + "tests/test_bench_scripts.py",
+    "cispo bench async --staleness 1 --seeds 0 1 2 --steps 60 --out runs/acc_inflight -- rollout.server.in_flight=keep":
+        BENCH + "tests/test_in_flight.py trains with in-flight updates on a short run",
     "cispo bench long-tail --modes sync off1 inflight recompute --seeds 0 1 2 --steps 20": "45 minutes of twelve "
     "runs; tests/test_bench_scripts.py checks its length mix and figures, tests/test_in_flight.py the mode",
     "cispo bench async --steps 60 -- algo.updates_per_step=16": BENCH + "tests/test_bench_scripts.py",
