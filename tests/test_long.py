@@ -70,7 +70,7 @@ def test_a_16k_response_pair_through_the_whole_step(tmp_path):
     # both cores: generation is most of this test's time (the suite runs one test at a time)
     cmd = [sys.executable, "scripts/train.py", "experiment=tiny_80k", "trainer.steps=1", "trainer.threads=2",
            "rollout.max_tokens=16500", "rollout.max_model_len=16600", "rollout.min_tokens=16384",
-           "curriculum.windows=[16500]", "model.warm_start.max_steps=5",  # any model: the lengths are forced
+           "curriculum.windows=[16500]", "model.warm_start.target_accuracy=0.1",
            f"model.cache_dir={tmp_path / 'cache'}", f"trainer.output_dir={run}", "logger.wandb_mode=disabled"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
                           env=os.environ | {"OMP_NUM_THREADS": "2", "HYDRA_FULL_ERROR": "1"})
