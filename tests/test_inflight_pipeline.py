@@ -21,26 +21,11 @@ from cispo.sampling.pipeline import Pipelined
 from cispo.sampling.sampler import Episode
 from cispo.sampling.tool_rollouts import Generated
 from cispo.train.collective import Dist
-from rewards import RewardConfig, RewardScorer
-from rollout.base import Completion, SamplingParams, SyncReport
+from rollout.base import Completion, SamplingParams
 from rollout.trajectory import Trajectory
+from test_pipeline import MemorySink, publish_without_probe, rows, scorer  # noqa: F401 - scorer: the fixture
 
 G = 2
-
-
-class MemorySink:
-    def __init__(self):
-        self.served_version, self.written = 0, None
-
-    def write(self, named_tensors, version: int) -> None:
-        self.written = version
-
-    def serve(self, version: int) -> SyncReport:
-        self.served_version = version
-        return SyncReport(version, "memory", 0.0, 0.0, 0, 0, 1)
-
-    def probe(self, ids):
-        return {"memory": []}
 
 
 class HeldSampler:
@@ -81,16 +66,6 @@ class HeldSampler:
         self.release.set()
 
 
-@pytest.fixture(scope="module")
-def scorer():
-    with RewardScorer(RewardConfig(num_workers=1)) as s:
-        yield s
-
-
-def rows(n: int) -> list[dict]:
-    return [{"id": f"p{i}", "prompt": f"q{i}", "answer": "7", "source": "math"} for i in range(n)]
-
-
 def in_flight(scorer, *, held=(), bound: int = 8, k: int = 1, stream: PromptStream | None = None):
     stream = stream or PromptStream(rows(16), seed=0)
     sink = MemorySink()
@@ -101,14 +76,6 @@ def in_flight(scorer, *, held=(), bound: int = 8, k: int = 1, stream: PromptStre
     pipe.publish = lambda updater, step: publish_without_probe(pipe, step)
     pipe.check = lambda *a: None
     return pipe, sampler, stream
-
-
-def publish_without_probe(pipe: Pipelined, step: int) -> None:
-    """Pipelined.publish less the policy forward of the probe (no policy here)."""
-    pipe.sink.write(iter(()), step)
-    with pipe.cond:
-        pipe.snapshot, pipe.version = (step, []), step
-        pipe.cond.notify_all()
 
 
 @pytest.fixture(autouse=True)

@@ -24,7 +24,9 @@ its `cispo_version` argument and is marked at once if the server's version diffe
 from __future__ import annotations
 
 import torch
-from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
+
+from rollout.engines.vllm_worker import add_worker_methods, follow_batch
 
 TAG_ARG = "cispo_early_stop_tag"  # a request's tag (rollout.engines.vllm_worker.SERVER_TAG_ARG, the router's TAG_ARG)
 VERSION_ARG = "cispo_version"  # a request's vllm_xargs key: the version its first token is expected under
@@ -52,28 +54,19 @@ class VersionMarks(LogitsProcessor):
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
         self._tracks: dict[int, _Track] = {}  # batch row -> track
-        _add_methods(vllm_config)
+        add_worker_methods(vllm_config, VersionWorkerMethods, ("cispo_set_version", "cispo_pop_versions"))
 
     def is_argmax_invariant(self) -> bool:
         return False  # it changes nothing, but must see greedy requests too (vLLM skips invariant ones for them)
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
-        if not batch_update:
-            return
-        for index in batch_update.removed:  # vLLM's order: removed, added, moved
-            self._tracks.pop(index, None)
-        for index, params, _prompt, out in batch_update.added:
+        def track(params, out):
             args = (params.extra_args or {}) if params is not None else {}
-            if args.get(TAG_ARG) is not None and args.get(VERSION_ARG) is not None:
-                self._tracks[index] = _Track(str(args[TAG_ARG]), out, args[VERSION_ARG])
-            else:
-                self._tracks.pop(index, None)
-        for a, b, direction in batch_update.moved:
-            track_a, track_b = self._tracks.pop(a, None), self._tracks.pop(b, None)
-            if track_a is not None:
-                self._tracks[b] = track_a
-            if direction == MoveDirectionality.SWAP and track_b is not None:
-                self._tracks[a] = track_b
+            if args.get(TAG_ARG) is None or args.get(VERSION_ARG) is None:
+                return None
+            return _Track(str(args[TAG_ARG]), out, args[VERSION_ARG])
+
+        follow_batch(self._tracks, batch_update, track)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         version = _VERSION[0]
@@ -95,15 +88,3 @@ class VersionWorkerMethods:
 
     def cispo_pop_versions(self, tag: str) -> list[tuple[int, int, int]]:
         return _MARKS.pop(tag, [])
-
-
-def _add_methods(vllm_config) -> None:
-    from vllm.utils.import_utils import resolve_obj_by_qualname
-
-    worker_cls = vllm_config.parallel_config.worker_cls
-    if isinstance(worker_cls, str):
-        worker_cls = resolve_obj_by_qualname(worker_cls)
-    for name in ("cispo_set_version", "cispo_pop_versions"):
-        if not hasattr(worker_cls, name):
-            setattr(worker_cls, name, getattr(VersionWorkerMethods, name))
-

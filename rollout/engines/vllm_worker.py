@@ -125,23 +125,11 @@ class RepetitionEarlyStop(LogitsProcessor):
         return False  # forcing EOS changes greedy decoding too
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
-        if not batch_update:
-            return
-        # order documented by vLLM: removed, added, moved
-        for index in batch_update.removed:
-            self._tracks.pop(index, None)
-        for index, params, _prompt, out in batch_update.added:
+        def track(params, out):
             spec = self._spec(params) if params is not None else None
-            if spec:
-                self._tracks[index] = _Track(spec["k"], spec["p"], spec["eos"], spec["tag"], out)
-            else:
-                self._tracks.pop(index, None)
-        for a, b, direction in batch_update.moved:
-            track_a, track_b = self._tracks.pop(a, None), self._tracks.pop(b, None)
-            if track_a is not None:
-                self._tracks[b] = track_a
-            if direction == MoveDirectionality.SWAP and track_b is not None:
-                self._tracks[a] = track_b
+            return _Track(spec["k"], spec["p"], spec["eos"], spec["tag"], out) if spec else None
+
+        follow_batch(self._tracks, batch_update, track)
 
     def _spec(self, params: VLLMSamplingParams) -> dict | None:
         """The rule for a request ({"k", "p", "eos", "tag"}), None: not tracked."""
@@ -235,7 +223,7 @@ class ServerRepetitionEarlyStop(RepetitionEarlyStop):
         if getattr(vllm_config, "use_v2_model_runner", False):
             raise ValueError(f"{type(self).__name__} implements the V1 model runner's logits-processor interface: "
                              "start the server with VLLM_USE_V2_MODEL_RUNNER=0")
-        _add_pop_method(vllm_config)
+        add_worker_methods(vllm_config, VLLMWorkerExtension, ("cispo_pop_early_stops",))
 
     def _spec(self, params: VLLMSamplingParams) -> dict | None:
         spec = super()._spec(params)
@@ -246,16 +234,39 @@ class ServerRepetitionEarlyStop(RepetitionEarlyStop):
                 "tag": None if tag is None else str(tag)}
 
 
-def _add_pop_method(vllm_config) -> None:
-    """Give the server's worker class `cispo_pop_early_stops` (VLLMWorkerExtension's), callable by name through
-    /collective_rpc, unless it already has it (e.g. from a worker extension)."""
+def follow_batch(tracks: dict, batch_update: BatchUpdate | None, make) -> None:
+    """Keep a logits processor's per-row state `tracks` (batch row -> state) in step with vLLM's persistent batch:
+    rows removed, added (`make(params, live output list)` -> the new state, or None: not tracked), and moved or
+    swapped, in the order vLLM documents (removed, added, moved)."""
+    if not batch_update:
+        return
+    for index in batch_update.removed:
+        tracks.pop(index, None)
+    for index, params, _prompt, out in batch_update.added:
+        state = make(params, out)
+        if state is not None:
+            tracks[index] = state
+        else:
+            tracks.pop(index, None)
+    for a, b, direction in batch_update.moved:
+        track_a, track_b = tracks.pop(a, None), tracks.pop(b, None)
+        if track_a is not None:
+            tracks[b] = track_a
+        if direction == MoveDirectionality.SWAP and track_b is not None:
+            tracks[a] = track_b
+
+
+def add_worker_methods(vllm_config, source: type, names: tuple[str, ...]) -> None:
+    """Give the server's worker class (`ParallelConfig.worker_cls`) the methods `names` of `source`, callable by name
+    through /collective_rpc, unless it already has them (e.g. from a worker extension)."""
     from vllm.utils.import_utils import resolve_obj_by_qualname
 
     worker_cls = vllm_config.parallel_config.worker_cls
     if isinstance(worker_cls, str):
         worker_cls = resolve_obj_by_qualname(worker_cls)
-    if not hasattr(worker_cls, "cispo_pop_early_stops"):
-        worker_cls.cispo_pop_early_stops = VLLMWorkerExtension.cispo_pop_early_stops
+    for name in names:
+        if not hasattr(worker_cls, name):
+            setattr(worker_cls, name, getattr(source, name))
 
 
 class CollectUnloaded(logging.Filter):
